@@ -1,0 +1,60 @@
+"""PyTorch reference of paged attention: the CPU serving path and the oracle for the Triton kernels.
+
+Caches are `[num_blocks, block_size, Hkv, D]`; a sequence's tokens live in the blocks its block-table row names.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached tokens of one sequence as `[length, Hkv, D]`."""
+    block_size = cache.shape[1]
+    num_blocks = (length + block_size - 1) // block_size
+    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:length]
+
+
+def paged_attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q `[B, H, D]`: one query token per sequence attending to its first `seq_lens[b]` cached tokens."""
+    batch, num_heads, head_dim = q.shape
+    if batch == 0:
+        return torch.empty_like(q)
+    block_size = k_cache.shape[1]
+    lens = seq_lens.tolist()
+    num_blocks = (max(lens) + block_size - 1) // block_size
+    # Padding entries of a block table may hold anything; clamp so the gather stays in range, then mask.
+    table = block_tables[:, :num_blocks].long().clamp_(0, k_cache.shape[0] - 1)
+    k = k_cache[table].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
+    v = v_cache[table].flatten(1, 2).transpose(1, 2)
+    length = k.shape[2]
+    mask = torch.arange(length, device=q.device)[None, :] < seq_lens.to(q.device).long()[:, None]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale,
+                                         enable_gqa=k.shape[1] != num_heads)
+    return out.squeeze(2)
+
+
+def paged_attention_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                                scale: float) -> torch.Tensor:
+    """q `[T, H, D]`: sequence b owns rows `cu_seqlens_q[b]:cu_seqlens_q[b+1]`, its last tokens, causal against
+    its `seq_lens[b]` cached tokens (prefix + these)."""
+    out = torch.empty_like(q)
+    num_heads = q.shape[1]
+    bounds = cu_seqlens_q.tolist()
+    for b, length in enumerate(seq_lens.tolist()):
+        start, end = bounds[b], bounds[b + 1]
+        num_q = end - start
+        if num_q == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[b], length).transpose(0, 1)  # [Hkv, L, D]
+        v = gather_kv(v_cache, block_tables[b], length).transpose(0, 1)
+        qb = q[start:end].transpose(0, 1)  # [H, nq, D]
+        gqa = k.shape[0] != num_heads
+        if num_q == length:  # whole prompt at once: plain causal
+            o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:  # query i sits at position length - num_q + i and sees keys up to it
+            rows = torch.arange(length - num_q, length, device=q.device)[:, None]
+            mask = torch.arange(length, device=q.device)[None, :] <= rows
+            o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[start:end] = o.transpose(0, 1)
+    return out

@@ -1,0 +1,9 @@
+"""Model layer: tensors and weights, no requests. Takes a `FlatBatch` and a `KVCache`, returns hidden states/logits."""
+from server.model.batch import FlatBatch, KVCache
+from server.model.config import ModelConfig, UnsupportedModelError
+from server.model.loader import LoadedModel, ModelNotFoundError, load_model
+from server.model.settings import ModelSettings
+from server.model.tokenizer import IncrementalDetokenizer, Tokenizer
+
+__all__ = ["FlatBatch", "KVCache", "ModelConfig", "UnsupportedModelError", "LoadedModel", "ModelNotFoundError",
+           "load_model", "ModelSettings", "IncrementalDetokenizer", "Tokenizer"]

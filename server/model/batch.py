@@ -1,0 +1,87 @@
+"""The flat batch the model runs on, and the paged KV cache it reads and writes.
+
+The engine builds a `FlatBatch` per step: prefill chunks of some sequences and one decode token of others, laid out
+as one token dimension. Prefill sequences come first (rows `0:num_prefill_tokens`, split by `cu_seqlens_q`), then
+one row per decoding sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class FlatBatch:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) each token's K/V goes to
+    block_tables: torch.Tensor  # [B, max_blocks] int32, prefill sequences first
+    seq_lens: torch.Tensor  # [B] int32: cached tokens of each sequence once this step's tokens are written
+    cu_seqlens_q: torch.Tensor  # [P+1] int32: row bounds of the P prefill sequences
+    num_prefill_seqs: int
+    num_prefill_tokens: int
+    logits_indices: torch.Tensor  # [N] int64: rows whose logits are wanted
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> FlatBatch:
+        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                 for k, v in self.__dict__.items()}
+        return FlatBatch(**moved)
+
+    @classmethod
+    def build(cls, prefills: list[tuple[list[int], int, list[int]]], decodes: list[tuple[int, int, list[int]]],
+              block_size: int, logits_rows: list[int] | None = None) -> FlatBatch:
+        """Build a batch from plain lists (tests, `loom generate` before the engine exists).
+
+        prefills: (new token ids, number already cached, block table) per sequence;
+        decodes: (token id, number already cached, block table) per sequence.
+        Logits default to the last row of every sequence."""
+        ids, pos, slots, tables, lens, cu, last = [], [], [], [], [], [0], []
+
+        def place(tokens: list[int], start: int, table: list[int]) -> None:
+            for i, tok in enumerate(tokens):
+                p = start + i
+                ids.append(tok)
+                pos.append(p)
+                slots.append(table[p // block_size] * block_size + p % block_size)
+            tables.append(table)
+            lens.append(start + len(tokens))
+            last.append(len(ids) - 1)
+
+        for tokens, start, table in prefills:
+            place(tokens, start, table)
+            cu.append(len(ids))
+        for tok, start, table in decodes:
+            place([tok], start, table)
+        width = max((len(t) for t in tables), default=0)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        return cls(input_ids=torch.tensor(ids, dtype=torch.long), positions=torch.tensor(pos, dtype=torch.long),
+                   slot_mapping=torch.tensor(slots, dtype=torch.long),
+                   block_tables=torch.tensor(padded, dtype=torch.int32).reshape(len(tables), width),
+                   seq_lens=torch.tensor(lens, dtype=torch.int32), cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+                   num_prefill_seqs=len(prefills), num_prefill_tokens=cu[-1],
+                   logits_indices=torch.tensor(last if logits_rows is None else logits_rows, dtype=torch.long))
+
+
+@dataclass
+class KVCache:
+    """Per-layer K and V caches, each `[num_blocks, block_size, num_kv_heads, head_dim]`, views of one tensor."""
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    num_blocks: int
+    block_size: int
+
+    @classmethod
+    def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> KVCache:
+        data = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+        return cls(k=[data[i, 0] for i in range(num_layers)], v=[data[i, 1] for i in range(num_layers)],
+                   num_blocks=num_blocks, block_size=block_size)
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return num_layers * 2 * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()

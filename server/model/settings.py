@@ -1,0 +1,16 @@
+"""Model-layer configuration: which checkpoint, on what device, in what dtype."""
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ModelSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOOM_", extra="ignore", protected_namespaces=())
+
+    model: str = Field("default", description="HF directory, GGUF file, 'default', or 'dummy:<preset|config.json>'")
+    served_model_name: str | None = Field(None, description="name clients use; defaults to the model's own")
+    dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'")
+    cache_dir: Path = Field(Path("~/.cache/loom").expanduser(), description="where converted GGUF checkpoints live")
+    seed: int = Field(0, description="seed for dummy weights")
