@@ -1,0 +1,144 @@
+"""Triton paged attention (decode and prefill) against the PyTorch reference: GQA ratios, block sizes, ragged and
+block-edge lengths, shuffled physical blocks, split-K on and off, chunked prefill and prefix hits, dtypes.
+
+Shapes are small: on a machine without a GPU these run in the Triton interpreter, 100-1000x slower than torch."""
+import pytest
+import torch
+
+from kernels.attention.decode_triton import choose_num_splits, paged_attention_decode_triton
+from kernels.attention.prefill_triton import paged_attention_prefill_triton
+from kernels.attention.reference import paged_attention_decode_ref, paged_attention_prefill_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Max elementwise |triton - reference| (atol + rtol * |ref|). Outputs are convex mixes of V rows, so |out| <~ 1.
+# fp32: fp32 math on both sides (ieee dots), only the summation order differs.
+# fp16: both round the output to fp16 (ulp 2^-11..2^-10 here); on GPU P is also rounded to fp16 for the PV dot.
+# bf16: 8-bit mantissa (ulp up to 2^-8 here); the interpreter truncates to bf16 instead of rounding, and on GPU
+#       P is rounded to bf16 for the PV dot: allow about two ulps.
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3),
+       torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
+
+
+def make_paged(lens: list[int], block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+               extra_blocks: int = 3, spare_cols: int = 2):
+    """Random caches and a block table whose rows name shuffled physical blocks, padded with -1 past each sequence's
+    blocks (plus `spare_cols` unused columns) to prove the kernels never read padding."""
+    need = [(n + block_size - 1) // block_size for n in lens]
+    num_blocks = sum(need) + extra_blocks
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device=DEVICE).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device=DEVICE).to(dtype)
+    perm = torch.randperm(num_blocks).tolist()
+    table = torch.full((len(lens), max(need, default=0) + spare_cols), -1, dtype=torch.int32)
+    for b, n in enumerate(need):
+        table[b, :n] = torch.tensor(perm[:n], dtype=torch.int32)
+        perm = perm[n:]
+    return k_cache, v_cache, table.to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+
+
+def edge_lens(block_size: int) -> list[int]:
+    """Lengths around a block boundary plus a ragged multi-block one."""
+    return sorted({1, max(1, block_size - 1), block_size, block_size + 1, 3 * block_size + 5})
+
+
+def check(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, **TOL[out.dtype])
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("block_size", [1, 8, 16, 32, 64])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)], ids=["mha", "gqa4", "gqa8"])
+def test_decode_block_sizes(heads, block_size, num_splits):
+    torch.manual_seed(block_size * 10 + num_splits)
+    num_heads, num_kv_heads = heads
+    lens = edge_lens(block_size) if block_size > 1 else [1, 2, 17]
+    k_cache, v_cache, table, seq_lens = make_paged(lens, block_size, num_kv_heads, 64, torch.float32)
+    q = torch.randn(len(lens), num_heads, 64, device=DEVICE)
+    out = paged_attention_decode_triton(q, k_cache, v_cache, table, seq_lens, 0.125, num_splits=num_splits)
+    check(out, paged_attention_decode_ref(q, k_cache, v_cache, table, seq_lens, 0.125))
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128])
+def test_decode_dtypes_head_dims(head_dim, dtype, num_splits):
+    torch.manual_seed(head_dim + num_splits)
+    lens = [5, 16, 70, 33]
+    k_cache, v_cache, table, seq_lens = make_paged(lens, 16, 2, head_dim, dtype)
+    q = torch.randn(len(lens), 8, head_dim, device=DEVICE).to(dtype)
+    out = paged_attention_decode_triton(q, k_cache, v_cache, table, seq_lens, head_dim ** -0.5,
+                                        num_splits=num_splits)
+    check(out, paged_attention_decode_ref(q, k_cache, v_cache, table, seq_lens, head_dim ** -0.5))
+
+
+@pytest.mark.parametrize("num_splits", [None, 2, 7])
+def test_decode_long_and_short_splits(num_splits):
+    """More splits than a short sequence has tiles (empty partitions), and a peaked softmax (large scale)."""
+    torch.manual_seed(7)
+    lens = [3, 300, 129]
+    k_cache, v_cache, table, seq_lens = make_paged(lens, 32, 2, 64, torch.float32)
+    q = torch.randn(len(lens), 4, 64, device=DEVICE)
+    out = paged_attention_decode_triton(q, k_cache, v_cache, table, seq_lens, 0.5, num_splits=num_splits,
+                                        block_n=16)
+    check(out, paged_attention_decode_ref(q, k_cache, v_cache, table, seq_lens, 0.5))
+
+
+def test_choose_num_splits():
+    assert choose_num_splits(1, 8, 128, 132) == 1  # short context: not worth a merge
+    assert choose_num_splits(256, 8, 32768, 132) == 1  # the batch alone fills the GPU
+    assert choose_num_splits(1, 8, 32768, 132) == 32  # few programs, long context: capped
+    assert choose_num_splits(4, 8, 2048, 132) == 8  # limited by min tokens per split
+    assert choose_num_splits(0, 8, 4096, 132) == 1
+
+
+# (query rows, cached length) per sequence: plain prefill, chunked prefill / prefix hit, single token, no rows.
+PREFILL_CASES = {
+    "plain": [(13, 13), (40, 40), (1, 1)],
+    "chunked": [(10, 45), (33, 33), (1, 64)],
+    "prefix": [(17, 49), (0, 20), (5, 5), (31, 32)],
+}
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 16, 32, 64])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)], ids=["mha", "gqa4", "gqa8"])
+@pytest.mark.parametrize("case", list(PREFILL_CASES))
+def test_prefill(case, heads, block_size):
+    torch.manual_seed(block_size + len(case))
+    num_heads, num_kv_heads = heads
+    rows, lens = zip(*PREFILL_CASES[case])
+    k_cache, v_cache, table, seq_lens = make_paged(list(lens), block_size, num_kv_heads, 64, torch.float32)
+    cu = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(int(cu[-1]), num_heads, 64, device=DEVICE)
+    out = paged_attention_prefill_triton(q, k_cache, v_cache, table, cu, seq_lens, 0.125, block_m=16, block_n=16)
+    check(out, paged_attention_prefill_ref(q, k_cache, v_cache, table, cu, seq_lens, 0.125))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128])
+def test_prefill_dtypes_head_dims(head_dim, dtype):
+    """Default tile sizes (64 x 64), GQA 4, a chunk ending mid-block and a prompt spanning several query tiles."""
+    torch.manual_seed(head_dim)
+    rows, lens = [20, 70], [50, 70]
+    k_cache, v_cache, table, seq_lens = make_paged(lens, 16, 2, head_dim, dtype)
+    cu = torch.tensor([0, 20, 90], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(sum(rows), 8, head_dim, device=DEVICE).to(dtype)
+    out = paged_attention_prefill_triton(q, k_cache, v_cache, table, cu, seq_lens, head_dim ** -0.5)
+    check(out, paged_attention_prefill_ref(q, k_cache, v_cache, table, cu, seq_lens, head_dim ** -0.5))
+
+
+def test_public_ops_dispatch(monkeypatch):
+    """On CPU the public ops take Triton only with LOOM_KERNELS=triton (and the interpreter on)."""
+    import kernels
+    from kernels.backend import use_triton
+    torch.manual_seed(1)
+    k_cache, v_cache, table, seq_lens = make_paged([9, 20], 8, 2, 64, torch.float32)
+    q = torch.randn(2, 4, 64, device=DEVICE)
+    ref = paged_attention_decode_ref(q, k_cache, v_cache, table, seq_lens, 0.125)
+    monkeypatch.setenv("LOOM_KERNELS", "torch")
+    assert not use_triton(q)
+    monkeypatch.setenv("LOOM_KERNELS", "triton")
+    assert use_triton(q) == (q.is_cuda or __import__("os").environ.get("TRITON_INTERPRET") == "1")
+    check(kernels.paged_attention_decode(q, k_cache, v_cache, table, seq_lens, 0.125), ref)
+    if not q.is_cuda:
+        monkeypatch.delenv("LOOM_KERNELS")
+        assert not use_triton(q)  # TRITON_INTERPRET=1 alone keeps the CPU serving path on the reference

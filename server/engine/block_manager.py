@@ -1,0 +1,119 @@
+"""Fixed pool of KV-cache blocks: per-sequence block tables, reference counts and automatic prefix caching.
+
+A full block is identified by hash(parent block's hash, its token ids). Blocks whose reference count drops to zero
+go to the free list but keep their hash, so a later request with the same prefix can take them back; new
+allocations evict from the least recently freed end.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from server.engine.sequence import Sequence
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = ()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of at least one slot, got {num_blocks} x {block_size}")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # LRU order
+        self.cached: dict[int, int] = {}  # block hash -> block id
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    @staticmethod
+    def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
+        return hash((parent, token_ids))
+
+    def _evict_lru(self) -> int:
+        """Take the least recently freed block, forgetting the prefix it held."""
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None and self.cached.get(block.hash) == block_id:
+            del self.cached[block.hash]
+        block.hash, block.token_ids, block.ref_count = None, (), 1
+        return block_id
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding a prefix of `seq`'s tokens. At least one token is always left to compute, since
+        the last prompt position's logits are needed."""
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []
+        hits, parent = [], None
+        usable = (seq.num_tokens - 1) // self.block_size
+        for i in range(usable):
+            tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            parent = self.block_hash(parent, tokens)
+            block_id = self.cached.get(parent)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            hits.append(block_id)
+        return hits
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, prefix_blocks: list[int] = ()) -> bool:
+        """Give `seq` blocks for `num_new_tokens` more tokens (after the prefix hits, on first admission).
+        Returns False, changing nothing, when the pool is short."""
+        needed = self.blocks_needed(seq.num_computed_tokens + len(prefix_blocks) * self.block_size + num_new_tokens)
+        new = max(needed - len(seq.block_table) - len(prefix_blocks), 0)
+        reclaimed = sum(1 for b in prefix_blocks if self.blocks[b].ref_count == 0)
+        if new + reclaimed > len(self.free):
+            return False
+        for block_id in prefix_blocks:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:  # a freed block still holding this prefix: take it back off the free list
+                del self.free[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+        if prefix_blocks:
+            seq.num_computed_tokens = seq.num_cached_tokens = len(prefix_blocks) * self.block_size
+            seq.num_hashed_blocks = len(prefix_blocks)
+        for _ in range(new):
+            seq.block_table.append(self._evict_lru())
+        return True
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the hashes of `seq`'s blocks that are now full of computed tokens."""
+        if not self.enable_prefix_caching:
+            return
+        first = seq.num_hashed_blocks
+        parent = self.blocks[seq.block_table[first - 1]].hash if first else None
+        for i in range(first, seq.num_computed_tokens // self.block_size):
+            block = self.blocks[seq.block_table[i]]
+            tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            parent = self.block_hash(parent, tokens)
+            block.hash, block.token_ids = parent, tokens
+            self.cached.setdefault(parent, block.block_id)
+            seq.num_hashed_blocks = i + 1
+
+    def free_sequence(self, seq: Sequence) -> None:
+        """Drop `seq`'s references; the tail goes to the free list first so shared prefixes are evicted last."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.hash is None or self.cached.get(block.hash) != block_id:
+                    block.hash, block.token_ids = None, ()
+                self.free[block_id] = None
+        seq.block_table = []
+        seq.num_computed_tokens = seq.num_hashed_blocks = 0

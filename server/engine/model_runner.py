@@ -1,0 +1,115 @@
+"""Runs the model for one scheduled step: sizes and owns the KV cache, lays scheduled sequences out as a
+`FlatBatch`, and returns the logits rows the engine needs."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.scheduler import ScheduledSeq, SchedulerOutput
+from server.engine.settings import EngineSettings
+from server.model import FlatBatch, KVCache, LoadedModel
+
+log = logging.getLogger("loom.engine")
+
+
+@dataclass
+class StepLogits:
+    logits: torch.Tensor  # [N, V] float32 on CPU
+    sample_rows: dict[int, int]  # seq_id -> row of `logits` to sample from
+    prompt_rows: dict[int, tuple[int, int]]  # seq_id -> (first row, count) of prompt-logprob rows
+
+
+def num_kv_blocks(lm: LoadedModel, settings: EngineSettings) -> int:
+    cfg = lm.config
+    per_block = KVCache.bytes_per_block(cfg.num_layers, settings.block_size, cfg.num_kv_heads, cfg.head_dim, lm.dtype)
+    if settings.num_kv_blocks:
+        return settings.num_kv_blocks
+    if lm.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(lm.device)
+        used_by_others = total - free  # weights and activations were profiled before this call
+        budget = total * settings.gpu_memory_utilization - used_by_others
+        return max(int(budget // per_block), 1)
+    return max(int(settings.kv_cache_memory * 2 ** 30 // per_block), 1)
+
+
+class ModelRunner:
+    def __init__(self, lm: LoadedModel, settings: EngineSettings):
+        self.lm = lm
+        self.model = lm.model
+        self.device = lm.device
+        self.block_size = settings.block_size
+        if lm.device.type == "cuda":
+            self._profile(settings)
+        self.num_blocks = num_kv_blocks(lm, settings)
+        cfg = lm.config
+        self.kv_cache = KVCache.allocate(cfg.num_layers, self.num_blocks, self.block_size, cfg.num_kv_heads,
+                                         cfg.head_dim, lm.dtype, lm.device)
+        log.info("kv cache allocated", extra={"blocks": self.num_blocks, "block_size": self.block_size,
+                                              "tokens": self.num_blocks * self.block_size})
+
+    @torch.inference_mode()
+    def _profile(self, settings: EngineSettings) -> None:
+        """Peak activation memory of the largest step, so the KV cache takes only what is left."""
+        cfg = self.lm.config
+        n = min(settings.max_num_batched_tokens, cfg.max_model_len)
+        scratch = KVCache.allocate(cfg.num_layers, -(-n // self.block_size), self.block_size, cfg.num_kv_heads,
+                                   cfg.head_dim, self.lm.dtype, self.device)
+        table = list(range(scratch.num_blocks))
+        batch = FlatBatch.build([([0] * n, 0, table)], [], self.block_size).to(self.device)
+        self.model.compute_logits(self.model(batch, scratch))
+        torch.cuda.synchronize()
+        del scratch
+        torch.cuda.empty_cache()
+
+    def build_batch(self, sched: SchedulerOutput) -> tuple[FlatBatch, StepLogits]:
+        ids, pos, slots, tables, lens, cu, logits_rows = [], [], [], [], [], [0], []
+        sample_rows, prompt_rows = {}, {}
+        bs = self.block_size
+
+        def place(item: ScheduledSeq) -> None:
+            seq = item.seq
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
+            first_row = len(ids)
+            ids.extend(seq.token_ids[start:end])
+            pos.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            tables.append(table)
+            lens.append(end)
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
+                count = min(end, seq.num_prompt_tokens) - start
+                prompt_rows[seq.seq_id] = (len(logits_rows), count)
+                logits_rows.extend(range(first_row, first_row + count))
+            if end == seq.num_tokens:  # every token has K/V now: the next one is sampled from the last row
+                last = len(ids) - 1
+                if not logits_rows or logits_rows[-1] != last:
+                    logits_rows.append(last)
+                sample_rows[seq.seq_id] = len(logits_rows) - 1
+
+        for item in sched.prefills:
+            place(item)
+            cu.append(len(ids))
+        for item in sched.decodes:
+            place(item)
+        width = max(len(t) for t in tables)
+        table_tensor = torch.zeros(len(tables), width, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            table_tensor[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        batch = FlatBatch(input_ids=torch.tensor(ids, dtype=torch.long), positions=torch.tensor(pos, dtype=torch.long),
+                          slot_mapping=torch.tensor(slots, dtype=torch.long), block_tables=table_tensor,
+                          seq_lens=torch.tensor(lens, dtype=torch.int32), cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+                          num_prefill_seqs=len(sched.prefills), num_prefill_tokens=cu[-1],
+                          logits_indices=torch.tensor(logits_rows, dtype=torch.long))
+        return batch, StepLogits(torch.empty(0), sample_rows, prompt_rows)
+
+    @torch.inference_mode()
+    def run(self, sched: SchedulerOutput) -> StepLogits:
+        batch, step = self.build_batch(sched)
+        if self.device.type != "cpu":
+            batch = batch.to(self.device)
+        hidden = self.model(batch, self.kv_cache)
+        if batch.logits_indices.numel():
+            step.logits = self.model.compute_logits(hidden[batch.logits_indices]).cpu()
+        return step

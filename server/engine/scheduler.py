@@ -1,0 +1,118 @@
+"""Continuous-batching scheduler: each step fills a token budget and a sequence cap, running sequences first
+(decodes and unfinished prefill chunks), then waiting ones in priority/FCFS order. Long prompts are chunked by the
+budget so they never stall running decodes. When blocks run out the newest running sequence is preempted and will
+be recomputed; a request that could never fit is refused at submission instead."""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from server.engine.block_manager import BlockManager
+from server.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed for it this step
+
+    @property
+    def completes_prompt(self) -> bool:
+        """After this step every token of the sequence has K/V, so the next token is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    prefills: list[ScheduledSeq]  # more than one new token, or a first token
+    decodes: list[ScheduledSeq]  # exactly one new token after the prompt was computed
+    num_preempted: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.prefills and not self.decodes
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.prefills) + len(self.decodes)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
+        self.running: list[Sequence] = []  # sorted by Sequence.sort_key: the last is the first to be preempted
+        self.num_preemptions = 0
+        self.prefix_query_tokens = 0  # prompt tokens admitted, and how many of them were prefix-cache hits
+        self.prefix_hit_tokens = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        bisect.insort(self.waiting, seq, key=Sequence.sort_key)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free_sequence(seq)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        out = SchedulerOutput([], [])
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.allocate(seq, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.num_preempted += 1
+                if victim is seq:
+                    break
+            else:
+                budget -= num_new
+                scheduled = ScheduledSeq(seq, num_new)
+                is_decode = num_new == 1 and seq.num_output_tokens > 0 and seq.num_computed_tokens == seq.num_tokens - 1
+                (out.decodes if is_decode else out.prefills).append(scheduled)
+        if out.num_preempted:  # memory is tight: admit nothing new this step
+            return out
+        skipped = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            leader = seq.group_leader
+            if leader is not None and not leader.is_finished and leader.num_computed_tokens < leader.num_prompt_tokens:
+                skipped.append(self.waiting.pop(0))  # wait for the leader's prompt blocks, let others pass
+                continue
+            prefix = self.block_manager.match_prefix(seq)
+            num_new = min(seq.num_tokens - len(prefix) * self.block_manager.block_size, budget)
+            if not self.block_manager.allocate(seq, num_new, prefix):
+                break
+            self.waiting.pop(0)
+            self.prefix_query_tokens += seq.num_tokens
+            self.prefix_hit_tokens += seq.num_computed_tokens
+            seq.status = Status.RUNNING
+            bisect.insort(self.running, seq, key=Sequence.sort_key)
+            budget -= num_new
+            out.prefills.append(ScheduledSeq(seq, num_new))
+        for seq in skipped:
+            bisect.insort(self.waiting, seq, key=Sequence.sort_key)
+        return out
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Finish (or abort) `seq` wherever it is, returning its blocks at once."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free_sequence(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,82 @@
+"""A sequence's state as it moves through the engine: tokens, KV blocks, progress, detokenized text."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine.sampling_params import SamplingParams
+from server.model.tokenizer import IncrementalDetokenizer
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens and their logprobs
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n samples
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # resolved against the context window
+    detokenizer: IncrementalDetokenizer
+    priority: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    token_ids: list[int] = field(init=False)
+    status: Status = Status.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V sit in the cache
+    num_cached_tokens: int = 0  # of those, prefix-cache hits at admission
+    num_hashed_blocks: int = 0  # leading blocks already registered in the prefix cache
+    block_table: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    finish_reason: str | None = None
+    text: str = ""  # detokenized output so far (stop strings trimmed)
+    emitted_text_len: int = 0
+    emitted_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+    group_leader: Sequence | None = None  # n > 1: siblings wait for the leader's prompt blocks to be cached
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed + self.index)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def sort_key(self) -> tuple[int, float, int]:
+        """Lower is more important: priority, then arrival (FCFS)."""
+        return self.priority, self.arrival_time, self.seq_id

@@ -1,0 +1,19 @@
+"""Engine configuration: KV cache size and batching limits."""
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class EngineSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOOM_", extra="ignore")
+
+    block_size: int = Field(16, ge=1, le=256, description="tokens per KV-cache block")
+    kv_cache_memory: float = Field(2.0, gt=0, description="GiB of KV cache on CPU")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="fraction of GPU memory Loom may use")
+    num_kv_blocks: int | None = Field(None, ge=1, description="exact number of KV blocks (overrides the budgets)")
+    max_num_seqs: int = Field(64, ge=1, description="most sequences in one step")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="most tokens in one step (prefill chunk budget)")
+    max_model_len: int | None = Field(None, ge=1, description="context window; defaults to the model's")
+    max_waiting: int = Field(1024, ge=0, description="queued requests beyond which new ones are refused (429)")
+    enable_prefix_caching: bool = True
+    seed: int | None = Field(None, description="seed of the engine's sampler for unseeded requests")
+    cuda_graphs: bool = Field(True, description="capture decode steps in CUDA graphs on GPU")
