@@ -9,8 +9,8 @@ from kernels.activation.triton_kernel import silu_and_mul_triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Same roundings on both sides (silu rounded to the dtype, then the product); exp differences can flip a rounding
 # by one ulp: fp16 2^-10 relative, bf16 2^-7 (doubled: the Triton interpreter truncates to bf16).
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=1e-3, rtol=1e-3),
-       torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2)}
+TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.float16: {"atol": 1e-3, "rtol": 1e-3},
+       torch.bfloat16: {"atol": 1e-2, "rtol": 1.6e-2}}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)

@@ -117,14 +117,14 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: 
     return max(1, min(wanted, max_seq_len // min_tokens_per_split, max_splits))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1  # the interpreter runs programs one after another: splitting only adds work
 
 
-def dot_config(dtype: torch.dtype, device: torch.device) -> tuple:
+def dot_config(dtype: torch.dtype, device: torch.device) -> tuple[tl.dtype, str]:
     """(dot operand dtype, input precision). On GPU: the model dtype on tensor cores, and true fp32 for fp32 models
     (not tf32). On CPU (the interpreter, whose bf16 dot is broken) every dot is fp32."""
     if device.type != "cuda" or dtype == torch.float32:
@@ -144,8 +144,7 @@ def paged_attention_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    q, block_tables, seq_lens = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, block_tables, seq_lens))
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, _num_sms(q.device))
     block_d = max(16, triton.next_power_of_2(head_dim))

@@ -111,8 +111,8 @@ def paged_attention_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cac
     out = torch.empty_like(q)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    q, block_tables, cu_seqlens_q, seq_lens = (t if t.stride(-1) == 1 else t.contiguous()
+                                               for t in (q, block_tables, cu_seqlens_q, seq_lens))
     dot_dt, precision = dot_config(q.dtype, q.device)
     grid = (num_tokens // block_m + num_seqs, num_heads)
     _prefill_kernel[grid](

@@ -9,8 +9,8 @@ from kernels.kv_write.triton_kernel import write_kv_triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # A same-dtype scatter is a copy: bit exact. Converting fp32 into a bf16 cache may differ by one bf16 ulp (2^-8
 # relative): the Triton interpreter truncates to bf16 where torch rounds to nearest.
-TOL = {torch.float32: dict(atol=0, rtol=0), torch.float16: dict(atol=0, rtol=0),
-       torch.bfloat16: dict(atol=0, rtol=2 ** -7)}
+TOL = {torch.float32: {"atol": 0, "rtol": 0}, torch.float16: {"atol": 0, "rtol": 0},
+       torch.bfloat16: {"atol": 0, "rtol": 2 ** -7}}
 
 
 @pytest.mark.parametrize("src_dtype,cache_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
@@ -28,7 +28,8 @@ def test_write_kv(num_kv_heads, head_dim, block_size, src_dtype, cache_dtype):
     k = qkv[:, num_q_heads * head_dim:(num_q_heads + num_kv_heads) * head_dim].view(num_tokens, num_kv_heads, head_dim)
     v = qkv[:, (num_q_heads + num_kv_heads) * head_dim:].view(num_tokens, num_kv_heads, head_dim)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache, v_cache = torch.randn(shape, device=DEVICE).to(cache_dtype), torch.randn(shape, device=DEVICE).to(cache_dtype)
+    k_cache = torch.randn(shape, device=DEVICE).to(cache_dtype)
+    v_cache = torch.randn(shape, device=DEVICE).to(cache_dtype)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     slot_mapping = slots.to(device=DEVICE, dtype=torch.int64 if block_size == 1 else torch.int32)
     write_kv_triton(k, v, k_cache, v_cache, slot_mapping)

@@ -10,8 +10,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 math on both sides, then one rounding to the activation dtype: differences are fp32 noise (a fused multiply-
 # add on GPU) that can flip that rounding by one ulp (fp16 2^-10 relative at worst, bf16 2^-7, doubled for bf16
 # because the Triton interpreter truncates where torch rounds to nearest).
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=1e-3, rtol=1e-3),
-       torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2)}
+TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.float16: {"atol": 1e-3, "rtol": 1e-3},
+       torch.bfloat16: {"atol": 1e-2, "rtol": 1.6e-2}}
 
 
 def cos_sin_cache(max_pos: int, rot_dim: int, base: float = 10000.0) -> torch.Tensor:

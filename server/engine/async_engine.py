@@ -49,6 +49,7 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
+        self._unfinished: dict[str, int] = {}  # request id -> sequences (of n) not yet finished
         self._stopping = False
         self.error: BaseException | None = None
         self.last_step_time = time.monotonic()
@@ -73,7 +74,10 @@ class AsyncEngine:
         outputs: asyncio.Queue = asyncio.Queue()
 
         def sink(item: RequestOutput | BaseException) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, item)
+            except RuntimeError:  # the caller's event loop is gone; nobody is listening
+                pass
 
         self._send(_Submit(request_id, prompt_token_ids, params, priority, sink))
         remaining = params.n
@@ -118,6 +122,7 @@ class AsyncEngine:
                     self.core.add_request(message.request_id, message.prompt_token_ids, message.params,
                                           message.priority)
                     self._sinks[message.request_id] = message.sink
+                    self._unfinished[message.request_id] = message.params.n
                 except InvalidRequestError as exc:
                     message.sink(exc)
             else:
@@ -125,13 +130,17 @@ class AsyncEngine:
                 for out in self.core.abort(request_id):
                     self._deliver(out)
                 self._sinks.pop(request_id, None)
+                self._unfinished.pop(request_id, None)
 
     def _deliver(self, out: RequestOutput) -> None:
         sink = self._sinks.get(out.request_id)
-        if sink is not None:
-            sink(out)
-            if out.finished and out.request_id not in self.core.requests:
-                self._sinks.pop(out.request_id, None)
+        if sink is None:
+            return
+        sink(out)
+        if out.finished:
+            self._unfinished[out.request_id] -= 1
+            if self._unfinished[out.request_id] == 0:
+                del self._sinks[out.request_id], self._unfinished[out.request_id]
 
     def _loop(self) -> None:
         try:
@@ -156,3 +165,4 @@ class AsyncEngine:
             for sink in self._sinks.values():
                 sink(dead)
             self._sinks.clear()
+            self._unfinished.clear()

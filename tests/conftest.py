@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints (saved as safetensors) and the default model, loaded once."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.model import ModelSettings, load_model
+from server.model.loader import resolve_checkpoint
+
+TINY_CONFIGS = {
+    "llama": dict(cls="LlamaConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False),
+    "llama3-rope": dict(cls="LlamaConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
+                        rope_theta=500000.0, tie_word_embeddings=True,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "qwen2": dict(cls="Qwen2Config", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+    "mistral": dict(cls="MistralConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                    sliding_window=None),
+    "gpt2": dict(cls="GPT2Config", n_embd=64, n_layer=2, n_head=4, n_positions=512),
+}
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint() -> Path:
+    """The default model as a Hugging Face directory (converted from its GGUF once, cached in ~/.cache/loom)."""
+    return resolve_checkpoint("default", ModelSettings().cache_dir)
+
+
+@pytest.fixture(scope="session")
+def default_model_fp32():
+    return load_model(ModelSettings(model="default", dtype="float32"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_default_fp32(default_checkpoint):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(default_checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory, default_checkpoint) -> dict[str, Path]:
+    """Random tiny checkpoints of every supported family, with the default model's tokenizer."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny")
+    paths = {}
+    for name, spec in TINY_CONFIGS.items():
+        spec = dict(spec)
+        cfg = getattr(transformers, spec.pop("cls"))(vocab_size=49152, bos_token_id=1, eos_token_id=2, **spec)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        with torch.no_grad():  # perturb norms and biases away from 1 / 0 so loading them wrongly shows
+            for pname, p in model.named_parameters():
+                if p.dim() == 1:
+                    p.normal_(0, 0.1)
+                    if "norm" in pname or ".ln_" in pname:
+                        p.add_(1.0)
+        path = root / name
+        model.save_pretrained(path, safe_serialization=True)
+        for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (default_checkpoint / f).exists():
+                shutil.copy(default_checkpoint / f, path / f)
+        paths[name] = path
+    return paths

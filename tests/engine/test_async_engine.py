@@ -1,0 +1,132 @@
+"""AsyncEngine on a tiny random model: streaming deltas, abort frees blocks at once, a failing step fails only its
+requests, a dead engine fails callers instead of hanging them, the waiting queue is bounded."""
+import asyncio
+
+import pytest
+
+from server.engine import (AsyncEngine, EngineCore, EngineDeadError, EngineSettings, InvalidRequestError,
+                           QueueFullError, SamplingParams)
+from server.model import ModelSettings, load_model
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    return load_model(ModelSettings(model="dummy:tiny", dtype="float32"), progress=False)
+
+
+@pytest.fixture
+def engine(tiny_lm):
+    eng = AsyncEngine(EngineCore(tiny_lm, EngineSettings(kv_cache_memory=0.01)))
+    yield eng
+    eng.shutdown()
+
+
+async def collect(engine, prompt, params):
+    return [out async for out in engine.generate(prompt, params)]
+
+
+def all_blocks_free(engine) -> bool:
+    s = engine.stats()
+    return s.free_blocks == s.num_blocks and s.running == 0 and s.waiting == 0
+
+
+async def wait_until(cond, timeout=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def test_streams_deltas_until_finished(engine):
+    outs = asyncio.run(collect(engine, [5, 6, 7], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)))
+    assert outs[-1].finish_reason == "length" and all(o.finish_reason is None for o in outs[:-1])
+    assert sum(len(o.token_ids) for o in outs) == 12 and outs[-1].num_output_tokens == 12
+    assert all_blocks_free(engine)
+
+
+def test_concurrent_requests_and_n(engine):
+    async def main():
+        params = SamplingParams(max_tokens=8, temperature=1.0, n=3, seed=1, ignore_eos=True)
+        results = await asyncio.gather(*(collect(engine, [i + 3] * (i + 1), params) for i in range(10)))
+        for outs in results:
+            assert sorted(o.index for o in outs if o.finished) == [0, 1, 2]
+    asyncio.run(main())
+    assert all_blocks_free(engine)
+
+
+def test_leaving_the_stream_aborts_and_frees_blocks(engine):
+    async def main():
+        stream = engine.generate([3, 4, 5], SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True))
+        async for _ in stream:
+            assert engine.stats().running == 1
+            break
+        await stream.aclose()  # what a disconnecting client does
+        await wait_until(lambda: all_blocks_free(engine))
+    asyncio.run(main())
+
+
+def test_invalid_request_raises_before_queueing(engine):
+    async def main():
+        with pytest.raises(InvalidRequestError, match="maximum context length"):
+            await collect(engine, [3] * 10, SamplingParams(max_tokens=10 ** 6))
+    asyncio.run(main())
+
+
+def test_failing_step_fails_its_requests_and_engine_survives(engine, monkeypatch):
+    runner = engine.core.runner
+    real_run = runner.run
+    calls = {"n": 0}
+
+    def flaky(sched):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real_run(sched)
+
+    monkeypatch.setattr(runner, "run", flaky)
+
+    async def main():
+        outs = await collect(engine, [3, 4], SamplingParams(max_tokens=4, temperature=0))
+        assert outs[-1].finish_reason == "error" and "boom" in outs[-1].error
+        outs = await collect(engine, [3, 4], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        assert outs[-1].finish_reason == "length"
+    asyncio.run(main())
+    assert engine.healthy and all_blocks_free(engine)
+
+
+def test_fatal_error_marks_unhealthy_and_fails_callers(engine, monkeypatch):
+    def fatal():
+        raise SystemError("engine thread lost")
+
+    async def main():
+        stream = engine.generate([3, 4], SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True))
+        first = await stream.__anext__()
+        assert first.token_ids
+        monkeypatch.setattr(engine.core, "step", fatal)
+        with pytest.raises(EngineDeadError):
+            async for _ in stream:
+                pass
+        await wait_until(lambda: not engine.healthy)
+        with pytest.raises(EngineDeadError):
+            await collect(engine, [3], SamplingParams(max_tokens=1))
+    monkeypatch.setattr(engine.core, "step", engine.core.step)
+    asyncio.run(main())
+
+
+def test_queue_full(tiny_lm):
+    eng = AsyncEngine(EngineCore(tiny_lm, EngineSettings(kv_cache_memory=0.01, max_num_seqs=1)), max_waiting=1)
+    try:
+        async def main():
+            long = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
+            first = eng.generate([3], long)
+            await first.__anext__()
+            second = eng.generate([4], long)
+            task = asyncio.ensure_future(second.__anext__())
+            await wait_until(lambda: eng.stats().waiting == 1)
+            with pytest.raises(QueueFullError):
+                await collect(eng, [5], long)
+            task.cancel()
+            await first.aclose()
+        asyncio.run(main())
+    finally:
+        eng.shutdown()
