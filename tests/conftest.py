@@ -1,11 +1,17 @@
 """Shared fixtures: tiny random Hugging Face checkpoints (saved as safetensors) and the default model, loaded once."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton reads this when its kernels are defined, so it must be set before any is imported. CPU tensors still take
+# the PyTorch reference unless a test also sets LOOM_KERNELS=triton (see kernels/backend.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from server.model import ModelSettings, load_model
 from server.model.loader import resolve_checkpoint

@@ -48,6 +48,12 @@ class ModelRunner:
                                          cfg.head_dim, lm.dtype, lm.device)
         log.info("kv cache allocated", extra={"blocks": self.num_blocks, "block_size": self.block_size,
                                               "tokens": self.num_blocks * self.block_size})
+        self.graphs = None
+        if lm.device.type == "cuda" and settings.cuda_graphs:
+            from server.engine.cuda_graph import CudaGraphDecoder
+            max_len = min(settings.max_model_len or cfg.max_model_len, cfg.max_model_len)
+            self.graphs = CudaGraphDecoder(self.model, self.kv_cache, settings.max_num_seqs,
+                                           -(-max_len // self.block_size), lm.device)
 
     @torch.inference_mode()
     def _profile(self, settings: EngineSettings) -> None:
@@ -107,6 +113,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput) -> StepLogits:
         batch, step = self.build_batch(sched)
+        if self.graphs is not None and self.graphs.can_run(batch):
+            hidden = self.graphs.run(batch)  # decode rows are exactly the logits rows, in order
+            step.logits = self.model.compute_logits(hidden).cpu()
+            return step
         if self.device.type != "cpu":
             batch = batch.to(self.device)
         hidden = self.model(batch, self.kv_cache)
