@@ -4,6 +4,7 @@ Shapes are the contract (see shared/design.md)."""
 import torch
 
 from kernels.activation.reference import silu_and_mul_ref
+from kernels.attention.cpu_decode import cpu_decode_available, paged_attention_decode_cpu
 from kernels.attention.reference import paged_attention_decode_ref, paged_attention_prefill_ref
 from kernels.backend import use_triton
 from kernels.kv_write.reference import write_kv_ref
@@ -19,6 +20,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if use_triton(q):
         from kernels.attention.decode_triton import paged_attention_decode_triton
         return paged_attention_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    if q.device.type == "cpu" and cpu_decode_available():
+        return paged_attention_decode_cpu(q, k_cache, v_cache, block_tables, seq_lens, scale)
     return paged_attention_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
 
 

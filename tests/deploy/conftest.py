@@ -1,0 +1,29 @@
+"""Fixtures for the deployment tests: the metric names Loom really exports and the LOOM_* settings it reads."""
+from __future__ import annotations
+
+import pytest
+from deploy_helpers import exported_metric_names
+
+
+@pytest.fixture(scope="session")
+def metric_names() -> set[str]:
+    names = exported_metric_names()
+    assert names and all(n.startswith("loom_") for n in names), names
+    return names
+
+
+@pytest.fixture(scope="session")
+def loom_env_vars() -> set[str]:
+    """The LOOM_* variables Loom reads: every settings field of the model, engine and server layers."""
+    from server.api.settings import ServerSettings
+    from server.engine import EngineSettings
+    from server.model import ModelSettings
+
+    fields = set(ModelSettings.model_fields) | set(EngineSettings.model_fields) | set(ServerSettings.model_fields)
+    return {f"LOOM_{f.upper()}" for f in fields} | {"LOOM_LOG_LEVEL"}  # the last one is read by server/logs.py
+
+
+@pytest.fixture(scope="session")
+def default_drain_timeout() -> float:
+    from server.api.settings import ServerSettings
+    return ServerSettings.model_fields["drain_timeout"].default
