@@ -19,6 +19,7 @@ from torch import nn
 from server.model.config import ModelConfig, UnsupportedModelError
 from server.model.gguf import converted_dir
 from server.model.gpt2 import GPT2LMHeadModel
+from server.model.linear import prepack_linears
 from server.model.llama import LlamaForCausalLM
 from server.model.settings import ModelSettings
 from server.model.tokenizer import Tokenizer
@@ -167,6 +168,7 @@ def load_model(settings: ModelSettings, progress: bool = True) -> LoadedModel:
             raise UnsupportedModelError(f"checkpoint {directory} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
         tokenizer = Tokenizer.from_pretrained(str(directory), cfg.eos_token_ids)
         name = "default" if settings.model == "default" else Path(settings.model).name
+    prepack_linears(model)  # after the weights are in: packing copies them into oneDNN's layout
     log.info("model loaded", extra={"model": settings.model, "dtype": str(dtype), "device": str(device),
                                     "seconds": round(time.perf_counter() - started, 2)})
     return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, name=settings.served_model_name or name,
