@@ -1,0 +1,55 @@
+"""Optional API-key auth for /v1/*: `Authorization: Bearer <key>` when `--api-key` / `LOOM_API_KEY` is set.
+
+Checked by ASGI middleware, before the body is even read (an unauthenticated client learns nothing about its
+request); the `require_api_key` dependency declares the scheme in the OpenAPI docs and checks again."""
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.api.errors import APIError, error_body
+
+bearer = HTTPBearer(auto_error=False, description="the server's API key (only when it was started with one)")
+PROTECTED_PREFIX = "/v1/"
+
+
+def check_key(authorization: str | None, expected: str) -> str | None:
+    """None when `authorization` carries the key, else why not."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if not authorization or scheme.lower() != "bearer" or not token.strip():
+        return "missing API key: send `Authorization: Bearer <key>`"
+    if not secrets.compare_digest(token.strip().encode(), expected.encode()):
+        return "incorrect API key"
+    return None
+
+
+async def require_api_key(request: Request,
+                          creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    expected = request.app.state.settings.api_key
+    if expected:
+        problem = check_key(request.headers.get("authorization"), expected)
+        if problem:
+            raise APIError(401, problem, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+class APIKeyMiddleware:
+    def __init__(self, app: ASGIApp, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.api_key and scope["type"] == "http" and scope.get("path", "").startswith(PROTECTED_PREFIX):
+            headers = dict(scope.get("headers") or ())
+            problem = check_key(headers.get(b"authorization", b"").decode("latin-1") or None, self.api_key)
+            if problem:
+                body = json.dumps(error_body(401, problem, code="invalid_api_key")).encode()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)

@@ -1,0 +1,110 @@
+"""`loom serve`: the HTTP server. Same model and engine flags as `loom generate`, plus the server's own; every flag
+has a `LOOM_*` environment variable (flags win).
+
+Startup: uvicorn listens at once; the model loads and warms up in the background (/health 200, /ready 503 until
+done). Shutdown (SIGTERM or Ctrl-C): /ready turns 503 and the listening socket closes at once, in-flight requests
+get `--drain-timeout` seconds to finish, the rest are aborted (their streams end with finish_reason "abort"), and
+the process exits 0. A second signal forces the exit.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import uvicorn
+
+log = logging.getLogger("loom.api")
+
+
+def add_serve_command(subparsers, add_model_args) -> None:
+    p = subparsers.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default=None, help="interface to listen on (LOOM_HOST, default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=None, help="TCP port (LOOM_PORT, default 8000)")
+    g.add_argument("--api-key", default=None, help="require `Authorization: Bearer <key>` on /v1/* (LOOM_API_KEY)")
+    g.add_argument("--drain-timeout", type=float, default=None,
+                   help="seconds in-flight requests may finish after SIGTERM (LOOM_DRAIN_TIMEOUT, default 30)")
+    g.add_argument("--max-waiting", type=int, default=None,
+                   help="waiting requests beyond which new ones get 429 (LOOM_MAX_WAITING, default 1024)")
+    g.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies get 413")
+    g.add_argument("--summarize-chunk-tokens", type=int, default=None,
+                   help="largest piece /v1/summarize sends in one call before map-reducing")
+    g.add_argument("--summarize-max-tokens", type=int, default=None, help="default summary length")
+    g.add_argument("--classify-permutations", type=int, default=None, help="label orders /v1/classify averages")
+    g.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
+                   help="mark ready without a warm-up request")
+    p.set_defaults(func=cmd_serve)
+
+
+def server_settings_from_args(args: argparse.Namespace):
+    from server.api.settings import ServerSettings
+    return ServerSettings(**{k: v for k, v in vars(args).items() if k in ServerSettings.model_fields and v is not None})
+
+
+def _exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from sse_starlette.sse import AppStatus
+
+    from server.api.app import create_app
+    from server.cli import settings_from_args
+    from server.engine import AsyncEngine, EngineCore
+    from server.model import load_model
+
+    model_settings, engine_settings = settings_from_args(args)
+    settings = server_settings_from_args(args)
+    holder: dict = {}
+
+    def loader():
+        lm = load_model(model_settings, progress=False)
+        core = EngineCore(lm, engine_settings)
+        engine = AsyncEngine(core, on_step=holder["app"].state.serving.metrics.observe_step)
+        return engine, lm.name, lm.tokenizer
+
+    def on_fatal(reason: str) -> None:
+        holder["failed"] = reason
+        if "server" in holder:
+            holder["server"].should_exit = True
+
+    app = holder["app"] = create_app(None, settings, loader=loader, on_fatal=on_fatal)
+    level = (args.log_level or "warning").lower()
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=level,
+                            access_log=level in ("debug", "info"), timeout_graceful_shutdown=10,
+                            lifespan="on", server_header=False)
+    server = holder["server"] = DrainingServer(config, app.state.serving, settings.drain_timeout)
+    # Streams are ended by our drain, not cut by sse-starlette the moment the signal arrives.
+    AppStatus.disable_automatic_graceful_drain()
+    # uvicorn re-raises the signal it caught once it has shut down; exit 0 then (and during startup).
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    signal.signal(signal.SIGINT, _exit_cleanly)
+    print(f"loom: listening on http://{settings.host}:{settings.port} (model {model_settings.model}, loading)",
+          file=sys.stderr, flush=True)
+    try:
+        server.run()
+    finally:
+        if "failed" in holder:
+            sys.exit(f"error: {holder['failed']}")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server with Loom's drain: readiness off at the signal, sockets closed, in-flight work finishes."""
+
+    def __init__(self, config, serving, drain_timeout: float):
+        super().__init__(config)
+        self.serving, self.drain_timeout = serving, drain_timeout
+
+    def handle_exit(self, sig, frame) -> None:
+        self.serving.draining = True  # /ready answers 503 from this moment; new /v1 requests too
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets=None) -> None:
+        for listener in getattr(self, "servers", []):  # stop accepting new connections at once
+            listener.close()
+        await self.serving.drain(self.drain_timeout)
+        await super().shutdown(sockets)

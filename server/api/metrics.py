@@ -1,0 +1,133 @@
+"""Prometheus metrics (prefix `loom_`), one CollectorRegistry per app so several apps can live in one process.
+
+Latencies are measured here, per request, from the deltas the engine streams back; engine-wide counters and gauges
+(tokens, preemptions, prefix-cache hits, running / waiting, KV usage) are read from `engine.stats()` at scrape time.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from server.engine import EngineStats, RequestOutput
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0,
+                   5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 240.0, 480.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 512)
+
+
+class EngineCollector(Collector):
+    """Engine-wide numbers, read when Prometheus scrapes."""
+
+    def __init__(self, stats: Callable[[], EngineStats | None]):
+        self.stats = stats
+
+    def collect(self):
+        s = self.stats()
+        if s is None:  # the model is still loading
+            return
+        gauges = [("loom_num_requests_running", "sequences in the running batch", s.running),
+                  ("loom_num_requests_waiting", "sequences waiting to be scheduled", s.waiting),
+                  ("loom_kv_cache_usage_ratio", "fraction of KV-cache blocks in use (0..1)", s.kv_usage),
+                  ("loom_kv_cache_blocks", "KV-cache blocks in the pool", s.num_blocks),
+                  ("loom_kv_cache_free_blocks", "KV-cache blocks free (cached prefixes included)", s.free_blocks),
+                  ("loom_engine_healthy", "1 while the engine loop runs", int(s.healthy))]
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(name, doc, value=value)
+        counters = [("loom_prompt_tokens", "prompt tokens processed", s.prompt_tokens),
+                    ("loom_generation_tokens", "tokens generated", s.generation_tokens),
+                    ("loom_preemptions", "sequences preempted for lack of KV blocks", s.preemptions),
+                    ("loom_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache", s.prefix_hit_tokens),
+                    ("loom_prefix_cache_query_tokens", "prompt tokens looked up in the prefix cache",
+                     s.prefix_query_tokens),
+                    ("loom_engine_steps", "engine steps run", s.steps)]
+        for name, doc, value in counters:
+            yield CounterMetricFamily(name, doc, value=value)
+
+
+class Metrics:
+    def __init__(self, stats: Callable[[], EngineStats | None]):
+        disable_created_metrics()  # no `*_created` series: they double the output and nobody graphs them
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("loom_requests", "finished sequences by endpoint and finish reason",
+                                ["endpoint", "finish_reason"], registry=r)
+        self.errors = Counter("loom_request_errors", "requests answered with an error, by status", ["status"],
+                              registry=r)
+        self.ttft = Histogram("loom_time_to_first_token_seconds", "request start to its first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("loom_time_per_output_token_seconds", "mean time per token after the first, per sequence",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("loom_inter_token_latency_seconds", "time between successive tokens of a sequence",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("loom_e2e_request_latency_seconds", "request start to its last token",
+                             buckets=E2E_BUCKETS, registry=r)
+        self.queue = Histogram("loom_request_queue_time_seconds", "time a request waited before it was scheduled",
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.batch = Histogram("loom_batch_size", "sequences per engine step", buckets=BATCH_BUCKETS, registry=r)
+        self.step_tokens = Histogram("loom_step_tokens", "tokens per engine step",
+                                     buckets=(1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192), registry=r)
+        self.step_time = Histogram("loom_step_duration_seconds", "wall time of one engine step",
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        r.register(EngineCollector(stats))
+
+    def observe_step(self, seqs: int, tokens: int, seconds: float) -> None:
+        """AsyncEngine's `on_step` hook (runs on the engine thread; prometheus-client is thread-safe)."""
+        self.batch.observe(seqs)
+        self.step_tokens.observe(tokens)
+        self.step_time.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def timer(self, endpoint: str) -> RequestTimer:
+        return RequestTimer(self, endpoint)
+
+
+class RequestTimer:
+    """Latencies of one engine request (all its n sequences), fed with every delta it yields."""
+
+    def __init__(self, metrics: Metrics, endpoint: str):
+        self.m, self.endpoint = metrics, endpoint
+        self.start = time.perf_counter()
+        self.first_token: float | None = None
+        self.seq_first: dict[int, float] = {}
+        self.seq_last: dict[int, float] = {}
+        self.queued_observed = False
+        self.finished: set[int] = set()
+
+    def observe(self, out: RequestOutput) -> None:
+        now = time.perf_counter()
+        queue_time = getattr(out, "queue_time", None)  # when the engine reports it
+        if queue_time is not None and not self.queued_observed:
+            self.m.queue.observe(queue_time)
+            self.queued_observed = True
+        if out.token_ids:
+            if self.first_token is None:
+                self.first_token = now
+                self.m.ttft.observe(now - self.start)
+            last = self.seq_last.get(out.index)
+            if last is not None:
+                self.m.itl.observe((now - last) / len(out.token_ids))
+            else:
+                self.seq_first[out.index] = now
+            self.seq_last[out.index] = now
+        if out.finished:
+            self.finished.add(out.index)
+            self.m.requests.labels(self.endpoint, out.finish_reason).inc()
+            first = self.seq_first.get(out.index)
+            if first is not None and out.num_output_tokens > 1:
+                self.m.tpot.observe((now - first) / (out.num_output_tokens - 1))
+
+    def done(self) -> None:
+        self.m.e2e.observe(time.perf_counter() - self.start)
+
+    def abandoned(self, n: int) -> None:
+        """The caller stopped listening (client gone, shutdown): its unfinished sequences count as aborted."""
+        for index in range(n):
+            if index not in self.finished:
+                self.finished.add(index)
+                self.m.requests.labels(self.endpoint, "abort").inc()

@@ -1,0 +1,262 @@
+"""Request and response bodies (pydantic), following OpenAI's schema where one exists.
+
+Numeric ranges of sampling parameters are checked once, by the engine's `SamplingParams`, whose errors name the
+offending field; the models here check shapes and types. Unknown fields are ignored, as OpenAI-compatible servers do.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def _check_unicode(value: Any) -> None:
+    """JSON may carry lone surrogates ("\\ud800"); they are not text and no tokenizer takes them."""
+    if isinstance(value, str):
+        if not value.isascii():
+            value.encode("utf-8")  # UnicodeEncodeError (a ValueError) on a lone surrogate
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(k)
+            _check_unicode(v)
+    elif isinstance(value, list):
+        for v in value:
+            if not isinstance(v, int):
+                _check_unicode(v)
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        try:
+            _check_unicode(data)
+        except UnicodeEncodeError:
+            raise ValueError("strings must be valid Unicode text (no lone surrogates)") from None
+        return data
+
+
+# -- shared ---------------------------------------------------------------------------------------------------------
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class SamplingFields(Body):
+    """What completions and chat share: the engine's sampling parameters, OpenAI names."""
+    model: str | None = Field(None, description="the served model's name (see /v1/models); omitted: that model")
+    temperature: float | None = Field(None, description="0 = greedy; default 1")
+    top_p: float | None = None
+    top_k: int | None = Field(None, description="0 or -1 = off")
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    n: int = Field(1, description="completions per prompt")
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    user: str | None = Field(None, description="accepted and ignored")
+    priority: int = Field(0, description="lower runs first when the server is busy")
+
+
+class Usage(Body):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: dict[str, int] | None = None
+
+
+class ErrorDetail(Body):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(Body):
+    error: ErrorDetail
+
+
+# -- completions ----------------------------------------------------------------------------------------------------
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="a string, a list of strings, token ids, or a list of token-id lists")
+    max_tokens: int | None = Field(16, description="null: up to the context window")
+    echo: bool = Field(False, description="prepend the prompt to the text (and its logprobs, with `logprobs`)")
+    logprobs: int | None = Field(None, description="logprobs of the sampled token and this many alternatives")
+    best_of: int | None = Field(None, description="only best_of == n is supported")
+    suffix: str | None = Field(None, description="not supported")
+
+
+class CompletionLogprobs(Body):
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(Body):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(Body):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+# -- chat -----------------------------------------------------------------------------------------------------------
+class ContentPart(Body):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ResponseFormat(Body):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, description="null: up to the context window")
+    max_completion_tokens: int | None = Field(None, description="preferred alias of max_tokens")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, description="alternatives per token, with logprobs: true")
+    response_format: ResponseFormat | None = Field(None, description="only `text` for now")
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+
+class TopLogprob(Body):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(Body):
+    content: list[TokenLogprobEntry] | None = None
+
+
+class ChatResponseMessage(Body):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(Body):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(Body):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+# -- models ---------------------------------------------------------------------------------------------------------
+class ModelCard(Body):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "loom"
+    max_model_len: int | None = None
+
+
+class ModelList(Body):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# -- summarize ------------------------------------------------------------------------------------------------------
+class SummarizeRequest(Body):
+    model: str | None = None
+    input: str | list[str] = Field(..., description="a document, or several summarized concurrently")
+    max_tokens: int | None = Field(None, ge=1, description="length of each summary (default: server setting)")
+    style: Literal["paragraph", "bullets"] = "paragraph"
+    stream: bool = False
+    chunk_tokens: int | None = Field(None, ge=64, description="largest piece summarized in one call (map-reduce)")
+
+
+class SummarizeResponse(Body):
+    id: str
+    object: Literal["summary"] = "summary"
+    created: int
+    model: str
+    summary: str | list[str]
+    usage: Usage
+
+
+# -- classify -------------------------------------------------------------------------------------------------------
+class ClassifyExample(Body):
+    text: str
+    label: str
+
+
+class ClassifyRequest(Body):
+    model: str | None = None
+    input: str | list[str] = Field(..., description="a text, or several classified in one batch")
+    labels: list[str] = Field(..., min_length=1, max_length=64, description="candidate labels")
+    multi_label: bool = Field(False, description="score each label independently (yes/no) instead of one of them")
+    label_descriptions: dict[str, str] | None = Field(None, description="label -> what it means")
+    examples: list[ClassifyExample] | None = Field(None, max_length=32, description="few-shot examples")
+    calibrate: bool = Field(True, description="divide out the model's bias toward labels on a content-free input")
+    permutations: int | None = Field(None, ge=1, le=8, description="label orders averaged (default: server setting)")
+
+
+class ClassifyResult(Body):
+    index: int
+    label: str
+    scores: dict[str, float]
+    labels: list[str] | None = Field(None, description="multi_label: every label scored at least 0.5")
+
+
+class ClassifyResponse(Body):
+    id: str
+    object: Literal["classification"] = "classification"
+    created: int
+    model: str
+    data: list[ClassifyResult]
+    usage: Usage

@@ -1,0 +1,22 @@
+"""HTTP-layer configuration (pydantic-settings, `LOOM_*` environment variables, overridden by `loom serve` flags)."""
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOOM_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="interface to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
+    api_key: str | None = Field(None, description="when set, /v1/* needs `Authorization: Bearer <key>`")
+    drain_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests may finish after SIGTERM")
+    max_body_bytes: int = Field(8 * 2 ** 20, ge=1024, description="request bodies over this answer 413")
+    retry_after: int = Field(1, ge=0, description="Retry-After seconds sent with 429 (queue full)")
+    ready_stall_seconds: float = Field(120.0, gt=0, description="/ready fails when the engine loop stalls this long")
+    warmup: bool = Field(True, description="run a short request through the engine before /ready turns 200")
+    summarize_chunk_tokens: int = Field(1536, ge=64, description="largest document piece summarized in one call")
+    summarize_max_tokens: int = Field(200, ge=1, description="default length of a summary")
+    classify_permutations: int = Field(2, ge=1, le=8, description="label orders averaged by /v1/classify")
+    sse_ping_seconds: float = Field(15.0, ge=0, description="keep-alive comment interval on SSE streams (0: off)")

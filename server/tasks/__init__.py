@@ -1,0 +1,17 @@
+"""Tasks built on the engine API (no HTTP here): map-reduce summarization and zero-shot classification by label
+likelihood. Both take a `generate` callable shaped like AsyncEngine.generate, so the API layer can pass its tracked
+wrapper and tests can pass the engine itself."""
+from server.tasks.classify import Classification, Classifier, ClassifyOptions
+from server.tasks.common import Generate, TaskError, TaskUsage
+from server.tasks.summarize import Summarizer, SummaryEvent
+
+__all__ = [
+           "Classification",
+           "Classifier",
+           "ClassifyOptions",
+           "Generate",
+           "Summarizer",
+           "SummaryEvent",
+           "TaskError",
+           "TaskUsage",
+]

@@ -1,0 +1,259 @@
+"""Every error path answers OpenAI's shape {"error": {"message", "type", "param", "code"}} with the right status."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from server.api import ServerSettings, create_app
+from tests.api.support import make_app, make_engine, wait_ready, wait_until
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def error_of(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"]
+    return err
+
+
+# -- 400: malformed and invalid bodies ------------------------------------------------------------------------------
+def test_malformed_json_is_400(client):
+    r = client.post("/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"})
+    err = error_of(r, 400)
+    assert err["type"] == "invalid_request_error" and "JSON" in err["message"]
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b'"text"', b"null"])
+def test_non_object_json_is_400(client, body):
+    r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    error_of(r, 400)
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"max_tokens": 3}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, "max_tokens"),
+    ("/v1/completions", {"prompt": [1.5, "a"]}, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ("/v1/chat/completions", {**CHAT, "stream_options": "yes"}, "stream_options"),
+    ("/v1/summarize", {"input": "x", "style": "haiku"}, "style"),
+    ("/v1/classify", {"input": "x", "labels": []}, "labels"),
+])
+def test_schema_violations_are_400_not_422(client, path, body, param):
+    err = error_of(client.post(path, json=body), 400)
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] is not None and err["param"].startswith(param), err
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "temperature": 3}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "n": 2, "temperature": 0}, "n"),
+    ({"prompt": "x", "n": 99}, "n"),
+    ({"prompt": "x", "logprobs": 50}, "logprobs"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "logit_bias": {"50": 1}}, "logit_bias"),
+    ({"prompt": "x", "suffix": "y"}, "suffix"),
+    ({"prompt": "x", "best_of": 3}, "best_of"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": [[1, 2], []]}, "prompt.1"),
+    ({"prompt": [10 ** 9]}, "prompt"),
+    (b'{"prompt": "caf\\ud800"}', None),  # a lone surrogate: valid JSON, not text
+])
+def test_bad_completion_parameters_are_400(client, body, param):
+    if isinstance(body, bytes):
+        r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post("/v1/completions", json=body)
+    err = error_of(r, 400)
+    if param is not None:
+        assert err["param"] == param, err
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content.0"),
+])
+def test_unsupported_chat_features_are_clear_400s(client, extra, param):
+    err = error_of(client.post("/v1/chat/completions", json={**CHAT, **extra}), 400)
+    assert err["param"] == param
+    if param == "response_format":
+        assert err["code"] == "unsupported_response_format" and "not supported" in err["message"]
+
+
+def test_response_format_text_is_accepted(client):
+    r = client.post("/v1/chat/completions", json={**CHAT, "response_format": {"type": "text"}, "user": "u-1"})
+    assert r.status_code == 200, r.text
+
+
+def test_context_window_error_names_both_numbers(client):
+    prompt = [100] * 500  # the dummy engine's window is 512 tokens
+    err = error_of(client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 20}), 400)
+    assert "512" in err["message"] and "500" in err["message"] and "20" in err["message"], err
+    assert err["param"] == "max_tokens" and err["code"] == "context_length_exceeded"
+    err = error_of(client.post("/v1/completions", json={"prompt": [100] * 600, "max_tokens": 1}), 400)
+    assert "512" in err["message"] and "600" in err["message"]
+    err = error_of(client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 5000}), 400)
+    assert "512" in err["message"] and "5000" in err["message"]
+
+
+def test_task_errors_are_400(client):
+    cases = [("/v1/summarize", {"input": "   "}), ("/v1/summarize", {"input": []}),
+             ("/v1/summarize", {"input": "text", "max_tokens": 100000}),
+             ("/v1/classify", {"input": "x", "labels": ["a", "a"]}),
+             ("/v1/classify", {"input": "x", "labels": ["only"]}),
+             ("/v1/classify", {"input": "x", "labels": ["a", "b"], "examples": [{"text": "t", "label": "c"}]}),
+             ("/v1/classify", {"input": "x", "labels": ["a", "b"], "label_descriptions": {"c": "?"}}),
+             ("/v1/classify", {"input": ["x"] * 200, "labels": [f"l{i}" for i in range(40)]})]
+    for path, body in cases:
+        error_of(client.post(path, json=body), 400)
+
+
+# -- 404 / 405 ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path, body", [("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", CHAT),
+                                        ("/v1/summarize", {"input": "x"}),
+                                        ("/v1/classify", {"input": "x", "labels": ["a", "b"]})])
+def test_unknown_model_is_404(client, path, body):
+    err = error_of(client.post(path, json={**body, "model": "gpt-17"}), 404)
+    assert err["code"] == "model_not_found" and err["param"] == "model" and "gpt-17" in err["message"]
+
+
+def test_unknown_route_and_method_in_openai_shape(client):
+    error_of(client.get("/v1/nothing-here"), 404)
+    error_of(client.get("/v1/completions"), 405)
+
+
+# -- 413 ------------------------------------------------------------------------------------------------------------
+def test_body_over_limit_is_413(dummy_engine):
+    with TestClient(make_app(dummy_engine, max_body_bytes=4096)) as c:
+        wait_ready(c.get)
+        big = {"prompt": "x" * 5000}
+        err = error_of(c.post("/v1/completions", json=big), 413)
+        assert err["code"] == "request_too_large" and "4096" in err["message"]
+
+        def chunks():  # no Content-Length: counted while it arrives
+            for _ in range(10):
+                yield b"x" * 1000
+        r = c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert error_of(r, 413)["message"].startswith("the request body is larger")
+        assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+# -- 429 ------------------------------------------------------------------------------------------------------------
+def test_queue_full_is_429_with_retry_after(dummy_lm):
+    engine = make_engine(dummy_lm, max_num_seqs=1, max_waiting=1)
+    app = make_app(engine, retry_after=3)
+
+    async def scenario():
+        await app.state.serving.warmup()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            long = {"prompt": "x", "max_tokens": 480, "ignore_eos": True, "temperature": 0}
+            running = asyncio.create_task(c.post("/v1/completions", json=long))
+            assert await asyncio.to_thread(wait_until, lambda: engine.stats().running == 1)
+            waiting = asyncio.create_task(c.post("/v1/completions", json=long))
+            assert await asyncio.to_thread(wait_until, lambda: engine.stats().waiting == 1)
+            r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+            for t in (running, waiting):
+                t.cancel()
+            await asyncio.gather(running, waiting, return_exceptions=True)
+            return r
+
+    try:
+        r = asyncio.run(scenario())
+        err = error_of(r, 429)
+        assert r.headers["retry-after"] == "3" and err["type"] == "rate_limit_error" and err["code"] == "queue_full"
+        assert wait_until(lambda: engine.stats().free_blocks == engine.stats().num_blocks)
+    finally:
+        engine.shutdown()
+
+
+# -- 503 ------------------------------------------------------------------------------------------------------------
+def test_loading_model_is_503_until_ready(dummy_lm):
+    release = threading.Event()
+    engine_box = {}
+
+    def loader():
+        release.wait(30)
+        engine_box["engine"] = make_engine(dummy_lm)
+        return engine_box["engine"], "slow-model", dummy_lm.tokenizer
+
+    app = create_app(None, ServerSettings(), loader=loader)
+    try:
+        with TestClient(app) as c:
+            assert c.get("/health").json() == {"status": "ok"}
+            err = error_of(c.get("/ready"), 503)
+            assert "loading" in err["message"]
+            assert error_of(c.get("/v1/models"), 503)["code"] == "not_ready"
+            assert error_of(c.post("/v1/chat/completions", json=CHAT), 503)["type"] == "service_unavailable"
+            assert "# HELP" in c.get("/metrics").text or c.get("/metrics").status_code == 200
+            release.set()
+            assert wait_until(lambda: c.get("/ready").status_code == 200, 30)
+            assert c.get("/v1/models").json()["data"][0]["id"] == "slow-model"
+    finally:
+        release.set()
+        if "engine" in engine_box:
+            engine_box["engine"].shutdown()
+
+
+def test_dead_engine_is_503(dummy_lm):
+    engine = make_engine(dummy_lm)
+    with TestClient(make_app(engine)) as c:
+        assert wait_until(lambda: c.get("/ready").status_code == 200)
+        engine.shutdown()  # the loop thread stops: the engine is no longer healthy
+        assert wait_until(lambda: not engine.healthy)
+        assert "stopped" in error_of(c.get("/ready"), 503)["message"]
+        error_of(c.post("/v1/completions", json={"prompt": "x"}), 503)
+        assert "loom_engine_healthy 0.0" in c.get("/metrics").text
+
+
+def test_draining_is_503(dummy_engine):
+    app = make_app(dummy_engine)
+    with TestClient(app) as c:
+        assert wait_until(lambda: c.get("/ready").status_code == 200)
+        app.state.serving.draining = True
+        assert "shutting down" in error_of(c.get("/ready"), 503)["message"]
+        error_of(c.post("/v1/chat/completions", json=CHAT), 503)
+        assert c.get("/health").status_code == 200
+
+
+def test_unexpected_failure_is_500_in_openai_shape(dummy_engine):
+    app = make_app(dummy_engine)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert wait_until(lambda: c.get("/ready").status_code == 200)
+        app.state.serving.generate = broken
+        err = error_of(c.post("/v1/completions", json={"prompt": "x"}), 500)
+        assert err["type"] == "internal_server_error" and "boom" not in err["message"]
+
+
+# -- 401 ------------------------------------------------------------------------------------------------------------
+def test_api_key_guards_v1_only(dummy_engine):
+    with TestClient(make_app(dummy_engine, api_key="s3cret")) as c:
+        assert wait_until(lambda: c.get("/ready").status_code == 200)
+        err = error_of(c.get("/v1/models"), 401)
+        assert err["code"] == "invalid_api_key" and err["type"] == "authentication_error"
+        r = c.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert error_of(r, 401)["message"] == "incorrect API key" and r.headers["www-authenticate"] == "Bearer"
+        error_of(c.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Basic s3cret"}), 401)
+        error_of(c.post("/v1/completions", content=b"{", headers={"content-type": "application/json"}), 401)
+        ok = c.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "dummy:tiny"
+        for open_path in ("/health", "/ready", "/metrics", "/openapi.json", "/docs"):
+            assert c.get(open_path).status_code == 200, open_path
