@@ -11,7 +11,7 @@ from kernels.kv_write.reference import write_kv_ref
 from kernels.rms_norm.reference import rms_norm_ref
 from kernels.rotary.reference import rotary_ref
 
-__all__ = ["paged_attention_decode", "paged_attention_prefill", "write_kv", "rms_norm", "rotary", "silu_and_mul"]
+__all__ = ["paged_attention_decode", "paged_attention_prefill", "rms_norm", "rotary", "silu_and_mul", "write_kv"]
 
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -91,6 +91,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "serve"]:  # the load generator has its own flags (and --help)
+        from loadtests.serve import main as bench_serve
+        return bench_serve(argv[2:])
     parser = argparse.ArgumentParser(prog="loom", description="Loom LLM inference server")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -108,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt, in input order")
     gen.set_defaults(func=cmd_generate)
 
+    sub.add_parser("bench", help="`loom bench serve ...`: drive an OpenAI-compatible server under load "
+                                 "(python -m loadtests.serve)")
     try:
         from server.api.cli import add_serve_command
         add_serve_command(sub, add_model_args)

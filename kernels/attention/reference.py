@@ -16,7 +16,7 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
 def paged_attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q `[B, H, D]`: one query token per sequence attending to its first `seq_lens[b]` cached tokens."""
-    batch, num_heads, head_dim = q.shape
+    batch, num_heads, _ = q.shape
     if batch == 0:
         return torch.empty_like(q)
     block_size = k_cache.shape[1]

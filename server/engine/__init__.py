@@ -6,5 +6,14 @@ from server.engine.outputs import EngineStats, RequestOutput
 from server.engine.sampling_params import InvalidRequestError, SamplingParams
 from server.engine.settings import EngineSettings
 
-__all__ = ["AsyncEngine", "EngineDeadError", "QueueFullError", "EngineCore", "EngineStats", "RequestOutput",
-           "InvalidRequestError", "SamplingParams", "EngineSettings"]
+__all__ = [
+           "AsyncEngine",
+           "EngineCore",
+           "EngineDeadError",
+           "EngineSettings",
+           "EngineStats",
+           "InvalidRequestError",
+           "QueueFullError",
+           "RequestOutput",
+           "SamplingParams",
+]

@@ -57,11 +57,15 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding a prefix of `seq`'s tokens. At least one token is always left to compute, since
-        the last prompt position's logits are needed."""
-        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+        the last prompt position's logits are needed; with prompt logprobs, every row from the one predicting
+        `prompt_logprobs_start` on is computed too."""
+        if not self.enable_prefix_caching:
             return []
+        computable = seq.num_tokens - 1
+        if seq.params.prompt_logprobs is not None:
+            computable = min(computable, seq.params.prompt_logprobs_start - 1)
         hits, parent = [], None
-        usable = (seq.num_tokens - 1) // self.block_size
+        usable = computable // self.block_size
         for i in range(usable):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             parent = self.block_hash(parent, tokens)

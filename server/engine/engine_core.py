@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 
 import torch
 
@@ -13,7 +12,7 @@ from server.engine.outputs import EngineStats, RequestOutput
 from server.engine.sampler import Sampler, gather_logprobs
 from server.engine.sampling_params import InvalidRequestError, SamplingParams
 from server.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
-from server.engine.sequence import Sequence, Status
+from server.engine.sequence import Sequence
 from server.engine.settings import EngineSettings
 from server.model import IncrementalDetokenizer, LoadedModel
 
@@ -116,11 +115,9 @@ class EngineCore:
         if to_sample:
             rows = [step.sample_rows[s.seq_id] for s in to_sample]
             result = self.sampler(step.logits[rows], to_sample)
-            now = time.monotonic()
             for seq, token, lp in zip(to_sample, result.token_ids, result.logprobs):
                 if seq.num_output_tokens == 0:
                     self.prompt_tokens += seq.num_prompt_tokens
-                    seq.first_token_time = seq.first_token_time or now
                 self.generation_tokens += 1
                 reason = self._append(seq, token, lp)
                 if reason:
@@ -138,16 +135,19 @@ class EngineCore:
         return outputs
 
     def _record_prompt_logprobs(self, seq: Sequence, item: ScheduledSeq, step: StepLogits) -> None:
+        """Row `start + i` of this chunk predicts prompt token `start + i + 1`. Tokens served by the prefix cache
+        (and the first token, which nothing predicts) get None; rows recorded before a preemption are skipped."""
         first, count = step.prompt_rows[seq.seq_id]
         start = seq.num_computed_tokens
-        if start == 0:
-            seq.prompt_logprobs.append(None)  # nothing predicts the first token
-        count = min(count, seq.num_prompt_tokens - 1 - start)  # the last prompt row predicts a generated token
-        if count <= 0:
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.extend([None] * (start + 1))
+        lo = len(seq.prompt_logprobs) - 1 - start
+        hi = min(count, seq.num_prompt_tokens - 1 - start)  # the last prompt row predicts a generated token
+        if hi <= lo:
             return
-        targets = torch.tensor(seq.token_ids[start + 1:start + 1 + count])
-        logprobs = step.logits[first:first + count].log_softmax(-1)
-        seq.prompt_logprobs.extend(gather_logprobs(logprobs, targets, [seq.params.prompt_logprobs] * count))
+        targets = torch.tensor(seq.token_ids[start + 1 + lo:start + 1 + hi])
+        logprobs = step.logits[first + lo:first + hi].log_softmax(-1)
+        seq.prompt_logprobs.extend(gather_logprobs(logprobs, targets, [seq.params.prompt_logprobs] * (hi - lo)))
 
     def _append(self, seq: Sequence, token: int, logprob) -> str | None:
         """Add a sampled token; returns the finish reason if it ends the sequence."""
@@ -194,7 +194,9 @@ class EngineCore:
             prompt_logprobs=seq.prompt_logprobs if seq.emitted_tokens == 0 and seq.params.prompt_logprobs is not None
             else None, finish_reason=seq.finish_reason if seq.is_finished else None,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=num_out,
-            num_cached_tokens=seq.num_cached_tokens, error=error)
+            num_cached_tokens=seq.num_cached_tokens, error=error,
+            queue_time=seq.first_scheduled_time - seq.arrival_time
+            if seq.emitted_tokens == 0 and seq.first_scheduled_time is not None else None)
         seq.emitted_tokens, seq.emitted_text_len = num_out, text_end
         return out
 

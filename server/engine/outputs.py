@@ -20,6 +20,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    queue_time: float | None = None  # seconds from arrival to first scheduling, on a sequence's first delta
 
     @property
     def finished(self) -> bool:

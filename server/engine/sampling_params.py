@@ -30,6 +30,7 @@ class SamplingParams:
     n: int = 1
     logprobs: int | None = None  # None: none; k: the sampled token's logprob and the k most likely
     prompt_logprobs: int | None = None  # same, for every prompt token after the first
+    prompt_logprobs_start: int = 1  # prompt logprobs are wanted from this token on; the prefix cache may serve the rest
     skip_special_tokens: bool = True
 
     MAX_LOGPROBS = 20
@@ -73,6 +74,8 @@ class SamplingParams:
                   f"{name} must be between 0 and {self.MAX_LOGPROBS}, got {value}")
         check(len(self.stop) <= 16 and all(isinstance(s, str) and s for s in self.stop), "stop",
               "stop must be at most 16 non-empty strings")
+        check(self.prompt_logprobs_start >= 1, "prompt_logprobs_start",
+              f"prompt_logprobs_start must be at least 1, got {self.prompt_logprobs_start}")
         check(self.seed is None or 0 <= self.seed < 2 ** 63, "seed", "seed must be a non-negative 64-bit integer")
         if self.top_k == -1:
             self.top_k = 0

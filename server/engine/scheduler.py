@@ -5,6 +5,7 @@ be recomputed; a request that could never fit is refused at submission instead."
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass
 
 from server.engine.block_manager import BlockManager
@@ -100,6 +101,8 @@ class Scheduler:
             self.prefix_query_tokens += seq.num_tokens
             self.prefix_hit_tokens += seq.num_computed_tokens
             seq.status = Status.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             bisect.insort(self.running, seq, key=Sequence.sort_key)
             budget -= num_new
             out.prefills.append(ScheduledSeq(seq, num_new))

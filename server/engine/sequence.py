@@ -49,7 +49,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     num_preemptions: int = 0
-    first_token_time: float | None = None
+    first_scheduled_time: float | None = None
     group_leader: Sequence | None = None  # n > 1: siblings wait for the leader's prompt blocks to be cached
 
     def __post_init__(self) -> None:

@@ -5,5 +5,15 @@ from server.model.loader import LoadedModel, ModelNotFoundError, load_model
 from server.model.settings import ModelSettings
 from server.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
-__all__ = ["FlatBatch", "KVCache", "ModelConfig", "UnsupportedModelError", "LoadedModel", "ModelNotFoundError",
-           "load_model", "ModelSettings", "IncrementalDetokenizer", "Tokenizer"]
+__all__ = [
+           "FlatBatch",
+           "IncrementalDetokenizer",
+           "KVCache",
+           "LoadedModel",
+           "ModelConfig",
+           "ModelNotFoundError",
+           "ModelSettings",
+           "Tokenizer",
+           "UnsupportedModelError",
+           "load_model",
+]

@@ -140,7 +140,7 @@ class Classifier:
     async def _score(self, context: str, answer: str, opts: ClassifyOptions, usage: TaskUsage) -> float:
         """Mean log-probability per token of `answer` (plus end marker) after `context`: length-normalized."""
         ids, start = self._scored_prompt(context, answer, opts)
-        logprobs = await score_prompt(self.generate, ids, usage)
+        logprobs = await score_prompt(self.generate, ids, usage, start)
         values = [lp.logprob for lp in logprobs[start:] if lp is not None]
         return sum(values) / len(values) if values else -1e9
 

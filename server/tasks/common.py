@@ -13,9 +13,10 @@ from server.engine.sequence import TokenLogprob
 Generate = Callable[[list[int], SamplingParams], AsyncIterator[RequestOutput]]
 
 
-def score_params() -> SamplingParams:
-    """Prefill only: no token is generated, the prompt's own token logprobs come back."""
-    return SamplingParams(max_tokens=0, prompt_logprobs=0)
+def score_params(start: int = 1) -> SamplingParams:
+    """Prefill only: no token is generated, the prompt's own token logprobs come back from token `start` on (the
+    engine's prefix cache may serve everything before it, e.g. the shared context of several candidate labels)."""
+    return SamplingParams(max_tokens=0, prompt_logprobs=0, prompt_logprobs_start=start)
 
 
 class TaskError(RuntimeError):
@@ -77,8 +78,10 @@ async def final_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
     return last
 
 
-async def score_prompt(generate: Generate, prompt_ids: list[int], usage: TaskUsage) -> list[TokenLogprob | None]:
-    """Logprob of every prompt token given the ones before it (None first), from one prefill-only request."""
-    out = await final_output(generate(prompt_ids, score_params()))
+async def score_prompt(generate: Generate, prompt_ids: list[int], usage: TaskUsage,
+                       start: int = 1) -> list[TokenLogprob | None]:
+    """Logprob of every prompt token from `start` on given the ones before it (None before), from one prefill-only
+    request."""
+    out = await final_output(generate(prompt_ids, score_params(start)))
     usage.add(out)
     return out.prompt_logprobs or []

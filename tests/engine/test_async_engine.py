@@ -4,8 +4,15 @@ import asyncio
 
 import pytest
 
-from server.engine import (AsyncEngine, EngineCore, EngineDeadError, EngineSettings, InvalidRequestError,
-                           QueueFullError, SamplingParams)
+from server.engine import (
+    AsyncEngine,
+    EngineCore,
+    EngineDeadError,
+    EngineSettings,
+    InvalidRequestError,
+    QueueFullError,
+    SamplingParams,
+)
 from server.model import ModelSettings, load_model
 
 

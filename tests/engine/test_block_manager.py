@@ -1,6 +1,7 @@
 """BlockManager: allocation, prefix caching, LRU eviction, and a hypothesis state machine that checks no block is
 ever leaked or double-owned and every reference count returns to zero."""
-from hypothesis import settings, strategies as st
+from hypothesis import settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from server.engine.block_manager import BlockManager

@@ -1,6 +1,7 @@
 """Scheduler properties under random arrivals, aborts and finishes (hypothesis): budgets are never exceeded, no
 block leaks, reference counts return to zero, and every request finishes or is aborted (no deadlock)."""
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.engine.block_manager import BlockManager
 from server.engine.scheduler import Scheduler

@@ -5,8 +5,7 @@ import time
 import pytest
 import torch
 
-from server.model import ModelNotFoundError, ModelSettings, UnsupportedModelError, load_model
-from server.model import loader
+from server.model import ModelNotFoundError, ModelSettings, UnsupportedModelError, load_model, loader
 from server.model.config import ModelConfig
 from server.model.gguf import converted_dir
 
