@@ -1,7 +1,8 @@
 """Paged decode attention for CPU serving, in C++ (compiled once with torch's cpp_extension, cached on disk).
 
 The PyTorch reference gathers every sequence's K/V blocks into a padded copy before attention: on CPU that copy
-costs more than the attention itself, every layer of every decode step. This kernel reads K and V straight from the
+costs more than the attention itself, every layer of every decode step (measured 0.67 ms vs 0.27 ms per layer for
+32 sequences x 131 tokens of the default model). This kernel reads K and V straight from the
 paged cache through the block table — one pass over K for the scores, one over V for the sum — with all query heads
 of a KV head sharing each load (GQA), parallel over (sequence, KV head). fp32 accumulation; fp32/bf16/fp16 caches.
 When no compiler is available the public op falls back to the reference."""
@@ -74,7 +75,9 @@ static void decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& 
         float m = -std::numeric_limits<float>::infinity();
         for (int64_t t = 0; t < len; ++t) m = std::max(m, sg[t]);
         float sum = 0.f;
-        for (int64_t t = 0; t < len; ++t) { sg[t] = std::exp(sg[t] - m); sum += sg[t]; }
+        // vectorized through glibc's libmvec (expf x16 with AVX512); scalar exp dominated the whole kernel
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; ++t) { sg[t] = expf(sg[t] - m); sum += sg[t]; }
         inv[g] = len > 0 ? 1.f / sum : 0.f;
       }
       for (int64_t t = 0; t < len; ++t) {
@@ -123,7 +126,7 @@ def _load():
                 from torch.utils.cpp_extension import load_inline
                 _module = load_inline(name="loom_cpu_paged_decode", cpp_sources=_SOURCE, functions=["paged_decode"],
                                       extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                                      extra_ldflags=["-fopenmp"], verbose=False)
+                                      extra_ldflags=["-fopenmp", "-lmvec"], verbose=False)
             except Exception as exc:  # no compiler / headers: the reference serves instead
                 _failed = True
                 log.warning("CPU paged-attention kernel unavailable, using the PyTorch reference",
