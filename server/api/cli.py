@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import queue
 import signal
 import sys
+import threading
 
 import uvicorn
 
@@ -45,10 +47,6 @@ def server_settings_from_args(args: argparse.Namespace):
     return ServerSettings(**{k: v for k, v in vars(args).items() if k in ServerSettings.model_fields and v is not None})
 
 
-def _exit_cleanly(signum, frame) -> None:
-    raise SystemExit(0)
-
-
 def cmd_serve(args: argparse.Namespace) -> None:
     from sse_starlette.sse import AppStatus
 
@@ -60,12 +58,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     model_settings, engine_settings = settings_from_args(args)
     settings = server_settings_from_args(args)
     holder: dict = {}
+    loaded: queue.Queue = queue.Queue()
 
-    def loader():
-        lm = load_model(model_settings, progress=False)
-        core = EngineCore(lm, engine_settings)
-        engine = AsyncEngine(core, on_step=holder["app"].state.serving.metrics.observe_step)
-        return engine, lm.name, lm.tokenizer
+    def loader():  # the app's lifespan waits here (off its event loop) for the main thread to load the model
+        result = loaded.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def on_fatal(reason: str) -> None:
         holder["failed"] = reason
@@ -80,16 +79,36 @@ def cmd_serve(args: argparse.Namespace) -> None:
     server = holder["server"] = DrainingServer(config, app.state.serving, settings.drain_timeout)
     # Streams are ended by our drain, not cut by sse-starlette the moment the signal arrives.
     AppStatus.disable_automatic_graceful_drain()
-    # uvicorn re-raises the signal it caught once it has shut down; exit 0 then (and during startup).
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    signal.signal(signal.SIGINT, _exit_cleanly)
+    # uvicorn runs on a second thread, where it installs no signal handlers: the main thread forwards them.
+    signal.signal(signal.SIGTERM, server.handle_exit)
+    signal.signal(signal.SIGINT, server.handle_exit)
     print(f"loom: listening on http://{settings.host}:{settings.port} (model {model_settings.model}, loading)",
           file=sys.stderr, flush=True)
+    # Every torch op runs on this main thread: loading, warm-up and the step loop (GNU OpenMP slows parallel ops
+    # down once more threads than cores have used it, see server/engine/async_engine.py). HTTP gets a thread.
+    def serve_http() -> None:
+        try:
+            server.run()
+        finally:  # however HTTP ends (even before the model was attached), the engine loop must end with it
+            if "engine" in holder:
+                holder["engine"].shutdown()
+
+    http = threading.Thread(target=serve_http, name="loom-http")
+    http.start()
     try:
-        server.run()
-    finally:
-        if "failed" in holder:
-            sys.exit(f"error: {holder['failed']}")
+        lm = load_model(model_settings, progress=False)
+        engine = holder["engine"] = AsyncEngine(EngineCore(lm, engine_settings), own_thread=False,
+                                                on_step=app.state.serving.metrics.observe_step)
+    except Exception as exc:
+        loaded.put(exc)
+    else:
+        loaded.put((engine, lm.name, lm.tokenizer))
+        if not http.is_alive():
+            engine.shutdown()
+        engine.run()  # returns once the app's shutdown (or the end of HTTP) stops the engine
+    http.join()
+    if "failed" in holder:
+        sys.exit(f"error: {holder['failed']}")
 
 
 class DrainingServer(uvicorn.Server):
