@@ -2,6 +2,7 @@
 or in a subprocess."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -94,3 +95,11 @@ def stop(proc: subprocess.Popen, timeout: float = 30.0) -> int:
             proc.kill()
             return proc.wait()
     return proc.returncode
+
+
+async def sse_chunks(response):
+    """The JSON chunks of an OpenAI-style SSE stream (`data: {...}` lines), up to `data: [DONE]`."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        yield json.loads(line[6:])

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.api.support import LOOM, wait_until
+from tests.api.support import LOOM, sse_chunks, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -247,10 +247,7 @@ def test_64_concurrent_streaming_clients(real_server):
         token_times, finish, usage = [], None, None
         async with c.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
+            async for chunk in sse_chunks(r):
                 if not chunk["choices"]:
                     usage = chunk["usage"]
                     continue

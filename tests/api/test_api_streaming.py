@@ -3,13 +3,12 @@ sequence at once and its KV blocks come back; many concurrent streams all comple
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 
 import httpx
 import pytest
 
-from tests.api.support import ThreadServer, make_app, make_engine, wait_until
+from tests.api.support import ThreadServer, make_app, make_engine, sse_chunks, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +72,7 @@ def test_concurrent_streams_complete(server):
         text, finish, usage = "", None, None
         async with c.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
+            async for chunk in sse_chunks(r):
                 if chunk["choices"]:
                     text += chunk["choices"][0]["delta"].get("content") or ""
                     finish = chunk["choices"][0]["finish_reason"] or finish
