@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.scheduler import ScheduledSeq, SchedulerOutput
+from server.engine.scheduler import SchedulerOutput
 from server.engine.settings import EngineSettings
 from server.model import FlatBatch, KVCache, LoadedModel
 
@@ -70,44 +70,27 @@ class ModelRunner:
         torch.cuda.empty_cache()
 
     def build_batch(self, sched: SchedulerOutput) -> tuple[FlatBatch, StepLogits]:
-        ids, pos, slots, tables, lens, cu, logits_rows = [], [], [], [], [], [0], []
-        sample_rows, prompt_rows = {}, {}
-        bs = self.block_size
-
-        def place(item: ScheduledSeq) -> None:
-            seq = item.seq
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
-            first_row = len(ids)
-            ids.extend(seq.token_ids[start:end])
-            pos.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            tables.append(table)
-            lens.append(end)
-            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
-                count = min(end, seq.num_prompt_tokens) - start
-                prompt_rows[seq.seq_id] = (len(logits_rows), count)
-                logits_rows.extend(range(first_row, first_row + count))
-            if end == seq.num_tokens:  # every token has K/V now: the next one is sampled from the last row
-                last = len(ids) - 1
-                if not logits_rows or logits_rows[-1] != last:
-                    logits_rows.append(last)
-                sample_rows[seq.seq_id] = len(logits_rows) - 1
-
-        for item in sched.prefills:
-            place(item)
-            cu.append(len(ids))
-        for item in sched.decodes:
-            place(item)
-        width = max(len(t) for t in tables)
-        table_tensor = torch.zeros(len(tables), width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table_tensor[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-        batch = FlatBatch(input_ids=torch.tensor(ids, dtype=torch.long), positions=torch.tensor(pos, dtype=torch.long),
-                          slot_mapping=torch.tensor(slots, dtype=torch.long), block_tables=table_tensor,
-                          seq_lens=torch.tensor(lens, dtype=torch.int32), cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
-                          num_prefill_seqs=len(sched.prefills), num_prefill_tokens=cu[-1],
-                          logits_indices=torch.tensor(logits_rows, dtype=torch.long))
+        """Lay the step out with `FlatBatch.build` and pick the logits rows: the last row of every sequence whose
+        tokens all have K/V after this step (it samples), and every prompt row of prompt-logprob requests."""
+        logits_rows, sample_rows, prompt_rows = [], {}, {}
+        parts: tuple[list, list] = ([], [])
+        row = 0
+        for is_decode, items in enumerate((sched.prefills, sched.decodes)):
+            for item in items:
+                seq = item.seq
+                start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
+                tokens = seq.token_ids[start:end]
+                parts[is_decode].append((tokens[0] if is_decode else tokens, start, seq.block_table))
+                if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
+                    count = min(end, seq.num_prompt_tokens) - start
+                    prompt_rows[seq.seq_id] = (len(logits_rows), count)
+                    logits_rows.extend(range(row, row + count))
+                row += len(tokens)
+                if end == seq.num_tokens:
+                    if not logits_rows or logits_rows[-1] != row - 1:
+                        logits_rows.append(row - 1)
+                    sample_rows[seq.seq_id] = len(logits_rows) - 1
+        batch = FlatBatch.build(parts[0], parts[1], self.block_size, logits_rows)
         return batch, StepLogits(torch.empty(0), sample_rows, prompt_rows)
 
     @torch.inference_mode()
