@@ -222,7 +222,7 @@ async def _amain(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Entry point (also for a `loom bench serve` subcommand: `loadtests.serve.main(argv)`)."""
+    """Entry point of `python -m loadtests.serve`."""
     args = build_parser().parse_args(argv)
     t0 = time.monotonic()
     doc = asyncio.run(_amain(args))

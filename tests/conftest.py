@@ -15,22 +15,8 @@ if not torch.cuda.is_available():
 
 from server.model import ModelSettings, load_model
 from server.model.loader import resolve_checkpoint
-
-TINY_CONFIGS = {
-    "llama": dict(cls="LlamaConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False),
-    "llama3-rope": dict(cls="LlamaConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
-                        rope_theta=500000.0, tie_word_embeddings=True,
-                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-    "qwen2": dict(cls="Qwen2Config", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
-    "mistral": dict(cls="MistralConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                    sliding_window=None),
-    "gpt2": dict(cls="GPT2Config", n_embd=64, n_layer=2, n_head=4, n_positions=512),
-}
+from tests.support.models import TINY_CONFIGS
+from tests.support.servers import make_engine
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +62,15 @@ def tiny_checkpoints(tmp_path_factory, default_checkpoint) -> dict[str, Path]:
                 shutil.copy(default_checkpoint / f, path / f)
         paths[name] = path
     return paths
+
+
+@pytest.fixture(scope="session")
+def dummy_lm():
+    return load_model(ModelSettings(model="dummy:tiny"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def dummy_engine(dummy_lm):
+    engine = make_engine(dummy_lm)
+    yield engine
+    engine.shutdown()

@@ -8,11 +8,12 @@ of a KV head sharing each load (GQA), parallel over (sequence, KV head). fp32 ac
 When no compiler is available the public op falls back to the reference."""
 from __future__ import annotations
 
+import functools
 import logging
-import os
-import threading
 
 import torch
+
+from kernels.backend import kernel_backend
 
 log = logging.getLogger("loom.kernels")
 
@@ -113,31 +114,24 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor kc, at::Tensor vc, at::Tensor b
 }
 """
 
-_lock = threading.Lock()
-_module = None
-_failed = False
-
-
-def _load():
-    global _module, _failed
-    with _lock:
-        if _module is None and not _failed:
-            try:
-                from torch.utils.cpp_extension import load_inline
-                _module = load_inline(name="loom_cpu_paged_decode", cpp_sources=_SOURCE, functions=["paged_decode"],
-                                      extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                                      extra_ldflags=["-fopenmp", "-lmvec"], verbose=False)
-            except Exception as exc:  # no compiler / headers: the reference serves instead
-                _failed = True
-                log.warning("CPU paged-attention kernel unavailable, using the PyTorch reference",
-                            extra={"reason": str(exc)[:200]})
-    return _module
+@functools.cache
+def _compiled():
+    """The compiled extension (built once per process, cached on disk by torch), or None without a compiler."""
+    try:
+        from torch.utils.cpp_extension import load_inline
+        return load_inline(name="loom_cpu_paged_decode", cpp_sources=_SOURCE, functions=["paged_decode"],
+                           extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                           extra_ldflags=["-fopenmp", "-lmvec"], verbose=False)
+    except Exception as exc:  # no compiler / headers: the reference serves instead
+        log.warning("CPU paged-attention kernel unavailable, using the PyTorch reference",
+                    extra={"reason": str(exc)[:200]})
+        return None
 
 
 def cpu_decode_available() -> bool:
-    return os.environ.get("LOOM_KERNELS") != "torch" and _load() is not None
+    return kernel_backend().mode != "torch" and _compiled() is not None
 
 
 def paged_attention_decode_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    return _load().paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    return _compiled().paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)

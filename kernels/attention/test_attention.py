@@ -137,7 +137,7 @@ def test_prefill_dtypes_head_dims(head_dim, dtype):
     check(out, paged_attention_prefill_ref(q, k_cache, v_cache, table, cu, seq_lens, head_dim ** -0.5))
 
 
-def test_public_ops_dispatch(monkeypatch):
+def test_public_ops_dispatch(monkeypatch, kernel_env):
     """On CPU the public ops take Triton only with LOOM_KERNELS=triton (and the interpreter on)."""
     import kernels
     from kernels.backend import use_triton
@@ -145,11 +145,13 @@ def test_public_ops_dispatch(monkeypatch):
     k_cache, v_cache, table, seq_lens = make_paged([9, 20], 8, 2, 64, torch.float32)
     q = torch.randn(2, 4, 64, device=DEVICE)
     ref = paged_attention_decode_ref(q, k_cache, v_cache, table, seq_lens, 0.125)
-    monkeypatch.setenv("LOOM_KERNELS", "torch")
+    kernel_env("torch")
     assert not use_triton(q)
     monkeypatch.setenv("LOOM_KERNELS", "triton")
+    assert not use_triton(q) or q.is_cuda  # resolved once per process: the environment alone changes nothing
+    kernel_env("triton")
     assert use_triton(q)  # conftest.py turned the interpreter on where there is no GPU
     check(kernels.paged_attention_decode(q, k_cache, v_cache, table, seq_lens, 0.125), ref)
     if not q.is_cuda:
-        monkeypatch.delenv("LOOM_KERNELS")
+        kernel_env(None)
         assert not use_triton(q)  # TRITON_INTERPRET=1 alone keeps the CPU serving path on the reference

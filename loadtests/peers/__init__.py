@@ -71,19 +71,21 @@ def _python_tool(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
-def _loom_command(ctx: ServerContext) -> list[str]:
+def _loom_base() -> list[str]:
     exe = Path(sys.executable).with_name("loom")
-    base = [str(exe)] if exe.exists() else [sys.executable, "-c", "from server.cli import main; main()"]
-    return [*base, "serve", "--model", "default", "--host", ctx.host, "--port", str(ctx.port), *ctx.loom_args]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
+
+
+def _loom_command(ctx: ServerContext) -> list[str]:
+    return [*_loom_base(), "serve", "--model", "default", "--host", ctx.host, "--port", str(ctx.port), *ctx.loom_args]
 
 
 def _loom_unavailable() -> str | None:
-    if importlib.util.find_spec("server.api.cli") is None:
-        return "server/api (loom serve) is not there yet"
-    try:
-        from server.api.cli import add_serve_command  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        return f"loom serve does not import: {type(exc).__name__}: {exc}"
+    """Loom is a peer like the others: run as its command, never imported into the harness."""
+    probe = subprocess.run([*_loom_base(), "serve", "--help"], capture_output=True, text=True, timeout=120,
+                           check=False)
+    if probe.returncode != 0:
+        return f"`loom --help` failed: {(probe.stderr or probe.stdout).strip()[-300:]}"
     return None
 
 

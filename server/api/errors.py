@@ -1,7 +1,8 @@
 """OpenAI-style errors: every failure answers `{"error": {"message", "type", "param", "code"}}` with a fitting status.
 
-FastAPI's own 422 validation body becomes a 400 `invalid_request_error` naming the offending field, engine refusals
-map to 400 / 429 / 503, and anything unexpected is a 500 in the same shape (never a stack trace)."""
+FastAPI's own 422 validation body becomes a 400 `invalid_request_error` naming the offending field, each engine
+error type maps to one status (invalid 400, queue full 429, timeout 504, engine dead 503, failed step 500), and
+anything unexpected is a 500 in the same shape (never a stack trace)."""
 from __future__ import annotations
 
 import logging
@@ -11,13 +12,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.engine import EngineDeadError, InvalidRequestError, QueueFullError
+from server.engine import (
+    EngineDeadError,
+    EngineError,
+    InternalEngineError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestTimeoutError,
+)
 
 log = logging.getLogger("loom.api")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 500: "internal_server_error", 503: "service_unavailable"}
+          429: "rate_limit_error", 500: "internal_server_error", 503: "service_unavailable", 504: "timeout_error"}
 
 
 class APIError(Exception):
@@ -47,17 +55,20 @@ def error_response(exc: APIError) -> JSONResponse:
 
 
 def from_engine_error(exc: BaseException, retry_after: int = 1) -> APIError:
-    """The API error for an exception raised by AsyncEngine.generate."""
+    """The API error for an exception raised while serving a request (typically by AsyncEngine.generate)."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, InvalidRequestError):
-        code = "context_length_exceeded" if "context length" in str(exc) else None
-        return APIError(400, str(exc), param=exc.param, code=code)
+        return APIError(400, str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, QueueFullError):
         return APIError(429, f"the server is busy ({exc}); retry later", code="queue_full",
                         headers={"Retry-After": str(retry_after)})
+    if isinstance(exc, RequestTimeoutError):
+        return APIError(504, str(exc), code="request_timeout")
     if isinstance(exc, EngineDeadError):
         return APIError(503, f"the engine is not available: {exc}", code="engine_unavailable")
+    if isinstance(exc, InternalEngineError):
+        return APIError(500, "the engine failed this request", code="engine_error")
     log.exception("unexpected error", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
 
@@ -87,9 +98,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def _respond(request: Request, exc: APIError) -> JSONResponse:
-    serving = getattr(request.app.state, "serving", None)
-    if serving is not None:
-        serving.metrics.errors.labels(str(exc.status)).inc()
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.errors.labels(str(exc.status)).inc()
     return error_response(exc)
 
 
@@ -110,9 +121,7 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no route for {request.method} {request.url.path}"
         return _respond(request, APIError(exc.status_code, message, headers=getattr(exc, "headers", None)))
 
-    @app.exception_handler(InvalidRequestError)
-    @app.exception_handler(QueueFullError)
-    @app.exception_handler(EngineDeadError)
+    @app.exception_handler(EngineError)
     async def _engine(request: Request, exc: Exception) -> JSONResponse:
         return _respond(request, from_engine_error(exc, request.app.state.settings.retry_after))
 

@@ -1,53 +1,150 @@
-"""Startup and shutdown: load the model in the background (so /health answers and /ready says 503 meanwhile), warm
-it up, count in-flight /v1 requests for the graceful drain, and stop the engine when the app stops."""
+"""Start-up and shutdown. The model loads in the background (so /health answers and /ready says 503 meanwhile); once
+it is there, `Lifecycle.attach` builds what the routes serve (`ServedModel`: engine, tokenizer, the task objects),
+warms it up and readiness turns on. SIGTERM drains: /ready fails, new requests are refused, in-flight ones get the
+drain timeout, then the rest are aborted."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.api.serving import Serving
-from server.engine import AsyncEngine
+from server.api.errors import APIError
+from server.api.metrics import Metrics
+from server.api.settings import ServerSettings
+from server.api.tracking import RequestTracker
+from server.engine import AsyncEngine, SamplingParams
+from server.model import Tokenizer
+from server.tasks import Classifier, Summarizer, TaskSettings
 
 log = logging.getLogger("loom.api")
 
-Loader = Callable[[], tuple[AsyncEngine, str, object]]  # blocking: returns (engine, model name, tokenizer)
+Loader = Callable[[], tuple[AsyncEngine, str, Tokenizer]]  # blocking: returns (engine, model name, tokenizer)
 
 
-def make_lifespan(loader: Loader | None, on_fatal: Callable[[str], None] | None = None,
+@dataclass
+class ServedModel:
+    """What the /v1 routes serve, built once when the model is attached."""
+    engine: AsyncEngine
+    name: str
+    tokenizer: Tokenizer
+    max_model_len: int
+    summarizer: Summarizer
+    classifier: Classifier  # keeps its calibration cache across requests
+    created: int
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.name!r}",
+                           param="model", code="model_not_found")
+
+
+class Lifecycle:
+    def __init__(self, settings: ServerSettings, task_settings: TaskSettings, tracker: RequestTracker,
+                 metrics: Metrics):
+        self.settings, self.task_settings, self.tracker, self.metrics = settings, task_settings, tracker, metrics
+        self.model: ServedModel | None = None
+        self.load_error: str | None = None
+        self.warmed_up = False
+        self.draining = False  # SIGTERM: /ready fails, new requests are refused, in-flight ones finish
+
+    def attach(self, engine: AsyncEngine, name: str, tokenizer: Tokenizer) -> ServedModel:
+        t = self.task_settings
+        generate = self.tracker.generate
+        self.model = ServedModel(
+            engine=engine, name=name, tokenizer=tokenizer, max_model_len=engine.max_model_len,
+            summarizer=Summarizer(functools.partial(generate, endpoint="summarize"), tokenizer,
+                                  engine.max_model_len, chunk_tokens=t.summarize_chunk_tokens,
+                                  max_tokens=t.summarize_max_tokens),
+            classifier=Classifier(functools.partial(generate, endpoint="classify"), tokenizer,
+                                  engine.max_model_len, permutations=t.classify_permutations),
+            created=int(time.time()))
+        self.tracker.engine = engine
+        self.metrics.watch(engine)
+        return self.model
+
+    def not_ready_reason(self) -> str | None:
+        if self.draining:
+            return "the server is shutting down"
+        if self.load_error:
+            return f"the model failed to load: {self.load_error}"
+        if self.model is None:
+            return "the model is still loading"
+        engine = self.model.engine
+        if not engine.healthy:
+            return f"the engine has stopped: {engine.error!r}"
+        if not self.warmed_up:
+            return "the model is warming up"
+        stalled = time.monotonic() - engine.last_step_time
+        if stalled > self.settings.ready_stall_seconds:
+            return f"the engine loop has not stepped for {stalled:.0f} s"
+        return None
+
+    def require_ready(self) -> ServedModel:
+        reason = self.not_ready_reason()
+        if reason:
+            raise APIError(503, reason, code="not_ready", headers={"Retry-After": "5"})
+        return self.model
+
+    async def warmup(self) -> None:
+        """One short greedy request, so the first client does not pay for lazy initialisation."""
+        if self.settings.warmup:
+            prompt = self.model.tokenizer.encode("Hello, world")[:8] or [0]
+            params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+            async for _ in self.model.engine.generate(prompt, params, request_id="warmup"):
+                pass
+        self.warmed_up = True
+        log.info("ready", extra={"model": self.model.name})
+
+    async def drain(self, timeout: float) -> None:
+        """Graceful shutdown: wait up to `timeout` for in-flight work, then abort what is left."""
+        self.draining = True
+        tracker = self.tracker
+        deadline = time.monotonic() + timeout
+        while (tracker.http_inflight or tracker.active) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        aborted = tracker.abort_all()
+        if aborted:
+            log.warning("drain timeout: aborting requests", extra={"count": aborted})
+        grace = time.monotonic() + 5.0  # let aborted responses send their last chunk
+        while tracker.http_inflight and time.monotonic() < grace:
+            await asyncio.sleep(0.05)
+
+
+def make_lifespan(lifecycle: Lifecycle, loader: Loader | None, on_fatal: Callable[[str], None] | None = None,
                   shutdown_engine: bool = True):
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        serving: Serving = app.state.serving
-        serving.draining, serving.accepting_engine_work = False, True  # (re)started: open for work
+        lifecycle.draining, lifecycle.tracker.accepting = False, True  # (re)started: open for work
 
         async def start() -> None:
             try:
-                if serving.engine is None and loader is not None:
-                    engine, name, tokenizer = await asyncio.to_thread(loader)
-                    serving.attach(engine, name, tokenizer)
-                if serving.engine is not None:
-                    await serving.warmup()
+                if lifecycle.model is None and loader is not None:
+                    lifecycle.attach(*await asyncio.to_thread(loader))
+                if lifecycle.model is not None:
+                    await lifecycle.warmup()
             except Exception as exc:  # /ready reports it; the CLI exits non-zero
                 log.exception("model load or warmup failed")
-                serving.load_error = f"{type(exc).__name__}: {exc}"
+                lifecycle.load_error = f"{type(exc).__name__}: {exc}"
                 if on_fatal:
-                    on_fatal(serving.load_error)
+                    on_fatal(lifecycle.load_error)
 
         task = asyncio.create_task(start())
         try:
             yield
         finally:
-            serving.draining = True
+            lifecycle.draining = True
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-            if shutdown_engine and serving.engine is not None:
-                await asyncio.to_thread(serving.engine.shutdown)
+            if shutdown_engine and lifecycle.model is not None:
+                await asyncio.to_thread(lifecycle.model.engine.shutdown)
 
     return lifespan
 
@@ -55,15 +152,15 @@ def make_lifespan(loader: Loader | None, on_fatal: Callable[[str], None] | None 
 class InflightMiddleware:
     """Counts /v1 requests from their start to the last byte sent (SSE streams included)."""
 
-    def __init__(self, app: ASGIApp, serving: Serving):
-        self.app, self.serving = app, serving
+    def __init__(self, app: ASGIApp, tracker: RequestTracker):
+        self.app, self.tracker = app, tracker
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        self.serving.http_inflight += 1
+        self.tracker.http_inflight += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.serving.http_inflight -= 1
+            self.tracker.http_inflight -= 1

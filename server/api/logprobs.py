@@ -6,7 +6,7 @@ import math
 from functools import lru_cache
 
 from server.api.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprobEntry, TopLogprob
-from server.engine.sequence import TokenLogprob
+from server.engine import TokenLogprob
 
 
 class TokenText:

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from server.engine import EngineStats, RequestOutput
+from server.engine import AsyncEngine, EngineStats, RequestOutput, StepStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0,
                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -50,7 +50,8 @@ class EngineCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], EngineStats | None]):
+    def __init__(self) -> None:
+        self._engine: AsyncEngine | None = None
         disable_created_metrics()  # no `*_created` series: they double the output and nobody graphs them
         r = self.registry = CollectorRegistry()
         self.requests = Counter("loom_requests", "finished sequences by endpoint and finish reason",
@@ -72,13 +73,18 @@ class Metrics:
                                      buckets=(1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192), registry=r)
         self.step_time = Histogram("loom_step_duration_seconds", "wall time of one engine step",
                                    buckets=LATENCY_BUCKETS, registry=r)
-        r.register(EngineCollector(stats))
+        r.register(EngineCollector(lambda: self._engine.stats() if self._engine is not None else None))
 
-    def observe_step(self, seqs: int, tokens: int, seconds: float) -> None:
-        """AsyncEngine's `on_step` hook (runs on the engine thread; prometheus-client is thread-safe)."""
-        self.batch.observe(seqs)
-        self.step_tokens.observe(tokens)
-        self.step_time.observe(seconds)
+    def watch(self, engine: AsyncEngine) -> None:
+        """Export `engine`'s stats at scrape time and observe each of its steps."""
+        self._engine = engine
+        engine.add_step_observer(self.observe_step)
+
+    def observe_step(self, step: StepStats) -> None:
+        """Runs on the engine thread after each step (prometheus-client is thread-safe)."""
+        self.batch.observe(step.num_seqs)
+        self.step_tokens.observe(step.num_tokens)
+        self.step_time.observe(step.seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

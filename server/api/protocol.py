@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from server.engine import TokenUsage
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -82,6 +84,12 @@ class Usage(Body):
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: dict[str, int] | None = None
+
+    @classmethod
+    def of(cls, usage: TokenUsage, cached: bool = True) -> Usage:
+        return cls(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                   total_tokens=usage.total_tokens,
+                   prompt_tokens_details={"cached_tokens": usage.cached_tokens} if cached else None)
 
 
 class ErrorDetail(Body):

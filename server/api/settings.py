@@ -16,7 +16,4 @@ class ServerSettings(BaseSettings):
     retry_after: int = Field(1, ge=0, description="Retry-After seconds sent with 429 (queue full)")
     ready_stall_seconds: float = Field(120.0, gt=0, description="/ready fails when the engine loop stalls this long")
     warmup: bool = Field(True, description="run a short request through the engine before /ready turns 200")
-    summarize_chunk_tokens: int = Field(1536, ge=64, description="largest document piece summarized in one call")
-    summarize_max_tokens: int = Field(200, ge=1, description="default length of a summary")
-    classify_permutations: int = Field(2, ge=1, le=8, description="label orders averaged by /v1/classify")
     sse_ping_seconds: float = Field(15.0, ge=0, description="keep-alive comment interval on SSE streams (0: off)")

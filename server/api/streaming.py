@@ -11,11 +11,12 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable
 
 from sse_starlette import EventSourceResponse
 
 from server.api.errors import ClientGoneError, from_engine_error
+from server.engine import gather_all
 
 log = logging.getLogger("loom.api")
 
@@ -25,18 +26,6 @@ async def _replay(first, rest: AsyncIterator) -> AsyncIterator:
         yield first
         async for item in rest:
             yield item
-
-
-async def gather_or_cancel(awaitables: Iterable[Awaitable]) -> list:
-    """asyncio.gather that cancels the others as soon as one fails (their engine requests are aborted)."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 async def until_disconnect(request, awaitable: Awaitable):
@@ -64,7 +53,7 @@ async def until_disconnect(request, awaitable: Awaitable):
 async def prime(streams: list[AsyncIterator]) -> list[AsyncIterator]:
     """Start every stream and wait for its first item; errors raise here, before any response is sent."""
     try:
-        firsts = await gather_or_cancel(anext(s) for s in streams)
+        firsts = await gather_all(anext(s) for s in streams)
     except BaseException:
         for s in streams:
             with contextlib.suppress(BaseException):

@@ -1,19 +1,46 @@
 """Engine layer: owns all request state. AsyncEngine (asyncio face) -> EngineCore (step loop) -> Scheduler +
-BlockManager + Sampler + ModelRunner."""
-from server.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+BlockManager + Sampler + ModelRunner, with the OutputProcessor beside the core. Callers use what is exported here:
+the engine, its settings, `SamplingParams`, the output types and the typed errors."""
+from server.engine.async_engine import AsyncEngine, StepObserver
 from server.engine.engine_core import EngineCore
-from server.engine.outputs import EngineStats, RequestOutput
-from server.engine.sampling_params import InvalidRequestError, SamplingParams
+from server.engine.errors import (
+    EngineDeadError,
+    EngineError,
+    InternalEngineError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestTimeoutError,
+)
+from server.engine.gather import collect, gather_all
+from server.engine.outputs import (
+    CompletionOutput,
+    EngineStats,
+    RequestOutput,
+    StepStats,
+    TokenLogprob,
+    TokenUsage,
+)
+from server.engine.sampling_params import SamplingParams
 from server.engine.settings import EngineSettings
 
 __all__ = [
            "AsyncEngine",
+           "CompletionOutput",
            "EngineCore",
            "EngineDeadError",
+           "EngineError",
            "EngineSettings",
            "EngineStats",
+           "InternalEngineError",
            "InvalidRequestError",
            "QueueFullError",
            "RequestOutput",
+           "RequestTimeoutError",
            "SamplingParams",
+           "StepObserver",
+           "StepStats",
+           "TokenLogprob",
+           "TokenUsage",
+           "collect",
+           "gather_all",
 ]

@@ -19,18 +19,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from server.engine.engine_core import EngineCore
-from server.engine.outputs import EngineStats, RequestOutput
-from server.engine.sampling_params import InvalidRequestError, SamplingParams
+from server.engine.errors import EngineDeadError, EngineError, QueueFullError
+from server.engine.outputs import EngineStats, RequestOutput, StepStats
+from server.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("loom.engine")
 
-
-class EngineDeadError(RuntimeError):
-    """The engine loop has stopped; no request can be served."""
-
-
-class QueueFullError(RuntimeError):
-    """Too many requests are waiting; the client should retry later."""
+Sink = Callable[[RequestOutput | BaseException], None]
+StepObserver = Callable[[StepStats], None]
 
 
 @dataclass
@@ -38,24 +34,26 @@ class _Submit:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    max_tokens: int  # resolved by the limits check on the caller's side
     priority: int
-    sink: Callable[[RequestOutput | BaseException], None]
-
-
-StepObserver = Callable[[int, int, float], None]  # (sequences, tokens, seconds) per step
+    sink: Sink
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore, max_waiting: int | None = None, on_step: StepObserver | None = None,
-                 own_thread: bool = True):
+    def __init__(self, core: EngineCore, max_waiting: int | None = None, own_thread: bool = True):
         self.core = core
+        self.limits = core.limits
         self.tokenizer = core.tokenizer
         self.max_model_len = core.max_model_len
         self.max_waiting = core.settings.max_waiting if max_waiting is None else max_waiting
-        self.on_step = on_step
+        self._observers: list[StepObserver] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
+        # Admission: sequences accepted but not yet running, in the inbox or in the scheduler's waiting list, counted
+        # under one lock by both threads, so concurrent submissions can never overshoot `max_waiting`.
+        self._admission = threading.Lock()
+        self._inbox_seqs = self._core_waiting = 0
+        self._sinks: dict[str, Sink] = {}
         self._unfinished: dict[str, int] = {}  # request id -> sequences (of n) not yet finished
         self._stopping = False
         self.error: BaseException | None = None
@@ -71,6 +69,10 @@ class AsyncEngine:
         alive = self._thread.is_alive() if self._thread is not None else self._running
         return self.error is None and alive and not self._stopping
 
+    def add_step_observer(self, observer: StepObserver) -> None:
+        """Called on the engine thread after every step that ran sequences (metrics)."""
+        self._observers.append(observer)
+
     def run(self) -> None:
         """Run the step loop on the calling thread until `shutdown()` (for an engine built with own_thread=False)."""
         if self._thread is not None:
@@ -82,12 +84,16 @@ class AsyncEngine:
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Submit a request and iterate over its deltas. Leaving the iteration early (client gone) aborts it."""
+        """Submit a request and iterate over its deltas. Failures raise typed `EngineError`s (invalid request,
+        queue full, engine dead, internal). Leaving the iteration early (client gone) aborts the request."""
         if not self.healthy:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
-        if self.max_waiting and self.core.scheduler and len(self.core.scheduler.waiting) >= self.max_waiting:
-            raise QueueFullError(f"{self.max_waiting} requests are already waiting")
-        self.core.check_request(prompt_token_ids, params)  # fail fast, on the caller's side, with a clear error
+        max_tokens = self.limits.check(prompt_token_ids, params)
+        with self._admission:
+            waiting = self._inbox_seqs + self._core_waiting
+            if self.max_waiting and waiting + params.n > self.max_waiting:
+                raise QueueFullError(f"{waiting} sequences are already waiting (limit {self.max_waiting})")
+            self._inbox_seqs += params.n
         request_id = request_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
@@ -98,12 +104,13 @@ class AsyncEngine:
             except RuntimeError:  # the caller's event loop is gone; nobody is listening
                 pass
 
-        self._send(_Submit(request_id, prompt_token_ids, params, priority, sink))
+        self._send(_Submit(request_id, prompt_token_ids, params, max_tokens, priority, sink))
         remaining = params.n
         try:
             while remaining:
                 item = await outputs.get()
                 if isinstance(item, BaseException):
+                    remaining = 0  # the engine has already dropped the request
                     raise item
                 if item.finished:
                     remaining -= 1
@@ -138,19 +145,30 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if isinstance(message, _Submit):
-                try:
-                    self.core.add_request(message.request_id, message.prompt_token_ids, message.params,
-                                          message.priority)
-                    self._sinks[message.request_id] = message.sink
-                    self._unfinished[message.request_id] = message.params.n
-                except InvalidRequestError as exc:
-                    message.sink(exc)
+                with self._admission:  # inbox -> scheduler: the sequences stay counted as waiting
+                    self._inbox_seqs -= message.params.n
+                    try:
+                        self.core.add_request(message.request_id, message.prompt_token_ids, message.params,
+                                              message.priority, message.max_tokens)
+                    except EngineError as exc:
+                        message.sink(exc)
+                        continue
+                    finally:
+                        self._core_waiting = self.core.num_waiting_seqs()
+                self._sinks[message.request_id] = message.sink
+                self._unfinished[message.request_id] = message.params.n
             else:
                 _, request_id = message
                 for out in self.core.abort(request_id):
                     self._deliver(out)
                 self._sinks.pop(request_id, None)
                 self._unfinished.pop(request_id, None)
+                self._count_waiting()
+
+    def _count_waiting(self) -> None:
+        """After the scheduler moved sequences (admitted, preempted, finished), count what still waits there."""
+        with self._admission:
+            self._core_waiting = self.core.num_waiting_seqs()
 
     def _deliver(self, out: RequestOutput) -> None:
         sink = self._sinks.get(out.request_id)
@@ -162,6 +180,12 @@ class AsyncEngine:
             if self._unfinished[out.request_id] == 0:
                 del self._sinks[out.request_id], self._unfinished[out.request_id]
 
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        sink = self._sinks.pop(request_id, None)
+        self._unfinished.pop(request_id, None)
+        if sink is not None:
+            sink(error)
+
     def _loop(self) -> None:
         try:
             while not self._stopping:
@@ -172,12 +196,18 @@ class AsyncEngine:
                     self.last_step_time = time.monotonic()
                     continue
                 started = time.perf_counter()
-                outputs = self.core.step()
+                result = self.core.step()
                 self.last_step_time = time.monotonic()
-                if self.on_step and self.core.last_step_seqs:
-                    self.on_step(self.core.last_step_seqs, self.core.last_step_tokens, time.perf_counter() - started)
-                for out in outputs:
+                self._count_waiting()
+                if self.core.last_step_seqs and self._observers:
+                    stats = StepStats(self.core.last_step_seqs, self.core.last_step_tokens,
+                                      time.perf_counter() - started)
+                    for observer in self._observers:
+                        observer(stats)
+                for out in result.outputs:
                     self._deliver(out)
+                for request_id, error in result.failed.items():
+                    self._fail(request_id, error)
         except BaseException as exc:  # fatal: mark unhealthy and fail every caller instead of leaving them hanging
             log.exception("engine loop died")
             self.error = exc

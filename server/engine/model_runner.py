@@ -35,7 +35,7 @@ def num_kv_blocks(lm: LoadedModel, settings: EngineSettings) -> int:
 
 
 class ModelRunner:
-    def __init__(self, lm: LoadedModel, settings: EngineSettings):
+    def __init__(self, lm: LoadedModel, settings: EngineSettings, max_model_len: int):
         self.lm = lm
         self.model = lm.model
         self.device = lm.device
@@ -51,9 +51,8 @@ class ModelRunner:
         self.graphs = None
         if lm.device.type == "cuda" and settings.cuda_graphs:
             from server.engine.cuda_graph import CudaGraphDecoder
-            max_len = min(settings.max_model_len or cfg.max_model_len, cfg.max_model_len)
             self.graphs = CudaGraphDecoder(self.model, self.kv_cache, settings.max_num_seqs,
-                                           -(-max_len // self.block_size), lm.device)
+                                           -(-max_model_len // self.block_size), lm.device)
 
     @torch.inference_mode()
     def _profile(self, settings: EngineSettings) -> None:

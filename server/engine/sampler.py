@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.sequence import Sequence, TokenLogprob
+from server.engine.outputs import TokenLogprob
+from server.engine.sequence import Sequence
 
 
 @dataclass

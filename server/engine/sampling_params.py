@@ -3,13 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-class InvalidRequestError(ValueError):
-    """A request the engine refuses; `param` names the offending field (OpenAI's error `param`)."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
+from server.engine.errors import InvalidRequestError
 
 
 @dataclass

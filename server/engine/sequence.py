@@ -1,4 +1,5 @@
-"""A sequence's state as it moves through the engine: tokens, KV blocks, progress, detokenized text."""
+"""A sequence's state as it moves through the scheduler and the model: tokens, KV blocks, progress. Its text lives in
+the output processor."""
 from __future__ import annotations
 
 import enum
@@ -8,20 +9,12 @@ from dataclasses import dataclass, field
 import torch
 
 from server.engine.sampling_params import SamplingParams
-from server.model.tokenizer import IncrementalDetokenizer
 
 
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # the most likely tokens and their logprobs
 
 
 @dataclass(eq=False)
@@ -32,7 +25,6 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int  # resolved against the context window
-    detokenizer: IncrementalDetokenizer
     priority: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(init=False)
@@ -43,11 +35,6 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     finish_reason: str | None = None
-    text: str = ""  # detokenized output so far (stop strings trimmed)
-    emitted_text_len: int = 0
-    emitted_tokens: int = 0
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     group_leader: Sequence | None = None  # n > 1: siblings wait for the leader's prompt blocks to be cached

@@ -150,7 +150,7 @@ def load_model(settings: ModelSettings, progress: bool = True) -> LoadedModel:
                                      f"nor a config.json file")
         cfg = ModelConfig.from_dict(raw)
         model = build_model(cfg, dtype, device)
-        gen = torch.Generator(device="cpu").manual_seed(settings.seed)
+        gen = torch.Generator(device="cpu").manual_seed(settings.dummy_seed)
         for pname, p in model.named_parameters():  # small random weights keep activations finite in deep stacks
             if p.dim() > 1:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)

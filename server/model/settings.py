@@ -13,4 +13,4 @@ class ModelSettings(BaseSettings):
     dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'")
     cache_dir: Path = Field(Path("~/.cache/loom").expanduser(), description="where converted GGUF checkpoints live")
-    seed: int = Field(0, description="seed for dummy weights")
+    dummy_seed: int = Field(0, description="seed of the random weights of `dummy:` models")

@@ -57,7 +57,6 @@ class IncrementalDetokenizer:
         self.ids = list(prompt_ids[-6:])
         self.prefix_offset = max(len(self.ids) - 5, 0)
         self.read_offset = len(self.ids)
-        self.text = ""
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, self.skip_special_tokens)
@@ -69,7 +68,6 @@ class IncrementalDetokenizer:
         if len(full) > len(prefix) and not full.endswith(REPLACEMENT):
             delta = full[len(prefix):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            self.text += delta
             return delta
         return ""
 
@@ -79,5 +77,4 @@ class IncrementalDetokenizer:
         full = self._decode(self.ids[self.prefix_offset:])
         delta = full[len(prefix):] if len(full) > len(prefix) else ""
         self.prefix_offset = self.read_offset = len(self.ids)
-        self.text += delta
         return delta

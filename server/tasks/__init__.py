@@ -1,8 +1,9 @@
 """Tasks built on the engine API (no HTTP here): map-reduce summarization and zero-shot classification by label
 likelihood. Both take a `generate` callable shaped like AsyncEngine.generate, so the API layer can pass its tracked
-wrapper and tests can pass the engine itself."""
+wrapper and tests can pass the engine itself. Engine errors raise through them unchanged."""
 from server.tasks.classify import Classification, Classifier, ClassifyOptions
-from server.tasks.common import Generate, TaskError, TaskUsage
+from server.tasks.common import Generate
+from server.tasks.settings import TaskSettings
 from server.tasks.summarize import Summarizer, SummaryEvent
 
 __all__ = [
@@ -12,6 +13,5 @@ __all__ = [
            "Generate",
            "Summarizer",
            "SummaryEvent",
-           "TaskError",
-           "TaskUsage",
+           "TaskSettings",
 ]

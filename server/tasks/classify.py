@@ -17,8 +17,8 @@ Small models are biased (toward a favourite label, toward the first label listed
   space); the bias depends only on the labels and options, so it is cached across requests;
 - average over label orders: the instruction lists the labels in `permutations` different orders;
 - accept few-shot `examples` (prior user/assistant turns) and label descriptions, which anchor what labels mean.
-On tests/api/data/classify_eval.jsonl (40 clear-cut items, SmolLM2-135M) naive scoring gets 38% right and the
-defaults 88% (see tests/api/eval_classify.py).
+On tests/support/data/classify_eval.jsonl (40 clear-cut items, SmolLM2-135M) naive scoring gets 38% right and the
+defaults 88% (see tests/support/eval_classify.py).
 Probabilities are a softmax over labels of the corrected scores. With `multi_label` each label is instead asked as
 an independent yes/no question and its probability is P(yes) / (P(yes) + P(no)), calibrated the same way.
 """
@@ -28,8 +28,8 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from server.engine import InvalidRequestError
-from server.tasks.common import Generate, TaskUsage, gather_all, score_prompt
+from server.engine import InvalidRequestError, TokenUsage, gather_all
+from server.tasks.common import MAX_IN_FLIGHT, Generate, score_prompt
 
 CONTENT_FREE = ("N/A", "", "[MASK]")
 BIAS_CACHE_SIZE = 256
@@ -44,7 +44,7 @@ class ClassifyOptions:
     examples: list[tuple[str, str]] = field(default_factory=list)  # (text, label)
     descriptions: dict[str, str] = field(default_factory=dict)
     calibrate: bool = True
-    permutations: int = 2
+    permutations: int | None = None  # None: the classifier's default
     end_marker: bool = False  # also score the end-of-turn token after the label (measured: hurts on the default model)
     surface_forms: bool = True  # also score the label capitalized / lower-cased, and add up their probabilities
 
@@ -90,8 +90,9 @@ def softmax(scores: list[float]) -> list[float]:
 
 
 class Classifier:
-    def __init__(self, generate: Generate, tokenizer, max_model_len: int):
+    def __init__(self, generate: Generate, tokenizer, max_model_len: int, permutations: int = 2):
         self.generate, self.tok, self.max_model_len = generate, tokenizer, max_model_len
+        self.permutations = permutations  # label orders averaged when the options do not say
         self.end = self._end_of_turn()
         self._bias: OrderedDict[tuple, dict[str, float]] = OrderedDict()  # calibration per labels + options
 
@@ -137,7 +138,7 @@ class Classifier:
                                       f"classification prompt has {len(full)} tokens; shorten the input", "input")
         return full, max(start, 1)
 
-    async def _score(self, context: str, answer: str, opts: ClassifyOptions, usage: TaskUsage) -> float:
+    async def _score(self, context: str, answer: str, opts: ClassifyOptions, usage: TokenUsage) -> float:
         """Mean log-probability per token of `answer` (plus end marker) after `context`: length-normalized."""
         ids, start = self._scored_prompt(context, answer, opts)
         logprobs = await score_prompt(self.generate, ids, usage, start)
@@ -146,7 +147,7 @@ class Classifier:
 
     # -- classification -------------------------------------------------------------------------------------
     async def classify(self, texts: list[str], labels: list[str],
-                       opts: ClassifyOptions | None = None) -> tuple[list[Classification], TaskUsage]:
+                       opts: ClassifyOptions | None = None) -> tuple[list[Classification], TokenUsage]:
         opts = opts or ClassifyOptions()
         if len(set(labels)) != len(labels) or any(not lab.strip() for lab in labels):
             raise InvalidRequestError("labels must be distinct, non-empty strings", "labels")
@@ -155,8 +156,8 @@ class Classifier:
         for text, label in opts.examples:
             if label not in labels:
                 raise InvalidRequestError(f"example label {label!r} is not one of the labels", "examples")
-        usage = TaskUsage()
-        orders = [labels] if opts.multi_label else label_orders(labels, opts.permutations)
+        usage = TokenUsage()
+        orders = [labels] if opts.multi_label else label_orders(labels, opts.permutations or self.permutations)
         bias_key = (tuple(labels), tuple(map(tuple, orders)), opts.multi_label, tuple(opts.examples),
                     tuple(sorted(opts.descriptions.items())), opts.surface_forms, opts.end_marker)
         cached_bias = self._bias.get(bias_key) if opts.calibrate else None
@@ -171,7 +172,7 @@ class Classifier:
             if ctx_key not in contexts:
                 contexts[ctx_key] = self._context(inputs[i], orders[o], lab if opts.multi_label else None, opts)
             coros.append(self._score(contexts[ctx_key], form, opts, usage))
-        values = await gather_all(coros)
+        values = await gather_all(coros, MAX_IN_FLIGHT)
         forms: dict[tuple, list[float]] = {}  # (input, answer, order) -> score per surface form
         for (i, key, o, _), v in zip(jobs, values):
             forms.setdefault((i, key, o), []).append(v)

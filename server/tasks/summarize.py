@@ -11,9 +11,9 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from server.engine import InvalidRequestError, SamplingParams
+from server.engine import CompletionOutput, InvalidRequestError, SamplingParams, TokenUsage, collect, gather_all
 from server.tasks.chunking import split_text
-from server.tasks.common import Generate, TaskError, TaskUsage, final_output, gather_all
+from server.tasks.common import MAX_IN_FLIGHT, Generate
 
 ANSWER_PREFIX = {"paragraph": "", "bullets": "- "}  # put in the model's mouth, so a list starts as a list
 STYLES = {
@@ -34,7 +34,7 @@ class SummaryEvent:
     delta: str = ""
     done: bool = False
     summary: str = ""
-    usage: TaskUsage = field(default_factory=TaskUsage)
+    usage: TokenUsage = field(default_factory=TokenUsage)
     map_calls: int = 0  # pieces summarized before the final call (0: the document fit one call)
 
 
@@ -73,10 +73,10 @@ class Summarizer:
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
                               repetition_penalty=self.repetition_penalty, seed=0 if self.temperature else None)
 
-    async def _call(self, template: str, text: str, style: str, max_tokens: int, usage: TaskUsage) -> str:
-        out = await final_output(self.generate(self._prompt(template, text, style), self._params(max_tokens)))
-        usage.add(out)
-        return (ANSWER_PREFIX[style] + out.text).strip()
+    async def _call(self, template: str, text: str, style: str, max_tokens: int, usage: TokenUsage) -> str:
+        result = await collect(self.generate(self._prompt(template, text, style), self._params(max_tokens)))
+        usage.add(result)
+        return (ANSWER_PREFIX[style] + result[0].text).strip()
 
     async def stream(self, text: str, style: str = "paragraph", max_tokens: int | None = None,
                      chunk_tokens: int | None = None) -> AsyncIterator[SummaryEvent]:
@@ -86,7 +86,7 @@ class Summarizer:
             raise InvalidRequestError("input must not be empty", "input")
         max_tokens = max_tokens or self.max_tokens
         budget = self.budget(max_tokens, chunk_tokens)
-        usage, template, map_calls = TaskUsage(), DOCUMENT, 0
+        usage, template, map_calls = TokenUsage(), DOCUMENT, 0
         # partial summaries must shrink the text, so each is held well under the budget
         partial_tokens = max(min(max_tokens, budget // 3), 8)
         level = 0
@@ -94,26 +94,22 @@ class Summarizer:
             if level >= MAX_LEVELS:
                 raise InvalidRequestError("the input is too long to summarize at this chunk size", "input")
             pieces = split_text(text, budget, self.count, self._hard_split)
-            partials = await gather_all(self._call(template, p, style, partial_tokens, usage) for p in pieces)
+            partials = await gather_all((self._call(template, p, style, partial_tokens, usage) for p in pieces),
+                                       MAX_IN_FLIGHT)
             map_calls += len(pieces)
             text = "\n\n".join(f"{i + 1}. {p}" for i, p in enumerate(partials) if p) or "(empty)"
             template, level = PARTS, level + 1
         parts, pending = [], ANSWER_PREFIX[style]  # the prefix goes out with the first delta
+        final = CompletionOutput()
         stream = self.generate(self._prompt(template, text, style), self._params(max_tokens))
-        last = None
-        try:
+        async with contextlib.aclosing(stream):
             async for out in stream:
-                last = out
-                if out.finish_reason == "error":
-                    raise TaskError(out.error or "the engine failed the summary")
+                final.add(out)
                 if out.text:
                     delta, pending = pending + out.text, ""
                     parts.append(delta)
                     yield SummaryEvent(delta=delta)
-        finally:
-            await stream.aclose()
-        if last is not None:
-            usage.add(last)
+        usage.add([final])
         yield SummaryEvent(done=True, summary="".join(parts).strip(), usage=usage, map_calls=map_calls)
 
     async def summarize(self, text: str, style: str = "paragraph", max_tokens: int | None = None,

@@ -12,20 +12,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from server.model import ModelSettings, load_model
-from tests.api.support import free_port, make_app, make_engine, start_loom_serve, stop, wait_ready
-
-
-@pytest.fixture(scope="session")
-def dummy_lm():
-    return load_model(ModelSettings(model="dummy:tiny"), progress=False)
-
-
-@pytest.fixture(scope="session")
-def dummy_engine(dummy_lm):
-    engine = make_engine(dummy_lm)
-    yield engine
-    engine.shutdown()
+from tests.support.servers import free_port, make_app, start_loom_serve, stop, wait_ready
 
 
 @pytest.fixture(scope="module")

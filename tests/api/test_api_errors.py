@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.api import ServerSettings, create_app
-from tests.api.support import make_app, make_engine, wait_ready, wait_until
+from tests.support.servers import make_app, make_engine, wait_ready, wait_until
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -158,7 +158,7 @@ def test_queue_full_is_429_with_retry_after(dummy_lm):
     app = make_app(engine, retry_after=3)
 
     async def scenario():
-        await app.state.serving.warmup()
+        await app.state.lifecycle.warmup()
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
             long = {"prompt": "x", "max_tokens": 480, "ignore_eos": True, "temperature": 0}
@@ -199,7 +199,9 @@ def test_loading_model_is_503_until_ready(dummy_lm):
             assert "loading" in err["message"]
             assert error_of(c.get("/v1/models"), 503)["code"] == "not_ready"
             assert error_of(c.post("/v1/chat/completions", json=CHAT), 503)["type"] == "service_unavailable"
-            assert "# HELP" in c.get("/metrics").text or c.get("/metrics").status_code == 200
+            scrape = c.get("/metrics")  # request metrics already; no engine gauges until there is an engine
+            assert scrape.status_code == 200 and "# TYPE loom_time_to_first_token_seconds histogram" in scrape.text
+            assert "loom_num_requests_running" not in scrape.text
             release.set()
             assert wait_until(lambda: c.get("/ready").status_code == 200, 30)
             assert c.get("/v1/models").json()["data"][0]["id"] == "slow-model"
@@ -224,7 +226,7 @@ def test_draining_is_503(dummy_engine):
     app = make_app(dummy_engine)
     with TestClient(app) as c:
         assert wait_until(lambda: c.get("/ready").status_code == 200)
-        app.state.serving.draining = True
+        app.state.lifecycle.draining = True
         assert "shutting down" in error_of(c.get("/ready"), 503)["message"]
         error_of(c.post("/v1/chat/completions", json=CHAT), 503)
         assert c.get("/health").status_code == 200
@@ -238,7 +240,7 @@ def test_unexpected_failure_is_500_in_openai_shape(dummy_engine):
 
     with TestClient(app, raise_server_exceptions=False) as c:
         assert wait_until(lambda: c.get("/ready").status_code == 200)
-        app.state.serving.generate = broken
+        app.state.tracker.generate = broken
         err = error_of(c.post("/v1/completions", json={"prompt": "x"}), 500)
         assert err["type"] == "internal_server_error" and "boom" not in err["message"]
 

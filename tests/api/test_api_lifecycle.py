@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.api.support import free_port, start_loom_serve, stop, wait_ready
+from tests.support.servers import free_port, start_loom_serve, stop, wait_ready
 
 
 def read_stream(url: str, body: dict, started: threading.Event, result: dict, headers: dict | None = None) -> None:

@@ -5,7 +5,7 @@ import re
 
 from fastapi.testclient import TestClient
 
-from tests.api.support import make_app, make_engine, wait_ready
+from tests.support.servers import make_app, make_engine, wait_ready
 
 COUNTERS = ["loom_requests_total", "loom_prompt_tokens_total", "loom_generation_tokens_total",
             "loom_preemptions_total", "loom_prefix_cache_hit_tokens_total", "loom_prefix_cache_query_tokens_total",

@@ -19,7 +19,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from tests.api.support import make_app, make_engine
+from tests.support.servers import make_app, make_engine
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 EXAMPLES = {GenerationMode.POSITIVE: 25, GenerationMode.NEGATIVE: 15}
@@ -30,7 +30,7 @@ def api_schema(dummy_lm):
     # a short context window keeps generated max_tokens (and so each example) cheap
     engine = make_engine(dummy_lm, max_model_len=128, num_kv_blocks=256)
     app = make_app(engine, summarize_chunk_tokens=64, summarize_max_tokens=8, classify_permutations=1)
-    asyncio.run(app.state.serving.warmup())
+    asyncio.run(app.state.lifecycle.warmup())
     yield schemathesis.openapi.from_asgi("/openapi.json", app)
     engine.shutdown()
 

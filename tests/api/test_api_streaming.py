@@ -8,7 +8,7 @@ import re
 import httpx
 import pytest
 
-from tests.api.support import ThreadServer, make_app, make_engine, sse_chunks, wait_until
+from tests.support.servers import ThreadServer, make_app, make_engine, sse_chunks, wait_until
 
 
 @pytest.fixture(scope="module")

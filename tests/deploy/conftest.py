@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import pytest
-from deploy_helpers import exported_metric_names
+
+from tests.support.deploy import exported_metric_names
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from deploy_helpers import DEPLOY, ROOT, find_tool, load_yaml, run
+
+from tests.support.deploy import DEPLOY, ROOT, find_tool, load_yaml, run
 
 COMPOSE = DEPLOY / "docker-compose.yml"
 GPU_OVERLAY = DEPLOY / "docker-compose.gpu.yml"

@@ -9,7 +9,8 @@ import re
 import shlex
 
 import pytest
-from deploy_helpers import ROOT, find_tool, parse_dockerfile, run
+
+from tests.support.deploy import ROOT, find_tool, parse_dockerfile, run
 
 DOCKERFILE = ROOT / "Dockerfile"
 SECRET_NAME = re.compile(r"KEY|TOKEN|PASSWORD|PASSWD|SECRET|CREDENTIAL", re.IGNORECASE)

@@ -8,7 +8,8 @@ import re
 
 import pytest
 import yaml
-from deploy_helpers import DEPLOY, ROOT, find_tool, load_yaml, load_yaml_all, run
+
+from tests.support.deploy import DEPLOY, ROOT, find_tool, load_yaml, load_yaml_all, run
 
 K8S = DEPLOY / "k8s"
 KUBERNETES_VERSIONS = ["1.29.0", "1.33.0"]  # oldest and newest we promise (autoscaling/v2 needs >= 1.23)

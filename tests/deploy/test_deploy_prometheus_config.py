@@ -5,7 +5,8 @@ import subprocess
 
 import pytest
 import yaml
-from deploy_helpers import DEPLOY, find_tool, load_yaml, run
+
+from tests.support.deploy import DEPLOY, find_tool, load_yaml, run
 
 COMPOSE_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 K8S_CONFIG = DEPLOY / "prometheus" / "prometheus-k8s.yml"

@@ -9,6 +9,7 @@ from server.engine import (
     EngineCore,
     EngineDeadError,
     EngineSettings,
+    InternalEngineError,
     InvalidRequestError,
     QueueFullError,
     SamplingParams,
@@ -93,8 +94,8 @@ def test_failing_step_fails_its_requests_and_engine_survives(engine, monkeypatch
     monkeypatch.setattr(runner, "run", flaky)
 
     async def main():
-        outs = await collect(engine, [3, 4], SamplingParams(max_tokens=4, temperature=0))
-        assert outs[-1].finish_reason == "error" and "boom" in outs[-1].error
+        with pytest.raises(InternalEngineError, match="RuntimeError: boom"):
+            await collect(engine, [3, 4], SamplingParams(max_tokens=4, temperature=0))
         outs = await collect(engine, [3, 4], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
         assert outs[-1].finish_reason == "length"
     asyncio.run(main())

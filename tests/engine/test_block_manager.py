@@ -5,17 +5,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from server.engine.block_manager import BlockManager
-from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
-
-
-class _Detok:
-    def add(self, token):
-        return ""
-
-
-def make_seq(tokens: list[int], seq_id: int = 0, **params) -> Sequence:
-    return Sequence(seq_id, f"r{seq_id}", 0, list(tokens), SamplingParams(**params), 16, _Detok())
+from tests.support.models import make_seq
 
 
 def compute(bm: BlockManager, seq: Sequence, n: int) -> None:

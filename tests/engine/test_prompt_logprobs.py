@@ -5,7 +5,7 @@ import torch
 
 from server.engine import EngineCore, EngineSettings, SamplingParams
 from server.engine.offline import generate
-from tests.helpers import hf_model, load_fp32, random_prompts
+from tests.support.models import hf_model, load_fp32, random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_queue_time_on_first_delta(llama):
         core.add_request(f"r{i}", [5, 6, 7], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     firsts = {}
     while core.has_unfinished():
-        for out in core.step():
+        for out in core.step().outputs:
             firsts.setdefault(out.request_id, out)
             if out.request_id in firsts and out is not firsts[out.request_id]:
                 assert out.queue_time is None

@@ -7,7 +7,7 @@ import torch
 
 from server.engine.sampler import Sampler, apply_penalties, filter_logits
 from server.engine.sampling_params import InvalidRequestError, SamplingParams
-from tests.engine.test_block_manager import make_seq
+from tests.support.models import make_seq
 
 VOCAB = 50
 

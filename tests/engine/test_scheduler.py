@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from server.engine.block_manager import BlockManager
 from server.engine.scheduler import Scheduler
-from tests.engine.test_block_manager import make_seq
+from tests.support.models import make_seq
 
 BLOCK = 4
 

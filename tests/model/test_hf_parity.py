@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from server.model import FlatBatch, KVCache
-from tests.conftest import TINY_CONFIGS
-from tests.helpers import hf_greedy, hf_model, load_fp32, loom_greedy, random_prompts
+from tests.support.models import TINY_CONFIGS, hf_greedy, hf_model, load_fp32, loom_greedy, random_prompts
 
 FP32_ATOL = 2e-4
 

@@ -9,17 +9,13 @@ import pytest
 import torch
 
 from server.model import ModelSettings, load_model
-from tests.helpers import loom_greedy, random_prompts
-
-
-@pytest.fixture
-def triton_kernels(monkeypatch):
-    assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"  # set by tests/conftest.py
-    monkeypatch.setenv("LOOM_KERNELS", "triton")
+from tests.support.models import loom_greedy, random_prompts
 
 
 @pytest.mark.parametrize("model", ["dummy:tiny", "gpt2"])
-def test_greedy_tokens_match_reference_path(model, tiny_checkpoints, monkeypatch, triton_kernels):
+def test_greedy_tokens_match_reference_path(model, tiny_checkpoints, monkeypatch, kernel_env):
+    assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"  # set by tests/conftest.py
+    kernel_env("triton")
     spec = model if model.startswith("dummy:") else str(tiny_checkpoints[model])
     lm = load_model(ModelSettings(model=spec, dtype="float32"), progress=False)
     prompts = random_prompts(3, 5, 40, seed=3)
@@ -35,7 +31,8 @@ def test_greedy_tokens_match_reference_path(model, tiny_checkpoints, monkeypatch
         monkeypatch.setattr(module, f"paged_attention_{kind}_triton", counting)
     via_triton = loom_greedy(lm, prompts, 6, **kwargs)
     assert calls["decode"] > 0 and calls["prefill"] > 0, "the Triton kernels did not run"
-    monkeypatch.setenv("LOOM_KERNELS", "torch")
+    kernel_env("torch")
+    calls.update(decode=0, prefill=0)
     via_torch = loom_greedy(lm, prompts, 6, **kwargs)
+    assert calls == {"decode": 0, "prefill": 0}, "the reference path ran Triton kernels"
     assert via_triton == via_torch
-    assert os.environ.get("LOOM_KERNELS") == "torch"

@@ -5,20 +5,22 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
+from server.api.deps import ReadyModel, Settings, Tracker
 from server.api.errors import APIError
 from server.api.logprobs import TokenText, chat_logprobs
+from server.api.params import build_params
 from server.api.protocol import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatResponseMessage,
+    Usage,
     new_id,
     now,
 )
 from server.api.routes import ERROR_RESPONSES, STREAMING_200
-from server.api.sampling import UsageCounter, build_params, collect
-from server.api.serving import ReadyServing
 from server.api.streaming import merge, prime, sse, until_disconnect
+from server.engine import CompletionOutput, TokenUsage, collect
 
 router = APIRouter()
 
@@ -42,12 +44,9 @@ def render_messages(body: ChatCompletionRequest, tokenizer) -> list[int]:
             message["name"] = m.name
         messages.append(message)
     try:
-        ids = tokenizer.encode_chat(messages)
+        return tokenizer.encode_chat(messages)
     except Exception as exc:  # the template refused these messages (e.g. roles out of order)
         raise APIError(400, f"the chat template cannot render these messages: {exc}", param="messages") from exc
-    if not ids:
-        raise APIError(400, "the rendered prompt is empty", param="messages")
-    return ids
 
 
 def check_unsupported(body: ChatCompletionRequest) -> None:
@@ -62,31 +61,29 @@ def check_unsupported(body: ChatCompletionRequest) -> None:
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**STREAMING_200, **ERROR_RESPONSES},
              summary="Answer a conversation (OpenAI chat completions API)")
-async def create_chat_completion(body: ChatCompletionRequest, serving: ReadyServing, request: Request):
-    serving.check_model(body.model)
+async def create_chat_completion(body: ChatCompletionRequest, served: ReadyModel, tracker: Tracker,
+                                 settings: Settings, request: Request):
+    served.check_model(body.model)
     check_unsupported(body)
-    ids = render_messages(body, serving.tokenizer)
+    ids = render_messages(body, served.tokenizer)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = build_params(body, max_tokens=max_tokens,
                           logprobs=(body.top_logprobs or 0) if body.logprobs else None)
-    text = TokenText(serving.tokenizer)
+    text = TokenText(served.tokenizer)
     request_id, created, n = new_id("chatcmpl"), now(), body.n
-    stream = serving.generate(ids, params, "chat", request_id, body.priority)
+    stream = tracker.generate(ids, params, "chat", request_id, body.priority)
 
     if not body.stream:
-        usage = UsageCounter()
-        choices = []
-        for i, c in enumerate(await until_disconnect(request, collect(stream, n))):
-            usage.add(0, c, i)
-            lp = chat_logprobs(text, c.logprobs, c.token_ids) if body.logprobs else None
-            choices.append(ChatChoice(index=i, message=ChatResponseMessage(content=c.text), logprobs=lp,
-                                      finish_reason=c.finish_reason))
-        return ChatCompletionResponse(id=request_id, created=created, model=serving.model_name, choices=choices,
-                                      usage=usage.usage())
+        completions = await until_disconnect(request, collect(stream, n))
+        choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
+                              logprobs=chat_logprobs(text, c.logprobs, c.token_ids) if body.logprobs else None,
+                              finish_reason=c.finish_reason) for c in completions]
+        return ChatCompletionResponse(id=request_id, created=created, model=served.name, choices=choices,
+                                      usage=Usage.of(TokenUsage().add(completions)))
 
     (stream,) = await prime([stream])
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": serving.model_name,
+    base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": served.name,
             "system_fingerprint": None}
 
     def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs=None) -> dict:
@@ -97,13 +94,11 @@ async def create_chat_completion(body: ChatCompletionRequest, serving: ReadyServ
         return c
 
     async def chunks() -> AsyncIterator[dict]:
-        usage = UsageCounter()
+        completions = [CompletionOutput(index=i) for i in range(n)]
         for i in range(n):  # the role comes first, once per choice
             yield chunk(i, {"role": "assistant", "content": ""})
         async for _, out in merge([stream]):
-            if out.finish_reason == "error":
-                raise APIError(500, out.error or "the engine failed this request", code="engine_error")
-            usage.add(0, out, out.index)
+            completions[out.index].add(out)
             if out.text or out.token_ids:
                 lp = chat_logprobs(text, out.logprobs, out.token_ids).model_dump() if body.logprobs else None
                 if out.text or lp:
@@ -111,6 +106,6 @@ async def create_chat_completion(body: ChatCompletionRequest, serving: ReadyServ
             if out.finished:
                 yield chunk(out.index, {}, out.finish_reason)
         if include_usage:
-            yield {**base, "choices": [], "usage": usage.usage().model_dump()}
+            yield {**base, "choices": [], "usage": Usage.of(TokenUsage().add(completions)).model_dump()}
 
-    return sse(chunks(), serving.settings.sse_ping_seconds, serving.settings.retry_after)
+    return sse(chunks(), settings.sse_ping_seconds, settings.retry_after)

@@ -8,29 +8,42 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
+from server.api.deps import ReadyModel, Settings, Tracker
 from server.api.errors import APIError
 from server.api.logprobs import TokenText, completion_logprobs, merge_completion_logprobs
-from server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, new_id, now
+from server.api.params import build_params
+from server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage, new_id, now
 from server.api.routes import ERROR_RESPONSES, STREAMING_200
-from server.api.sampling import Choice, UsageCounter, build_params, collect, non_empty
-from server.api.serving import ReadyServing, Serving
-from server.api.streaming import gather_or_cancel, merge, prime, sse, until_disconnect
+from server.api.streaming import merge, prime, sse, until_disconnect
+from server.engine import CompletionOutput, InvalidRequestError, RequestOutput, TokenUsage, collect, gather_all
+from server.model import Tokenizer
 
 router = APIRouter()
 
 
-def prompt_ids(body: CompletionRequest, serving: Serving) -> list[list[int]]:
-    """Token ids per prompt (their range is checked by the engine)."""
-    p, tok = body.prompt, serving.tokenizer
+def prompt_ids(body: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
+    """Token ids per prompt (the engine checks that each is non-empty and in the vocabulary)."""
+    p = body.prompt
     if isinstance(p, str):
-        return [non_empty(tok.encode(p), "prompt")]
+        return [tokenizer.encode(p)]
     if not p:
         raise APIError(400, "prompt must not be empty", param="prompt")
     if all(isinstance(x, int) for x in p):
         return [list(p)]
-    if all(isinstance(x, str) for x in p):
-        return [non_empty(tok.encode(x), f"prompt.{i}") for i, x in enumerate(p)]
-    return [non_empty(list(x), f"prompt.{i}") for i, x in enumerate(p)]
+    return [tokenizer.encode(x) if isinstance(x, str) else list(x) for x in p]
+
+
+async def for_prompt(stream: AsyncIterator[RequestOutput], index: int, of: int) -> AsyncIterator[RequestOutput]:
+    """The stream of prompt `index` of a batch; the engine's refusal of that prompt names it (`prompt.1`)."""
+    try:
+        async for out in stream:
+            yield out
+    except InvalidRequestError as exc:
+        if exc.param != "prompt" or of == 1:
+            raise
+        raise InvalidRequestError(str(exc), f"prompt.{index}", exc.code) from exc
+    finally:
+        await stream.aclose()
 
 
 class EchoPrefix:
@@ -46,7 +59,7 @@ class EchoPrefix:
         return completion_logprobs(self.token_text, prompt_logprobs, self.ids)
 
 
-def choice_logprobs(body, echo: EchoPrefix, c: Choice, text: TokenText):
+def choice_logprobs(body, echo: EchoPrefix, c: CompletionOutput, text: TokenText):
     if body.logprobs is None:
         return None
     generated = completion_logprobs(text, c.logprobs, c.token_ids, offset=len(echo.text))
@@ -56,54 +69,51 @@ def choice_logprobs(body, echo: EchoPrefix, c: Choice, text: TokenText):
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses={**STREAMING_200, **ERROR_RESPONSES},
              summary="Complete prompts (OpenAI completions API)")
-async def create_completion(body: CompletionRequest, serving: ReadyServing, request: Request):
-    serving.check_model(body.model)
+async def create_completion(body: CompletionRequest, served: ReadyModel, tracker: Tracker, settings: Settings,
+                            request: Request):
+    served.check_model(body.model)
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of must equal n (or be omitted)", param="best_of")
-    prompts = prompt_ids(body, serving)
+    prompts = prompt_ids(body, served.tokenizer)
     wants_prompt_lp = body.echo and (body.logprobs is not None or body.max_tokens == 0)
     params = build_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs,
                           prompt_logprobs=(body.logprobs or 0) if wants_prompt_lp else None)
-    text = TokenText(serving.tokenizer)
+    text = TokenText(served.tokenizer)
     request_id, created, n = new_id("cmpl"), now(), body.n
-    streams = [serving.generate(ids, params, "completions", f"{request_id}-{i}", body.priority)
-               for i, ids in enumerate(prompts)]
+    streams = [for_prompt(tracker.generate(ids, params, "completions", f"{request_id}-{i}", body.priority), i,
+                          len(prompts)) for i, ids in enumerate(prompts)]
 
     if not body.stream:
-        results = await until_disconnect(request, gather_or_cancel(collect(s, n) for s in streams))
-        echoes = [EchoPrefix(body, ids, text, serving.tokenizer) for ids in prompts]  # ids checked by the engine
-        usage, choices = UsageCounter(), []
-        for p, (echo, seqs) in enumerate(zip(echoes, results)):
-            for i, c in enumerate(seqs):
-                usage.add(p, c, i)
-                choices.append(CompletionChoice(index=p * n + i, text=echo.text + c.text,
-                                                logprobs=choice_logprobs(body, echo, c, text),
-                                                finish_reason=c.finish_reason))
-        return CompletionResponse(id=request_id, created=created, model=serving.model_name, choices=choices,
-                                  usage=usage.usage())
+        results = await until_disconnect(request, gather_all(collect(s, n) for s in streams))
+        echoes = [EchoPrefix(body, ids, text, served.tokenizer) for ids in prompts]  # ids checked by the engine
+        usage, choices = TokenUsage(), []
+        for p, (echo, completions) in enumerate(zip(echoes, results)):
+            usage.add(completions)
+            choices += [CompletionChoice(index=p * n + c.index, text=echo.text + c.text,
+                                         logprobs=choice_logprobs(body, echo, c, text),
+                                         finish_reason=c.finish_reason) for c in completions]
+        return CompletionResponse(id=request_id, created=created, model=served.name, choices=choices,
+                                  usage=Usage.of(usage))
 
     streams = await prime(streams)
-    echoes = [EchoPrefix(body, ids, text, serving.tokenizer) for ids in prompts]
+    echoes = [EchoPrefix(body, ids, text, served.tokenizer) for ids in prompts]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def chunks() -> AsyncIterator[dict]:
-        usage, started = UsageCounter(), set()
-        base = {"id": request_id, "object": "text_completion", "created": created, "model": serving.model_name}
+        completions = [[CompletionOutput(index=i) for i in range(n)] for _ in prompts]
+        base = {"id": request_id, "object": "text_completion", "created": created, "model": served.name}
+        started: set[int] = set()
         async for p, out in merge(streams):
-            if out.finish_reason == "error":
-                raise APIError(500, out.error or "the engine failed this request", code="engine_error")
-            usage.add(p, out, out.index)
-            echo, index = echoes[p], p * n + out.index
-            c = Choice()
-            c.add(out)
+            index = p * n + out.index
+            completions[p][out.index].add(out)
+            lp = completion_logprobs(text, out.logprobs, out.token_ids) if body.logprobs is not None else None
             prefix = ""
-            lp = completion_logprobs(text, c.logprobs, c.token_ids) if body.logprobs is not None else None
             if index not in started:  # the first chunk of a choice carries the echoed prompt
                 started.add(index)
-                prefix = echo.text
-                echo_lp = echo.logprobs(out.prompt_logprobs)
+                prefix = echoes[p].text
+                echo_lp = echoes[p].logprobs(out.prompt_logprobs)
                 if echo_lp is not None:
                     lp = merge_completion_logprobs(echo_lp, lp)
             choice = {"index": index, "text": prefix + out.text,
@@ -113,6 +123,9 @@ async def create_completion(body: CompletionRequest, serving: ReadyServing, requ
                 chunk["usage"] = None
             yield chunk
         if include_usage:
-            yield {**base, "choices": [], "usage": usage.usage().model_dump()}
+            usage = TokenUsage()
+            for c in completions:
+                usage.add(c)
+            yield {**base, "choices": [], "usage": Usage.of(usage).model_dump()}
 
-    return sse(chunks(), serving.settings.sse_ping_seconds, serving.settings.retry_after)
+    return sse(chunks(), settings.sse_ping_seconds, settings.retry_after)

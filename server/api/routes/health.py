@@ -1,10 +1,10 @@
 """Liveness, readiness and Prometheus metrics. These stay open when an API key is set (probes and scrapers)."""
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.api.deps import LifecycleDep
 from server.api.errors import error_body
-from server.api.serving import ServingDep
 
 router = APIRouter()
 
@@ -16,14 +16,14 @@ async def health() -> dict:
 
 @router.get("/ready", summary="Readiness: model loaded and warm, engine stepping, not draining",
             responses={503: {"description": "not ready (loading, warming up, engine stopped or draining)"}})
-async def ready(serving: ServingDep):
-    reason = serving.not_ready_reason()
+async def ready(lifecycle: LifecycleDep):
+    reason = lifecycle.not_ready_reason()
     if reason:
         return JSONResponse(error_body(503, reason, code="not_ready", type="service_unavailable"), status_code=503,
                             headers={"Retry-After": "5"})
-    return {"status": "ready", "model": serving.model_name}
+    return {"status": "ready", "model": lifecycle.model.name}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(serving: ServingDep) -> Response:
-    return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -9,7 +9,6 @@ the process exits 0. A second signal forces the exit.
 from __future__ import annotations
 
 import argparse
-import logging
 import queue
 import signal
 import sys
@@ -17,46 +16,41 @@ import threading
 
 import uvicorn
 
-log = logging.getLogger("loom.api")
+from server.cli.args import add_model_args, settings_of
 
 
-def add_serve_command(subparsers, add_model_args) -> None:
+def add_serve_command(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler for unseeded requests (LOOM_SEED)")
     g = p.add_argument_group("server")
     g.add_argument("--host", default=None, help="interface to listen on (LOOM_HOST, default 127.0.0.1)")
     g.add_argument("--port", type=int, default=None, help="TCP port (LOOM_PORT, default 8000)")
     g.add_argument("--api-key", default=None, help="require `Authorization: Bearer <key>` on /v1/* (LOOM_API_KEY)")
     g.add_argument("--drain-timeout", type=float, default=None,
                    help="seconds in-flight requests may finish after SIGTERM (LOOM_DRAIN_TIMEOUT, default 30)")
-    g.add_argument("--max-waiting", type=int, default=None,
-                   help="waiting requests beyond which new ones get 429 (LOOM_MAX_WAITING, default 1024)")
     g.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies get 413")
-    g.add_argument("--summarize-chunk-tokens", type=int, default=None,
-                   help="largest piece /v1/summarize sends in one call before map-reducing")
-    g.add_argument("--summarize-max-tokens", type=int, default=None, help="default summary length")
-    g.add_argument("--classify-permutations", type=int, default=None, help="label orders /v1/classify averages")
     g.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
                    help="mark ready without a warm-up request")
+    t = p.add_argument_group("tasks")
+    t.add_argument("--summarize-chunk-tokens", type=int, default=None,
+                   help="largest piece /v1/summarize sends in one call before map-reducing")
+    t.add_argument("--summarize-max-tokens", type=int, default=None, help="default summary length")
+    t.add_argument("--classify-permutations", type=int, default=None, help="label orders /v1/classify averages")
     p.set_defaults(func=cmd_serve)
-
-
-def server_settings_from_args(args: argparse.Namespace):
-    from server.api.settings import ServerSettings
-    return ServerSettings(**{k: v for k, v in vars(args).items() if k in ServerSettings.model_fields and v is not None})
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from sse_starlette.sse import AppStatus
 
-    from server.api.app import create_app
-    from server.cli import settings_from_args
-    from server.engine import AsyncEngine, EngineCore
-    from server.model import load_model
+    from server.api import ServerSettings, create_app
+    from server.engine import AsyncEngine, EngineCore, EngineSettings
+    from server.model import ModelSettings, load_model
+    from server.tasks import TaskSettings
 
-    model_settings, engine_settings = settings_from_args(args)
-    settings = server_settings_from_args(args)
+    model_settings, engine_settings = settings_of(ModelSettings, args), settings_of(EngineSettings, args)
+    settings = settings_of(ServerSettings, args)
     holder: dict = {}
     loaded: queue.Queue = queue.Queue()
 
@@ -71,12 +65,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if "server" in holder:
             holder["server"].should_exit = True
 
-    app = holder["app"] = create_app(None, settings, loader=loader, on_fatal=on_fatal)
+    app = create_app(None, settings, task_settings=settings_of(TaskSettings, args), loader=loader,
+                     on_fatal=on_fatal)
     level = (args.log_level or "warning").lower()
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=level,
                             access_log=level in ("debug", "info"), timeout_graceful_shutdown=10,
                             lifespan="on", server_header=False)
-    server = holder["server"] = DrainingServer(config, app.state.serving, settings.drain_timeout)
+    server = holder["server"] = DrainingServer(config, app.state.lifecycle, settings.drain_timeout)
     # Streams are ended by our drain, not cut by sse-starlette the moment the signal arrives.
     AppStatus.disable_automatic_graceful_drain()
     # uvicorn runs on a second thread, where it installs no signal handlers: the main thread forwards them.
@@ -84,6 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGINT, server.handle_exit)
     print(f"loom: listening on http://{settings.host}:{settings.port} (model {model_settings.model}, loading)",
           file=sys.stderr, flush=True)
+
     # Every torch op runs on this main thread: loading, warm-up and the step loop (GNU OpenMP slows parallel ops
     # down once more threads than cores have used it, see server/engine/async_engine.py). HTTP gets a thread.
     def serve_http() -> None:
@@ -97,8 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     http.start()
     try:
         lm = load_model(model_settings, progress=False)
-        engine = holder["engine"] = AsyncEngine(EngineCore(lm, engine_settings), own_thread=False,
-                                                on_step=app.state.serving.metrics.observe_step)
+        engine = holder["engine"] = AsyncEngine(EngineCore(lm, engine_settings), own_thread=False)
     except Exception as exc:
         loaded.put(exc)
     else:
@@ -114,16 +109,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server with Loom's drain: readiness off at the signal, sockets closed, in-flight work finishes."""
 
-    def __init__(self, config, serving, drain_timeout: float):
+    def __init__(self, config: uvicorn.Config, lifecycle, drain_timeout: float):
         super().__init__(config)
-        self.serving, self.drain_timeout = serving, drain_timeout
+        self.lifecycle, self.drain_timeout = lifecycle, drain_timeout
 
     def handle_exit(self, sig, frame) -> None:
-        self.serving.draining = True  # /ready answers 503 from this moment; new /v1 requests too
+        self.lifecycle.draining = True  # /ready answers 503 from this moment; new /v1 requests too
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets=None) -> None:
         for listener in getattr(self, "servers", []):  # stop accepting new connections at once
             listener.close()
-        await self.serving.drain(self.drain_timeout)
+        await self.lifecycle.drain(self.drain_timeout)
         await super().shutdown(sockets)

@@ -1,7 +1,6 @@
-"""Helpers for the deployment tests (a module of its own: test files import it; conftest.py only holds fixtures)."""
+"""Helpers for the deployment tests: paths, YAML, the metrics Loom exports, the dashboard's queries, tools."""
 from __future__ import annotations
 
-import socket
 import subprocess
 from pathlib import Path
 
@@ -9,12 +8,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_yaml(path: Path):
@@ -34,8 +27,17 @@ def exported_metric_names() -> set[str]:
 
     stats = EngineStats(running=0, waiting=0, kv_usage=0.0, num_blocks=1, free_blocks=1, preemptions=0,
                         prefix_hit_tokens=0, prefix_query_tokens=0, prompt_tokens=0, generation_tokens=0, steps=0)
+    class Engine:  # stands in for AsyncEngine: stats at scrape time, step observers
+        def stats(self) -> EngineStats:
+            return stats
+
+        def add_step_observer(self, observer) -> None:
+            pass
+
+    metrics = Metrics()
+    metrics.watch(Engine())
     names: set[str] = set()
-    for family in Metrics(lambda: stats).registry.collect():
+    for family in metrics.registry.collect():
         if family.type == "counter":
             names.add(family.name + "_total")
         elif family.type == "histogram":

@@ -8,7 +8,7 @@ Every completion streams `max_tokens` tokens: the first after `ttft` seconds, th
 /metrics serves Loom's gauges (`loom_kv_cache_usage_ratio`, `loom_num_requests_running`, ...); /ready and
 /health answer 200.
 
-As a subprocess (timings unaffected by the client's GIL): `python tests/loadtests/fake_openai_server.py --port N
+As a subprocess (timings unaffected by the client's GIL): `python -m tests.support.fake_openai_server --port N
 [--ttft-ms 50 --itl-ms 10]`, reconfigured with `POST /fake/config {"ttft": 0.1, ...}`; or in process:
 `with running(FakeConfig(...)) as base_url: ...`.
 """
@@ -19,13 +19,14 @@ import asyncio
 import contextlib
 import json
 import re
-import socket
 import threading
 import time
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from tests.support.ports import free_port
 
 
 @dataclass
@@ -119,12 +120,6 @@ def make_app(cfg: FakeConfig) -> FastAPI:
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     return app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -7,8 +7,7 @@ import math
 
 import pytest
 
-from server.engine import InvalidRequestError, RequestOutput
-from server.engine.sequence import TokenLogprob
+from server.engine import InvalidRequestError, RequestOutput, TokenLogprob
 from server.tasks import Classifier, ClassifyOptions, Summarizer
 from server.tasks.chunking import split_text
 from server.tasks.classify import label_orders, surface_forms

@@ -1,6 +1,6 @@
 """Accuracy of /v1/classify's scoring on the labelled set (40 clear-cut items, sentiment and topic) with the default
 model: the corrected method must beat naive label likelihood by a wide margin. About a minute on 2 CPU cores, so it
-only runs when asked: LOOM_CLASSIFY_EVAL=1 pytest tests/api/test_classify_eval.py -s"""
+only runs when asked: LOOM_CLASSIFY_EVAL=1 pytest tests/tasks/test_classify_eval.py -s"""
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests.api.eval_classify import evaluate
+from tests.support.eval_classify import evaluate
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not os.environ.get("LOOM_CLASSIFY_EVAL"), reason="set LOOM_CLASSIFY_EVAL=1")]

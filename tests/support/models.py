@@ -1,4 +1,5 @@
-"""Small helpers shared by tests."""
+"""Models for tests: tiny random checkpoint configs, Hugging Face references, greedy runs through Loom's engine, random
+prompts, and bare engine sequences."""
 from __future__ import annotations
 
 import random
@@ -7,7 +8,24 @@ import torch
 
 from server.engine import EngineCore, EngineSettings, SamplingParams
 from server.engine.offline import generate
+from server.engine.sequence import Sequence
 from server.model import ModelSettings, load_model
+
+TINY_CONFIGS = {
+    "llama": dict(cls="LlamaConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False),
+    "llama3-rope": dict(cls="LlamaConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
+                        rope_theta=500000.0, tie_word_embeddings=True,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "qwen2": dict(cls="Qwen2Config", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+    "mistral": dict(cls="MistralConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                    sliding_window=None),
+    "gpt2": dict(cls="GPT2Config", n_embd=64, n_layer=2, n_head=4, n_positions=512),
+}
 
 
 def load_fp32(path) -> object:
@@ -44,3 +62,8 @@ def loom_greedy(lm, prompts: list[list[int]], max_new_tokens: int, ignore_eos: b
 def random_prompts(n: int, lo: int, hi: int, vocab: int = 49152, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def make_seq(tokens: list[int], seq_id: int = 0, **params) -> Sequence:
+    """A bare sequence for scheduler and block-manager tests (max_tokens 16)."""
+    return Sequence(seq_id, f"r{seq_id}", 0, list(tokens), SamplingParams(**params), 16)

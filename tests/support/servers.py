@@ -1,11 +1,9 @@
-"""Helpers for the HTTP-layer tests: engines and apps over the dummy model, readiness waits, servers in a thread
-or in a subprocess."""
+"""Engines and apps over the dummy model, readiness waits, servers in a thread or in a subprocess, SSE reading."""
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,14 +15,9 @@ import uvicorn
 
 from server.api import ServerSettings, create_app
 from server.engine import AsyncEngine, EngineCore, EngineSettings
+from tests.support.ports import free_port  # re-exported: servers and their ports go together
 
 LOOM = str(Path(sys.executable).with_name("loom"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_engine(lm, **overrides) -> AsyncEngine:

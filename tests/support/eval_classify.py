@@ -1,6 +1,6 @@
 """Accuracy of /v1/classify's scoring on the labelled set in data/classify_eval.jsonl, naive vs. corrected.
 
-    python -m tests.api.eval_classify [--model default] [--dtype auto] [--variants naive,default]
+    python -m tests.support.eval_classify [--model default] [--dtype auto] [--variants naive,default]
 
 Runs the classification task on the engine directly (no HTTP): one classify call per task (sentiment, topic) and
 variant, so the content-free calibration inputs are shared by all items of a task, as they are within one request.

@@ -1,0 +1,50 @@
+"""Request tracking: every engine request the API starts goes through `RequestTracker.generate`, which times it for
+the metrics and remembers it while in flight (the graceful drain waits for, then aborts, what is left)."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+
+from server.api.errors import APIError
+from server.api.metrics import Metrics
+from server.engine import AsyncEngine, RequestOutput, SamplingParams
+
+
+class RequestTracker:
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.engine: AsyncEngine | None = None
+        self.accepting = True  # off once the drain timeout has passed
+        self.active: set[str] = set()  # engine request ids in flight
+        self.http_inflight = 0  # /v1 HTTP requests in flight (streams included)
+        self._ids = itertools.count()
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, endpoint: str = "other",
+                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """AsyncEngine.generate, tracked: leaving early (client gone, task cancelled) aborts the request."""
+        if self.engine is None or not self.accepting:
+            raise APIError(503, "the server is shutting down", code="not_ready", headers={"Retry-After": "5"})
+        request_id = request_id or f"{endpoint}-{next(self._ids)}"
+        timer = self.metrics.timer(endpoint)
+        stream = self.engine.generate(prompt_token_ids, params, request_id=request_id, priority=priority)
+        self.active.add(request_id)
+        try:
+            async for out in stream:
+                timer.observe(out)
+                yield out
+            timer.done()
+        except (GeneratorExit, asyncio.CancelledError):  # the caller left: the engine request is aborted below
+            timer.abandoned(params.n)
+            raise
+        finally:
+            self.active.discard(request_id)
+            await stream.aclose()  # aborts in the engine if it had not finished
+
+    def abort_all(self) -> int:
+        """Abort every tracked request (the drain timeout passed); returns how many."""
+        self.accepting = False
+        if self.engine is not None:
+            for request_id in list(self.active):
+                self.engine.abort(request_id)
+        return len(self.active)

@@ -1,0 +1,40 @@
+"""Flags shared by `loom generate` and `loom serve`, and the settings objects built from them. Every flag has a
+`LOOM_*` environment variable; flags win over the environment, which wins over defaults. One settings object per
+layer: ModelSettings (server/model), EngineSettings (server/engine), TaskSettings (server/tasks), ServerSettings
+(server/api)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic_settings import BaseSettings
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="HF directory, .gguf file, 'default', or 'dummy:<preset|config>'")
+    g.add_argument("--served-model-name", default=None)
+    g.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--cache-dir", default=None, type=Path, help="where converted GGUF checkpoints are kept")
+    e = p.add_argument_group("engine")
+    e.add_argument("--block-size", type=int, default=None)
+    e.add_argument("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU")
+    e.add_argument("--gpu-memory-utilization", type=float, default=None)
+    e.add_argument("--num-kv-blocks", type=int, default=None)
+    e.add_argument("--max-num-seqs", type=int, default=None)
+    e.add_argument("--max-num-batched-tokens", type=int, default=None)
+    e.add_argument("--max-model-len", type=int, default=None)
+    e.add_argument("--max-waiting", type=int, default=None,
+                   help="waiting sequences beyond which new requests get 429 (LOOM_MAX_WAITING, default 1024)")
+    e.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
+    e.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None)
+    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+
+
+def settings_of(cls: type[S], args: argparse.Namespace) -> S:
+    """`cls` from the environment, with the flags given on the command line on top."""
+    return cls(**{k: v for k, v in vars(args).items() if k in cls.model_fields and v is not None})
