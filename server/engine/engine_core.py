@@ -5,12 +5,14 @@ from __future__ import annotations
 import itertools
 import logging
 
+import torch
+
 from server.engine.block_manager import BlockManager
 from server.engine.errors import InternalEngineError, InvalidRequestError
 from server.engine.limits import RequestLimits, context_window
 from server.engine.model_runner import ModelRunner, StepLogits
 from server.engine.output_processor import OutputProcessor
-from server.engine.outputs import EngineStats, RequestOutput, StepOutput
+from server.engine.outputs import EngineStats, RequestOutput, StepOutput, TokenLogprob
 from server.engine.sampler import Sampler
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerOutput
@@ -78,8 +80,8 @@ class EngineCore:
         self.steps += 1
         self.last_step_seqs, self.last_step_tokens = len(sched.prefills) + len(sched.decodes), sched.num_tokens
         try:
-            return StepOutput(self._process(sched, self.runner.run(sched)))
-        except Exception as exc:  # a failing step fails its requests, not the engine
+            return self._process(sched, self.runner.run(sched))
+        except Exception as exc:  # a failing forward pass fails its requests, not the engine
             log.exception("engine step failed; failing its requests")
             error = InternalEngineError(f"internal error: {type(exc).__name__}: {exc}")
             request_ids = {s.seq.request_id for s in sched.prefills + sched.decodes}
@@ -87,7 +89,7 @@ class EngineCore:
                 self.abort(request_id)
             return StepOutput(failed=dict.fromkeys(request_ids, error))
 
-    def _process(self, sched: SchedulerOutput, step: StepLogits) -> list[RequestOutput]:
+    def _process(self, sched: SchedulerOutput, step: StepLogits) -> StepOutput:
         seqs = [item.seq for item in sched.prefills + sched.decodes]
         for item in sched.prefills + sched.decodes:
             seq = item.seq
@@ -103,9 +105,10 @@ class EngineCore:
             self.scheduler.finish(seq, "length")
         to_sample = [s for s in ready if s.max_tokens > 0]
         outputs: list[RequestOutput] = []
+        failed: dict[str, InternalEngineError] = {}
         if to_sample:
-            result = self.sampler(step.logits[[step.sample_rows[s.seq_id] for s in to_sample]], to_sample)
-            for seq, token, logprob in zip(to_sample, result.token_ids, result.logprobs):
+            sampled = self._sample(step.logits[[step.sample_rows[s.seq_id] for s in to_sample]], to_sample, failed)
+            for seq, token, logprob in sampled:
                 if seq.num_output_tokens == 0:
                     self.prompt_tokens += seq.num_prompt_tokens
                 self.generation_tokens += 1
@@ -122,7 +125,28 @@ class EngineCore:
             outputs.append(self.processor.output(seq))
             if all(s.is_finished for s in self.requests.get(seq.request_id, [])):
                 self.requests.pop(seq.request_id, None)
-        return outputs
+        for request_id in failed:
+            self.abort(request_id)
+        return StepOutput([o for o in outputs if o.request_id not in failed], failed)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence],
+                failed: dict[str, InternalEngineError]) -> list[tuple[Sequence, int, TokenLogprob | None]]:
+        """Sample the batch at once; if that fails, sample each sequence alone, so that only the sequences that
+        cannot be sampled fail (their requests go into `failed`) and the rest of the batch carries on."""
+        try:
+            result = self.sampler(logits, seqs)
+            return list(zip(seqs, result.token_ids, result.logprobs))
+        except Exception:  # noqa: BLE001 - isolated below, row by row
+            log.warning("batched sampling failed; sampling sequences one by one", exc_info=True)
+        sampled = []
+        for row, seq in enumerate(seqs):
+            try:
+                result = self.sampler(logits[row:row + 1], [seq])
+                sampled.append((seq, result.token_ids[0], result.logprobs[0]))
+            except Exception as exc:  # noqa: BLE001 - this sequence's own parameters broke sampling
+                log.exception("sampling failed for one request", extra={"request_id": seq.request_id})
+                failed[seq.request_id] = InternalEngineError(f"sampling failed: {type(exc).__name__}: {exc}")
+        return [item for item in sampled if item[0].request_id not in failed]
 
     def _token_finish(self, seq: Sequence, token: int) -> str | None:
         """Does the token just appended end the sequence on its own (EOS, a stop token, no room left)?"""

@@ -29,6 +29,7 @@ class SamplingParams:
 
     MAX_LOGPROBS = 20
     MAX_N = 16
+    MAX_TOP_K = 2 ** 31 - 1  # beyond any vocabulary; larger values overflow the sampler's int tensors
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -52,7 +53,8 @@ class SamplingParams:
               f"max_tokens must be at least 0, got {self.max_tokens}")
         check(0.0 <= self.temperature <= 2.0, "temperature", f"temperature must be in [0, 2], got {self.temperature}")
         check(0.0 < self.top_p <= 1.0, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
-        check(self.top_k >= 0 or self.top_k == -1, "top_k", f"top_k must be 0 or -1 (off) or positive, got {self.top_k}")
+        check(-1 <= self.top_k <= self.MAX_TOP_K, "top_k",
+              f"top_k must be 0 or -1 (off) or between 1 and {self.MAX_TOP_K}, got {self.top_k}")
         check(0.0 <= self.min_p <= 1.0, "min_p", f"min_p must be in [0, 1], got {self.min_p}")
         check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty",
               f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")

@@ -55,6 +55,8 @@ def test_schema_violations_are_400_not_422(client, path, body, param):
 
 @pytest.mark.parametrize("body, param", [
     ({"prompt": "x", "temperature": 3}, "temperature"),
+    ({"prompt": "Hi", "max_tokens": 4, "temperature": 1, "top_k": 10 ** 20}, "top_k"),
+    ({"prompt": "x", "top_k": -2}, "top_k"),
     ({"prompt": "x", "top_p": 0}, "top_p"),
     ({"prompt": "x", "n": 2, "temperature": 0}, "n"),
     ({"prompt": "x", "n": 99}, "n"),

@@ -102,6 +102,33 @@ def test_failing_step_fails_its_requests_and_engine_survives(engine, monkeypatch
     assert engine.healthy and all_blocks_free(engine)
 
 
+def test_a_request_that_breaks_sampling_fails_alone(engine, monkeypatch):
+    """Sampling parameters that break the batched sampler fail their own request only: the batch is sampled again
+    row by row, and the other streams in the same steps finish normally."""
+    sampler = engine.core.sampler
+    real_call = type(sampler).__call__
+
+    def fragile(self, logits, seqs):
+        if any(s.params.top_k == 12345 for s in seqs):
+            raise OverflowError("Overflow when unpacking long long")
+        return real_call(self, logits, seqs)
+
+    monkeypatch.setattr(type(sampler), "__call__", fragile)
+    good = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+    async def main():
+        streams = [engine.generate([3 + i, 4, 5], good) for i in range(3)]
+        firsts = [await s.__anext__() for s in streams]  # all three are running
+        with pytest.raises(InternalEngineError, match="sampling failed: OverflowError"):
+            await collect(engine, [9, 9], SamplingParams(max_tokens=4, temperature=1.0, top_k=12345))
+        for first, stream in zip(firsts, streams):
+            rest = [out async for out in stream]
+            assert rest[-1].finish_reason == "length"
+            assert len(first.token_ids) + sum(len(o.token_ids) for o in rest) == 24
+    asyncio.run(main())
+    assert engine.healthy and all_blocks_free(engine)
+
+
 def test_fatal_error_marks_unhealthy_and_fails_callers(engine, monkeypatch):
     def fatal():
         raise SystemError("engine thread lost")
