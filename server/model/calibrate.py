@@ -63,6 +63,15 @@ def cpu_info() -> CpuInfo:
                    os.environ.get("LOOM_CPU_ISA", "").lower())
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise); a no-op elsewhere."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def group_linears(model: nn.Module) -> dict[str, list[QuantLinear]]:
     """Linears of one role and shape share a plan (e.g. the 30 `gate_up_proj`s)."""
     groups: dict[str, list[QuantLinear]] = defaultdict(list)
@@ -133,17 +142,19 @@ def plan_kernels(model: nn.Module, dtype: torch.dtype, cache_dir: Path, calibrat
     started = time.perf_counter()
     plans, choices, timings = {}, {}, {}
     for key, mods in groups.items():
-        candidates = backends_for(mods[0].source, info.native_bf16, info.fast_int8)
         if cached and key in cached["plans"]:
             choice = {int(m): b for m, b in cached["plans"][key].items()}
-        elif calibrate:
-            timings[key] = measure_group(mods, candidates, dtype)
-            choice = {m: min(t, key=t.get) for m, t in timings[key].items()}
         else:
-            choice = heuristic_plan(candidates)
+            candidates = backends_for(mods[0].source, info.native_bf16, info.fast_int8)
+            if calibrate:
+                timings[key] = measure_group(mods, candidates, dtype)
+                choice = {m: min(t, key=t.get) for m, t in timings[key].items()}
+            else:
+                choice = heuristic_plan(candidates)
         choices[key], plans[key] = choice, compact(choice)
         for mod in mods:
             mod.keep_only(plans[key])
+    release_freed_memory()  # calibration's transient dense copies would otherwise stay in the resident set
     if calibrate and not cached:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -69,11 +69,15 @@ class QuantLinear(nn.Module):
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
             out = torch.ops.mkldnn._linear_pointwise(flat, w, None, "none", [], "")
             out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        elif x.dtype == w.dtype:
+            out = F.linear(x, w)
         else:
             out = F.linear(x.to(w.dtype), w).to(x.dtype)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def pick(self, m: int) -> str:
+        if m <= self.plan[0][0]:  # the common decode case: one comparison
+            return self.plan[0][1]
         for limit, backend in self.plan:
             if m <= limit:
                 return backend
