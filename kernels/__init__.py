@@ -7,6 +7,7 @@ from kernels.activation.reference import silu_and_mul_ref
 from kernels.attention.cpu_decode import cpu_decode_available, paged_attention_decode_cpu
 from kernels.attention.reference import paged_attention_decode_ref, paged_attention_prefill_ref
 from kernels.backend import use_triton
+from kernels.fused_cpu.cpu_ops import fused_cpu_available, rms_norm_cpu, rotary_cpu
 from kernels.kv_write.reference import write_kv_ref
 from kernels.rms_norm.reference import rms_norm_ref
 from kernels.rotary.reference import rotary_ref
@@ -49,6 +50,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if use_triton(x):
         from kernels.rms_norm.triton_kernel import rms_norm_triton
         return rms_norm_triton(x, weight, eps, residual)
+    if fused_cpu_available(x):
+        return rms_norm_cpu(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
 
 
@@ -57,6 +60,8 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_ca
     if use_triton(q):
         from kernels.rotary.triton_kernel import rotary_triton
         return rotary_triton(q, k, positions, cos_sin_cache)
+    if fused_cpu_available(q):
+        return rotary_cpu(q, k, positions, cos_sin_cache)
     return rotary_ref(q, k, positions, cos_sin_cache)
 
 

@@ -98,9 +98,9 @@ class LlamaForCausalLM(nn.Module):
         """Tie the head and compute the rotary table (float32) on the weights' device; the loader calls this again
         after `to_empty`, which unties parameters and leaves buffers uninitialised."""
         c = self.config
-        if c.tie_word_embeddings:
+        if c.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # quantized heads carry their own codes
             self.lm_head.weight = self.model.embed_tokens.weight
-        device = self.lm_head.weight.device
+        device = self.model.norm.weight.device
         if device.type != "meta":  # built on meta first; the loader calls this again once weights have a device
             self.cos_sin = cos_sin_cache(c.head_dim, c.max_position_embeddings, c.rope_theta,
                                          c.rope_scaling).to(device)

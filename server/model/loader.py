@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from server.model.calibrate import cpu_info, plan_kernels
 from server.model.config import ModelConfig, UnsupportedModelError
 from server.model.gguf import converted_dir
 from server.model.gpt2 import GPT2LMHeadModel
 from server.model.linear import prepack_linears
 from server.model.llama import LlamaForCausalLM
+from server.model.quant_load import build_quantized, quantized_tensors, resolve_mode
 from server.model.settings import ModelSettings
 from server.model.tokenizer import Tokenizer
 
@@ -67,6 +69,7 @@ class LoadedModel:
     name: str
     dtype: torch.dtype
     device: torch.device
+    quantization: str = "none"  # 'gguf' (the file's own blocks), 'q4', 'q8' or 'none'
 
 
 def default_gguf() -> Path:
@@ -79,9 +82,15 @@ def default_gguf() -> Path:
     return path
 
 
+def source_path(spec: str) -> Path:
+    """The file or directory `--model` names."""
+    return default_gguf() if spec == "default" else Path(spec).expanduser()
+
+
 def resolve_checkpoint(spec: str, cache_dir: Path) -> Path:
-    """The Hugging Face directory behind `spec` (converting a GGUF on first use)."""
-    path = default_gguf() if spec == "default" else Path(spec).expanduser()
+    """The Hugging Face directory behind `spec` (converting a GGUF on first use: the quantized path still takes its
+    tokenizer and config from there)."""
+    path = source_path(spec)
     if not path.exists():
         raise ModelNotFoundError(f"model path {str(path)!r} does not exist (expected a Hugging Face directory, "
                                  f"a .gguf file, 'default' or 'dummy:<preset>')")
@@ -102,8 +111,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # bf16 matmuls run ~1.8x faster than fp32 on CPUs with AVX512-BF16/AMX; without them bf16 is emulated and slow.
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    # bf16 runs in hardware only with AVX512-BF16/AMX. oneDNN also reports bf16 on plain AVX-512 (emulated: 2x slower
+    # than fp32 at 16 sequences on Zen 3, issue 11), so ask the CPU flags. The quantized kernels want the same.
+    return torch.bfloat16 if cpu_info().native_bf16 else torch.float32
 
 
 def pick_device(name: str) -> torch.device:
@@ -139,6 +149,7 @@ def load_model(settings: ModelSettings, progress: bool = True) -> LoadedModel:
     started = time.perf_counter()
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
+    quantization = "none"
     if settings.model.startswith("dummy:"):
         target = settings.model.removeprefix("dummy:")
         if target in DUMMY_PRESETS:
@@ -161,15 +172,25 @@ def load_model(settings: ModelSettings, progress: bool = True) -> LoadedModel:
     else:
         directory = resolve_checkpoint(settings.model, settings.cache_dir)
         cfg = ModelConfig.from_path(directory / "config.json")
-        model = build_model(cfg, dtype, device)
-        filled = model.load_weights(iter_safetensors(directory, progress))
-        missing = model.expected_weights() - filled
-        if missing:
-            raise UnsupportedModelError(f"checkpoint {directory} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        source = source_path(settings.model)
+        quantization = resolve_mode(settings.quantization, settings.dtype, source.is_file(), device, cfg.family)
+        if quantization != "none":
+            tensors = quantized_tensors(source if source.is_file() else directory, quantization, cfg,
+                                        settings.cache_dir, iter_safetensors(directory, progress))
+            model = build_quantized(FAMILIES[cfg.family], cfg, dtype, tensors)
+            del tensors
+            plan_kernels(model, dtype, settings.cache_dir, settings.kernel_calibration)
+        else:
+            model = build_model(cfg, dtype, device)
+            filled = model.load_weights(iter_safetensors(directory, progress))
+            missing = model.expected_weights() - filled
+            if missing:
+                raise UnsupportedModelError(f"checkpoint {directory} lacks {len(missing)} tensors, "
+                                            f"e.g. {sorted(missing)[:3]}")
         tokenizer = Tokenizer.from_pretrained(str(directory), cfg.eos_token_ids)
         name = "default" if settings.model == "default" else Path(settings.model).name
     prepack_linears(model)  # after the weights are in: packing copies them into oneDNN's layout
     log.info("model loaded", extra={"model": settings.model, "dtype": str(dtype), "device": str(device),
-                                    "seconds": round(time.perf_counter() - started, 2)})
+                                    "quantization": quantization, "seconds": round(time.perf_counter() - started, 2)})
     return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, name=settings.served_model_name or name,
-                       dtype=dtype, device=device)
+                       dtype=dtype, device=device, quantization=quantization)

@@ -11,6 +11,11 @@ class ModelSettings(BaseSettings):
     model: str = Field("default", description="HF directory, GGUF file, 'default', or 'dummy:<preset|config.json>'")
     served_model_name: str | None = Field(None, description="name clients use; defaults to the model's own")
     dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
+    quantization: str = Field("auto", pattern="^(auto|gguf|q4|q8|none)$",
+                              description="CPU weights: 'auto' runs a GGUF's own blocks (unless dtype is float32) and "
+                                          "leaves safetensors as they are; 'q4'/'q8' quantize at load; 'none'")
+    kernel_calibration: bool = Field(True, description="measure the fastest kernel per linear and batch size at load "
+                                                        "(cached per CPU); off: a fixed heuristic")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'")
     cache_dir: Path = Field(Path("~/.cache/loom").expanduser(), description="where converted GGUF checkpoints live")
     dummy_seed: int = Field(0, description="seed of the random weights of `dummy:` models")

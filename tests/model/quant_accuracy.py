@@ -1,0 +1,78 @@
+"""Accuracy of the quantized CPU path against the de-quantized float32 model of the same weights: teacher-forced
+top-1 agreement on greedy continuations, and perplexity of a fixed English text, both through the engine's prompt
+logprobs (`max_tokens=0`, as a user measures it). `python -m tests.model.quant_accuracy` runs the full-size check
+(32 prompts x 64 tokens); tests/model/test_quant.py runs a smaller one."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+from server.engine import EngineCore, EngineSettings, SamplingParams
+from server.engine.offline import generate
+
+TEXT = Path(__file__).parent / "data" / "english.txt"
+TOPICS = ["the capital of France", "hash tables", "better sleep", "autumn leaves", "the water cycle", "black holes",
+          "how bread rises", "the French revolution", "photosynthesis", "learning a new language", "chess openings",
+          "the history of the loom", "sorting algorithms", "volcanoes", "healthy breakfasts", "the moon landing",
+          "why the sky is blue", "saving money", "the Roman empire", "how vaccines work", "writing a cover letter",
+          "jazz music", "the rules of football", "climate change", "the printing press", "honey bees",
+          "electric cars", "the human heart", "ocean tides", "public speaking", "the internet", "mountain hiking"]
+
+
+def chat_prompts(lm, n: int) -> list[list[int]]:
+    tok = lm.tokenizer
+    return [tok.encode_chat([{"role": "user", "content": f"Tell me about {t}."}]) for t in TOPICS[:n]]
+
+
+def engine(lm) -> EngineCore:
+    return EngineCore(lm, EngineSettings(kv_cache_memory=0.25))
+
+
+def greedy(lm, prompts: list[list[int]], n_tokens: int) -> list[list[int]]:
+    params = SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True)
+    return [r[0].token_ids for r in generate(engine(lm), prompts, params)]
+
+
+def prompt_top1(lm, sequences: list[list[int]]) -> list[list[tuple[int, float]]]:
+    """Per sequence, for every token after the first: (the model's top-1 token, the logprob of the actual token)."""
+    params = SamplingParams(max_tokens=0, prompt_logprobs=1)
+    out = generate(engine(lm), sequences, params)
+    return [[(lp.top[0][0], lp.logprob) for lp in r[0].prompt_logprobs[1:]] for r in out]
+
+
+def agreement(ref_lm, lm, prompts: list[list[int]], n_tokens: int) -> float:
+    """Fraction of the reference's greedy tokens that `lm` also ranks first, fed the same prefix."""
+    conts = greedy(ref_lm, prompts, n_tokens)
+    tops = prompt_top1(lm, [p + c for p, c in zip(prompts, conts)])
+    hits = total = 0
+    for p, c, top in zip(prompts, conts, tops):
+        predicted = [t for t, _ in top[len(p) - 1:]]  # the prediction of token i comes from position i - 1
+        hits += sum(a == b for a, b in zip(predicted, c))
+        total += len(c)
+    return hits / total
+
+
+def perplexity(lm, ids: list[int]) -> float:
+    (row,) = prompt_top1(lm, [ids])
+    return math.exp(-sum(lp for _, lp in row) / len(row))
+
+
+def main(argv: list[str]) -> None:
+    from server.model import ModelSettings, load_model
+    ref = load_model(ModelSettings(model="default", dtype="float32", quantization="none"), progress=False)
+    ids = ref.tokenizer.encode(TEXT.read_text())
+    ppl_ref = perplexity(ref, ids)
+    print(f"text: {len(ids)} tokens; float32 de-quantized perplexity {ppl_ref:.4f}")
+    for dtype in argv or ["auto", "float32"]:
+        lm = load_model(ModelSettings(model="default", dtype=dtype, quantization="gguf"), progress=False)
+        started = time.perf_counter()
+        agree = agreement(ref, lm, chat_prompts(ref, 32), 64)
+        ppl = perplexity(lm, ids)
+        print(f"quantized ({lm.quantization}, activations {lm.dtype}): top-1 agreement {agree:.4f} over 32 x 64; "
+              f"perplexity {ppl:.4f} ({100 * (ppl / ppl_ref - 1):+.2f}%) [{time.perf_counter() - started:.0f} s]")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

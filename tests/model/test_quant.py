@@ -1,0 +1,131 @@
+"""The quantized CPU path: GGUF blocks decode to exactly transformers' de-quantized weights, every linear backend
+matches the de-quantize + float32 reference, safetensors quantize at load, and the quantized default model stays
+close to the de-quantized float32 model (top-1 agreement, perplexity through the engine's prompt logprobs). The
+full-size accuracy check (32 prompts x 64 tokens) is `python -m tests.model.quant_accuracy`."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.quant import quantize_q4
+from server.model import ModelSettings, load_model
+from server.model.calibrate import BUCKETS, group_linears, plan_kernels
+from server.model.gguf_tensors import QTensor
+from server.model.loader import default_gguf
+from server.model.quant import BACKENDS, QuantEmbedding, QuantLinear
+from server.model.quant_load import quantized_tensors, resolve_mode
+from tests.model.quant_accuracy import TEXT, agreement, chat_prompts, perplexity
+
+
+def q4_source(n: int, k: int, seed: int = 0) -> QTensor:
+    torch.manual_seed(seed)
+    codes, scale, zero = quantize_q4(torch.randn(n, k) * 0.05, 32)
+    return QTensor("q4", "test", codes=codes, scale=scale, zero=zero)
+
+
+def test_gguf_blocks_decode_to_transformers_weights(default_checkpoint, default_model_fp32):
+    from safetensors import safe_open
+    tensors = quantized_tensors(default_gguf(), "gguf", default_model_fp32.config, ModelSettings().cache_dir)
+    (path,) = default_checkpoint.glob("*.safetensors")
+    with safe_open(str(path), framework="pt") as h:
+        for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                     "model.layers.7.self_attn.k_proj.weight", "model.layers.29.mlp.down_proj.weight"):
+            assert tensors[name].kind in ("q4", "q8")
+            # exact: the same f16 scales times the same codes (q/k rows un-permuted like transformers does)
+            assert torch.equal(tensors[name].dequantize(), h.get_tensor(name).float()), name
+
+
+@pytest.mark.parametrize("n,k", [(96, 64), (40, 96)])
+def test_quant_linear_backends_match_reference(n, k):
+    src = q4_source(n, k)
+    ref_w = src.dequantize()
+    lin = QuantLinear(src, bias=torch.randn(n))
+    for m in (1, 5, 40):
+        x = torch.randn(m, k)
+        ref = F.linear(x, ref_w, lin.bias)
+        for backend in BACKENDS:
+            if backend == "bf16_packed" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                continue
+            lin.build(backend)
+            got = lin.run(x, backend)
+            # f32 exact up to summation order; bf16 activations/weights: ~2^-8 relative of sqrt(K) * |x| * |w|
+            tol = 1e-5 if backend == "f32" else 0.02 * k ** 0.5 * ref_w.abs().max().item()
+            torch.testing.assert_close(got, ref, atol=tol, rtol=0.02, msg=backend)
+
+
+def test_quant_linear_follows_its_plan_and_drops_unused_forms():
+    lin = QuantLinear(q4_source(48, 64))
+    lin.keep_only([(8, "q4"), (512, "f32")])
+    assert set(lin.forms) == {"q4", "f32"} and lin.source is None
+    assert [lin.pick(m) for m in (1, 8, 9, 512, 4096)] == ["q4", "q4", "f32", "f32", "f32"]
+
+
+def test_quant_embedding_gathers_dequantized_rows():
+    src = q4_source(100, 64)
+    emb = QuantEmbedding(src, torch.float32)
+    ids = torch.tensor([3, 99, 0, 3])
+    assert torch.equal(emb(ids), src.dequantize()[ids])
+
+
+def test_mode_resolution():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_mode("auto", "auto", True, cpu, "llama") == "gguf"
+    assert resolve_mode("auto", "float32", True, cpu, "llama") == "none"  # float32 stays HF-identical
+    assert resolve_mode("auto", "auto", False, cpu, "llama") == "none"  # safetensors as they are
+    assert resolve_mode("q4", "float32", False, cpu, "llama") == "q4"
+    assert resolve_mode("auto", "auto", True, cuda, "llama") == "none"
+    assert resolve_mode("q4", "auto", False, cpu, "gpt2") == "none"
+    with pytest.raises(ValueError):
+        resolve_mode("gguf", "auto", False, cpu, "llama")
+
+
+def test_safetensors_quantized_at_load_and_cached(tiny_checkpoints, tmp_path):
+    path = tiny_checkpoints["llama"]
+    ref = load_model(ModelSettings(model=str(path), dtype="float32", cache_dir=tmp_path), progress=False)
+    q = load_model(ModelSettings(model=str(path), dtype="float32", quantization="q4", cache_dir=tmp_path,
+                                 kernel_calibration=False), progress=False)
+    assert q.quantization == "q4" and isinstance(q.model.model.layers[0].mlp.down_proj, QuantLinear)
+    assert list((tmp_path / "quantized").glob("*-q4-*.safetensors"))
+    again = load_model(ModelSettings(model=str(path), dtype="float32", quantization="q4", cache_dir=tmp_path),
+                       progress=False)  # from the cache; calibrates and caches the plan
+    assert list((tmp_path / "kernels").glob("*.json"))
+    assert plan_kernels(again.model, torch.float32, tmp_path) == {  # second time: read back from the cache
+        g: m.plan for g, (m, *_) in group_linears(again.model).items()}
+    from server.model.batch import FlatBatch, KVCache
+    cfg = ref.config
+    ids = list(range(5, 40))
+    logits = []
+    for lm in (ref, q, again):
+        cache = KVCache.allocate(cfg.num_layers, 4, 16, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+        batch = FlatBatch.build([(ids, 0, list(range(4)))], [], 16, logits_rows=list(range(len(ids))))
+        with torch.no_grad():
+            logits.append(lm.model.compute_logits(lm.model(batch, cache)))
+    # 4-bit weights of a random tiny model: logits move by a few percent of their spread, not more
+    spread = logits[0].std().item()
+    assert (logits[1] - logits[0]).abs().mean().item() < 0.15 * spread
+    torch.testing.assert_close(logits[2], logits[1], atol=0.05 * spread, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def default_quantized():
+    """The default model on its own GGUF blocks, with every linear forced onto its quantized form at every M (the
+    prefill-sized batches of these checks would otherwise take the dense backends)."""
+    lm = load_model(ModelSettings(model="default", dtype="bfloat16", quantization="gguf", kernel_calibration=False),
+                    progress=False)
+    for mod in lm.model.modules():
+        if isinstance(mod, QuantLinear):
+            own = next(b for b in ("q4", "q8") if b in mod.forms) if {"q4", "q8"} & set(mod.forms) else None
+            if own:
+                mod.plan = [(BUCKETS[-1], own)]
+    return lm
+
+
+def test_default_quantized_top1_agreement(default_model_fp32, default_quantized):
+    # bf16 activations alone (the dense bf16 model) give ~0.976 on the full 32 x 64 check
+    agree = agreement(default_model_fp32, default_quantized, chat_prompts(default_model_fp32, 6), 24)
+    assert agree >= 0.93, f"top-1 agreement {agree:.3f}"
+
+
+def test_default_quantized_perplexity_within_one_percent(default_model_fp32, default_quantized):
+    ids = default_model_fp32.tokenizer.encode(TEXT.read_text())[:768]
+    ref, got = perplexity(default_model_fp32, ids), perplexity(default_quantized, ids)
+    assert abs(got / ref - 1) < 0.01, f"perplexity {got:.3f} vs float32 {ref:.3f}"
