@@ -33,7 +33,7 @@ def create_app(engine: AsyncEngine | None, settings: ServerSettings | None = Non
     `shutdown_engine`: stop the engine when the app shuts down (tests sharing an engine pass False)."""
     settings = settings or ServerSettings()
     metrics = Metrics()
-    tracker = RequestTracker(metrics)
+    tracker = RequestTracker(metrics, settings.request_timeout)
     lifecycle = Lifecycle(settings, task_settings or TaskSettings(), tracker, metrics)
     if engine is not None:
         lifecycle.attach(engine, model_name or "default", tokenizer or engine.tokenizer)

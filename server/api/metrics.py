@@ -131,9 +131,10 @@ class RequestTimer:
     def done(self) -> None:
         self.m.e2e.observe(time.perf_counter() - self.start)
 
-    def abandoned(self, n: int) -> None:
-        """The caller stopped listening (client gone, shutdown): its unfinished sequences count as aborted."""
+    def abandoned(self, n: int, reason: str = "abort") -> None:
+        """The request ended early: the caller stopped listening (client gone, shutdown: "abort") or its deadline
+        passed ("timeout"). Its unfinished sequences count with that finish reason."""
         for index in range(n):
             if index not in self.finished:
                 self.finished.add(index)
-                self.m.requests.labels(self.endpoint, "abort").inc()
+                self.m.requests.labels(self.endpoint, reason).inc()

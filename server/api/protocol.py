@@ -37,6 +37,10 @@ def _check_unicode(value: Any) -> None:
                 _check_unicode(v)
 
 
+TIMEOUT_DESCRIPTION = ("seconds this request may take, queue time included (default: the server's --request-timeout); "
+                       "past it the request is aborted: 504 `request_timeout`, or an SSE error event then [DONE]")
+
+
 class Body(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
@@ -77,6 +81,7 @@ class SamplingFields(Body):
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
     user: str | None = Field(None, description="accepted and ignored")
     priority: int = Field(0, description="lower runs first when the server is busy")
+    timeout: float | None = Field(None, gt=0, description=TIMEOUT_DESCRIPTION)
 
 
 class Usage(Body):
@@ -226,6 +231,7 @@ class SummarizeRequest(Body):
     style: Literal["paragraph", "bullets"] = "paragraph"
     stream: bool = False
     chunk_tokens: int | None = Field(None, ge=64, description="largest piece summarized in one call (map-reduce)")
+    timeout: float | None = Field(None, gt=0, description=TIMEOUT_DESCRIPTION)
 
 
 class SummarizeResponse(Body):
@@ -252,6 +258,7 @@ class ClassifyRequest(Body):
     examples: list[ClassifyExample] | None = Field(None, max_length=32, description="few-shot examples")
     calibrate: bool = Field(True, description="divide out the model's bias toward labels on a content-free input")
     permutations: int | None = Field(None, ge=1, le=8, description="label orders averaged (default: server setting)")
+    timeout: float | None = Field(None, gt=0, description=TIMEOUT_DESCRIPTION)
 
 
 class ClassifyResult(Body):

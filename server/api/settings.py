@@ -13,6 +13,8 @@ class ServerSettings(BaseSettings):
     api_key: str | None = Field(None, description="when set, /v1/* needs `Authorization: Bearer <key>`")
     drain_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests may finish after SIGTERM")
     max_body_bytes: int = Field(8 * 2 ** 20, ge=1024, description="request bodies over this answer 413")
+    request_timeout: float | None = Field(None, gt=0, description="default timeout of every generating or scoring "
+                                                                  "request, in seconds (off unless set)")
     retry_after: int = Field(1, ge=0, description="Retry-After seconds sent with 429 (queue full)")
     ready_stall_seconds: float = Field(120.0, gt=0, description="/ready fails when the engine loop stalls this long")
     warmup: bool = Field(True, description="run a short request through the engine before /ready turns 200")

@@ -4,30 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator
 
 from server.api.errors import APIError
 from server.api.metrics import Metrics
-from server.engine import AsyncEngine, RequestOutput, SamplingParams
+from server.engine import AsyncEngine, RequestOutput, RequestTimeoutError, SamplingParams
 
 
 class RequestTracker:
-    def __init__(self, metrics: Metrics):
-        self.metrics = metrics
+    def __init__(self, metrics: Metrics, default_timeout: float | None = None):
+        self.metrics, self.default_timeout = metrics, default_timeout
         self.engine: AsyncEngine | None = None
         self.accepting = True  # off once the drain timeout has passed
         self.active: set[str] = set()  # engine request ids in flight
         self.http_inflight = 0  # /v1 HTTP requests in flight (streams included)
         self._ids = itertools.count()
 
+    def deadline(self, timeout: float | None) -> float | None:
+        """The `time.monotonic()` deadline of a request that arrives now with this `timeout` (or the default)."""
+        timeout = timeout or self.default_timeout
+        return None if timeout is None else time.monotonic() + timeout
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, endpoint: str = "other",
-                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, priority: int = 0,
+                       deadline: float | None = None) -> AsyncIterator[RequestOutput]:
         """AsyncEngine.generate, tracked: leaving early (client gone, task cancelled) aborts the request."""
         if self.engine is None or not self.accepting:
             raise APIError(503, "the server is shutting down", code="not_ready", headers={"Retry-After": "5"})
         request_id = request_id or f"{endpoint}-{next(self._ids)}"
         timer = self.metrics.timer(endpoint)
-        stream = self.engine.generate(prompt_token_ids, params, request_id=request_id, priority=priority)
+        stream = self.engine.generate(prompt_token_ids, params, request_id=request_id, priority=priority,
+                                      deadline=deadline)
         self.active.add(request_id)
         try:
             async for out in stream:
@@ -36,6 +44,9 @@ class RequestTracker:
             timer.done()
         except (GeneratorExit, asyncio.CancelledError):  # the caller left: the engine request is aborted below
             timer.abandoned(params.n)
+            raise
+        except RequestTimeoutError:
+            timer.abandoned(params.n, "timeout")
             raise
         finally:
             self.active.discard(request_id)

@@ -31,6 +31,9 @@ def add_serve_command(subparsers) -> None:
     g.add_argument("--drain-timeout", type=float, default=None,
                    help="seconds in-flight requests may finish after SIGTERM (LOOM_DRAIN_TIMEOUT, default 30)")
     g.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies get 413")
+    g.add_argument("--request-timeout", type=float, default=None,
+                   help="default timeout (s) of every generating or scoring request, queue time included; a request's "
+                        "own `timeout` field overrides it (LOOM_REQUEST_TIMEOUT, default off)")
     g.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
                    help="mark ready without a warm-up request")
     t = p.add_argument_group("tasks")

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from server.engine.engine_core import EngineCore
-from server.engine.errors import EngineDeadError, EngineError, QueueFullError
+from server.engine.errors import EngineDeadError, EngineError, QueueFullError, RequestTimeoutError
 from server.engine.outputs import EngineStats, RequestOutput, StepStats
 from server.engine.sampling_params import SamplingParams
 
@@ -36,6 +36,7 @@ class _Submit:
     params: SamplingParams
     max_tokens: int  # resolved by the limits check on the caller's side
     priority: int
+    deadline: float | None  # time.monotonic() by which the request must be done, else it is aborted
     sink: Sink
 
 
@@ -55,6 +56,7 @@ class AsyncEngine:
         self._inbox_seqs = self._core_waiting = 0
         self._sinks: dict[str, Sink] = {}
         self._unfinished: dict[str, int] = {}  # request id -> sequences (of n) not yet finished
+        self._deadlines: dict[str, float] = {}  # request id -> time.monotonic() deadline
         self._stopping = False
         self.error: BaseException | None = None
         self.last_step_time = time.monotonic()
@@ -83,9 +85,11 @@ class AsyncEngine:
             self._running = False
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, deadline: float | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and iterate over its deltas. Failures raise typed `EngineError`s (invalid request,
-        queue full, engine dead, internal). Leaving the iteration early (client gone) aborts the request."""
+        queue full, timeout, engine dead, internal). `deadline` (a `time.monotonic()` value) is enforced by the
+        engine thread, queue time included: past it the request is aborted and raises `RequestTimeoutError`.
+        Leaving the iteration early (client gone) aborts the request."""
         if not self.healthy:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
         max_tokens = self.limits.check(prompt_token_ids, params)
@@ -104,7 +108,7 @@ class AsyncEngine:
             except RuntimeError:  # the caller's event loop is gone; nobody is listening
                 pass
 
-        self._send(_Submit(request_id, prompt_token_ids, params, max_tokens, priority, sink))
+        self._send(_Submit(request_id, prompt_token_ids, params, max_tokens, priority, deadline, sink))
         remaining = params.n
         try:
             while remaining:
@@ -157,13 +161,29 @@ class AsyncEngine:
                         self._core_waiting = self.core.num_waiting_seqs()
                 self._sinks[message.request_id] = message.sink
                 self._unfinished[message.request_id] = message.params.n
+                if message.deadline is not None:
+                    self._deadlines[message.request_id] = message.deadline
             else:
                 _, request_id = message
                 for out in self.core.abort(request_id):
                     self._deliver(out)
-                self._sinks.pop(request_id, None)
-                self._unfinished.pop(request_id, None)
+                self._forget(request_id)
                 self._count_waiting()
+
+    def _forget(self, request_id: str) -> None:
+        self._sinks.pop(request_id, None)
+        self._unfinished.pop(request_id, None)
+        self._deadlines.pop(request_id, None)
+
+    def _expire(self) -> None:
+        """Abort every request past its deadline (its blocks are freed now) and fail it with a timeout."""
+        if not self._deadlines:
+            return
+        now = time.monotonic()
+        for request_id in [r for r, when in self._deadlines.items() if when <= now]:
+            self.core.abort(request_id)  # its last deltas are dropped: the caller gets the timeout instead
+            self._fail(request_id, RequestTimeoutError("the request did not finish within its timeout"))
+        self._count_waiting()
 
     def _count_waiting(self) -> None:
         """After the scheduler moved sequences (admitted, preempted, finished), count what still waits there."""
@@ -178,11 +198,11 @@ class AsyncEngine:
         if out.finished:
             self._unfinished[out.request_id] -= 1
             if self._unfinished[out.request_id] == 0:
-                del self._sinks[out.request_id], self._unfinished[out.request_id]
+                self._forget(out.request_id)
 
     def _fail(self, request_id: str, error: BaseException) -> None:
-        sink = self._sinks.pop(request_id, None)
-        self._unfinished.pop(request_id, None)
+        sink = self._sinks.get(request_id)
+        self._forget(request_id)
         if sink is not None:
             sink(error)
 
@@ -190,6 +210,7 @@ class AsyncEngine:
         try:
             while not self._stopping:
                 self._drain_inbox()
+                self._expire()
                 if not self.core.has_unfinished():
                     self._wake.wait(0.5)
                     self._wake.clear()
@@ -216,3 +237,4 @@ class AsyncEngine:
                 sink(dead)
             self._sinks.clear()
             self._unfinished.clear()
+            self._deadlines.clear()

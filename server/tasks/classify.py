@@ -138,16 +138,18 @@ class Classifier:
                                       f"classification prompt has {len(full)} tokens; shorten the input", "input")
         return full, max(start, 1)
 
-    async def _score(self, context: str, answer: str, opts: ClassifyOptions, usage: TokenUsage) -> float:
+    async def _score(self, context: str, answer: str, opts: ClassifyOptions, usage: TokenUsage,
+                     deadline: float | None) -> float:
         """Mean log-probability per token of `answer` (plus end marker) after `context`: length-normalized."""
         ids, start = self._scored_prompt(context, answer, opts)
-        logprobs = await score_prompt(self.generate, ids, usage, start)
+        logprobs = await score_prompt(self.generate, ids, usage, start, deadline)
         values = [lp.logprob for lp in logprobs[start:] if lp is not None]
         return sum(values) / len(values) if values else -1e9
 
     # -- classification -------------------------------------------------------------------------------------
-    async def classify(self, texts: list[str], labels: list[str],
-                       opts: ClassifyOptions | None = None) -> tuple[list[Classification], TokenUsage]:
+    async def classify(self, texts: list[str], labels: list[str], opts: ClassifyOptions | None = None,
+                       deadline: float | None = None) -> tuple[list[Classification], TokenUsage]:
+        """Every scoring request shares `deadline` (time.monotonic()); the first to miss it fails the whole call."""
         opts = opts or ClassifyOptions()
         if len(set(labels)) != len(labels) or any(not lab.strip() for lab in labels):
             raise InvalidRequestError("labels must be distinct, non-empty strings", "labels")
@@ -171,7 +173,7 @@ class Classifier:
             ctx_key = (i, o, lab if opts.multi_label else "")
             if ctx_key not in contexts:
                 contexts[ctx_key] = self._context(inputs[i], orders[o], lab if opts.multi_label else None, opts)
-            coros.append(self._score(contexts[ctx_key], form, opts, usage))
+            coros.append(self._score(contexts[ctx_key], form, opts, usage, deadline))
         values = await gather_all(coros, MAX_IN_FLIGHT)
         forms: dict[tuple, list[float]] = {}  # (input, answer, order) -> score per surface form
         for (i, key, o, _), v in zip(jobs, values):

@@ -73,13 +73,16 @@ class Summarizer:
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
                               repetition_penalty=self.repetition_penalty, seed=0 if self.temperature else None)
 
-    async def _call(self, template: str, text: str, style: str, max_tokens: int, usage: TokenUsage) -> str:
-        result = await collect(self.generate(self._prompt(template, text, style), self._params(max_tokens)))
+    async def _call(self, template: str, text: str, style: str, max_tokens: int, usage: TokenUsage,
+                    deadline: float | None) -> str:
+        result = await collect(self.generate(self._prompt(template, text, style), self._params(max_tokens),
+                                             deadline=deadline))
         usage.add(result)
         return (ANSWER_PREFIX[style] + result[0].text).strip()
 
     async def stream(self, text: str, style: str = "paragraph", max_tokens: int | None = None,
-                     chunk_tokens: int | None = None) -> AsyncIterator[SummaryEvent]:
+                     chunk_tokens: int | None = None, deadline: float | None = None) -> AsyncIterator[SummaryEvent]:
+        """Every engine call of the map-reduce shares `deadline` (time.monotonic())."""
         if style not in STYLES:
             raise InvalidRequestError(f"style must be one of {sorted(STYLES)}, got {style!r}", "style")
         if not text.strip():
@@ -94,14 +97,15 @@ class Summarizer:
             if level >= MAX_LEVELS:
                 raise InvalidRequestError("the input is too long to summarize at this chunk size", "input")
             pieces = split_text(text, budget, self.count, self._hard_split)
-            partials = await gather_all((self._call(template, p, style, partial_tokens, usage) for p in pieces),
+            partials = await gather_all((self._call(template, p, style, partial_tokens, usage, deadline)
+                                         for p in pieces),
                                        MAX_IN_FLIGHT)
             map_calls += len(pieces)
             text = "\n\n".join(f"{i + 1}. {p}" for i, p in enumerate(partials) if p) or "(empty)"
             template, level = PARTS, level + 1
         parts, pending = [], ANSWER_PREFIX[style]  # the prefix goes out with the first delta
         final = CompletionOutput()
-        stream = self.generate(self._prompt(template, text, style), self._params(max_tokens))
+        stream = self.generate(self._prompt(template, text, style), self._params(max_tokens), deadline=deadline)
         async with contextlib.aclosing(stream):
             async for out in stream:
                 final.add(out)
@@ -113,10 +117,10 @@ class Summarizer:
         yield SummaryEvent(done=True, summary="".join(parts).strip(), usage=usage, map_calls=map_calls)
 
     async def summarize(self, text: str, style: str = "paragraph", max_tokens: int | None = None,
-                        chunk_tokens: int | None = None) -> SummaryEvent:
+                        chunk_tokens: int | None = None, deadline: float | None = None) -> SummaryEvent:
         """The whole summary at once (the stream's last event)."""
         final = None
-        async with contextlib.aclosing(self.stream(text, style, max_tokens, chunk_tokens)) as events:
+        async with contextlib.aclosing(self.stream(text, style, max_tokens, chunk_tokens, deadline)) as events:
             async for event in events:
                 final = event
         return final

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -261,3 +263,83 @@ def test_api_key_guards_v1_only(dummy_engine):
         assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "dummy:tiny"
         for open_path in ("/health", "/ready", "/metrics", "/openapi.json", "/docs"):
             assert c.get(open_path).status_code == 200, open_path
+
+
+# -- 504 ------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def slow_engine(dummy_lm, monkeypatch):
+    """Its own engine, 5 ms per step: 400 tokens take 2 s, far past the timeouts below."""
+    engine = make_engine(dummy_lm)
+    real_run = engine.core.runner.run
+
+    def slow_run(sched):
+        time.sleep(0.005)
+        return real_run(sched)
+
+    monkeypatch.setattr(engine.core.runner, "run", slow_run)
+    yield engine
+    engine.shutdown()
+
+
+def idle(engine) -> bool:
+    s = engine.stats()
+    return s.running == 0 and s.waiting == 0 and s.free_blocks == s.num_blocks
+
+
+LONG = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+
+
+def test_timeout_is_504_and_frees_everything(slow_engine):
+    with TestClient(make_app(slow_engine)) as c:
+        wait_ready(c.get)
+        started = time.monotonic()
+        err = error_of(c.post("/v1/completions", json={**LONG, "timeout": 0.3}), 504)
+        assert 0.3 <= time.monotonic() - started < 1.5
+        assert err["type"] == "timeout_error" and err["code"] == "request_timeout"
+        assert wait_until(lambda: idle(slow_engine))
+        chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 400, "ignore_eos": True,
+                "timeout": 0.2}
+        assert error_of(c.post("/v1/chat/completions", json=chat), 504)["code"] == "request_timeout"
+        summarize = {"input": "The loom weaves threads into cloth. " * 40, "max_tokens": 400, "timeout": 0.3}
+        assert error_of(c.post("/v1/summarize", json=summarize), 504)["code"] == "request_timeout"
+        classify = {"input": ["good", "bad", "fine"], "labels": ["positive", "negative", "neutral"], "timeout": 0.02}
+        assert error_of(c.post("/v1/classify", json=classify), 504)["code"] == "request_timeout"
+        assert wait_until(lambda: idle(slow_engine)), "every sub-request of summarize and classify was aborted"
+        metrics = c.get("/metrics").text
+        for endpoint in ("completions", "chat", "summarize", "classify"):
+            assert f'loom_requests_total{{endpoint="{endpoint}",finish_reason="timeout"}}' in metrics, endpoint
+        error_of(c.post("/v1/completions", json={**LONG, "timeout": 0}), 400)
+
+
+def test_streamed_timeout_is_an_error_event_then_done(slow_engine):
+    with TestClient(make_app(slow_engine)) as c:
+        wait_ready(c.get)
+        with c.stream("POST", "/v1/completions", json={**LONG, "stream": True, "timeout": 0.3}) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        error = json.loads(lines[-2][6:])["error"]
+        assert error["type"] == "timeout_error" and error["code"] == "request_timeout"
+        assert len(lines) > 3, "tokens streamed before the deadline"
+        assert wait_until(lambda: idle(slow_engine))
+
+
+def test_server_default_timeout_and_queue_time_counts(slow_engine):
+    """`--request-timeout` applies to requests without their own; time spent waiting for a slot counts."""
+    slow_engine.core.scheduler.max_num_seqs = 1
+    with TestClient(make_app(slow_engine, request_timeout=0.5)) as c:
+        wait_ready(c.get)
+        results: dict[str, int] = {}
+
+        def post(name: str, body: dict) -> None:
+            results[name] = c.post("/v1/completions", json=body).status_code
+
+        hog = threading.Thread(target=post, args=("hog", {**LONG, "timeout": 30, "max_tokens": 150}))
+        hog.start()
+        assert wait_until(lambda: slow_engine.stats().running == 1)
+        started = time.monotonic()
+        post("queued", {**LONG, "max_tokens": 2})  # two tokens, but the only slot stays busy past its deadline
+        assert results["queued"] == 504 and time.monotonic() - started < 1.5
+        hog.join(30)
+        assert results["hog"] == 200
+        assert wait_until(lambda: idle(slow_engine))

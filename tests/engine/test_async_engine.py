@@ -1,6 +1,7 @@
 """AsyncEngine on a tiny random model: streaming deltas, abort frees blocks at once, a failing step fails only its
 requests, a dead engine fails callers instead of hanging them, the waiting queue is bounded."""
 import asyncio
+import time
 
 import pytest
 
@@ -12,6 +13,7 @@ from server.engine import (
     InternalEngineError,
     InvalidRequestError,
     QueueFullError,
+    RequestTimeoutError,
     SamplingParams,
 )
 from server.model import ModelSettings, load_model
@@ -163,5 +165,33 @@ def test_queue_full(tiny_lm):
             task.cancel()
             await first.aclose()
         asyncio.run(main())
+    finally:
+        eng.shutdown()
+
+
+def test_deadlines_abort_running_and_waiting_requests(tiny_lm, monkeypatch):
+    """A deadline is enforced on the engine thread, queue time included: a request still waiting for a slot and one
+    running both end with RequestTimeoutError at their deadlines, their blocks freed; others carry on."""
+    eng = AsyncEngine(EngineCore(tiny_lm, EngineSettings(kv_cache_memory=0.01, max_num_seqs=1)))
+    real_run = eng.core.runner.run
+    monkeypatch.setattr(eng.core.runner, "run", lambda sched: (time.sleep(0.005), real_run(sched))[1])
+    long = SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True)
+    try:
+        async def main():
+            started = time.monotonic()
+            running = eng.generate([3], long, deadline=started + 0.6)
+            await running.__anext__()
+            with pytest.raises(RequestTimeoutError):  # never gets the only slot
+                async for _ in eng.generate([4], long, deadline=started + 0.3):
+                    pass
+            assert 0.3 <= time.monotonic() - started < 0.6
+            with pytest.raises(RequestTimeoutError):
+                async for _ in running:
+                    pass
+            assert 0.6 <= time.monotonic() - started < 1.2
+            outs = [o async for o in eng.generate([5], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))]
+            assert outs[-1].finish_reason == "length"
+        asyncio.run(main())
+        assert eng.healthy and all_blocks_free(eng)
     finally:
         eng.shutdown()

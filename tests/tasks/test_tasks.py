@@ -46,7 +46,7 @@ def test_split_keeps_all_words():
 def test_summarizer_map_reduce_on_the_engine(dummy_engine):
     calls = []
 
-    async def generate(ids, params):
+    async def generate(ids, params, deadline=None):
         calls.append((len(ids), params.max_tokens))
         async for out in dummy_engine.generate(ids, params):
             yield out
@@ -89,7 +89,7 @@ def scripted_generate(score_of):
     """A fake engine whose prompt logprob for the answer's characters is score_of(context, answer) per token."""
     prompts = []
 
-    async def generate(ids, params):
+    async def generate(ids, params, deadline=None):
         assert params.max_tokens == 0 and params.prompt_logprobs == 0
         text = "".join(map(chr, ids))
         context, answer = text.rsplit("<assistant>", 1)

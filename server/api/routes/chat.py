@@ -71,7 +71,7 @@ async def create_chat_completion(body: ChatCompletionRequest, served: ReadyModel
                           logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     text = TokenText(served.tokenizer)
     request_id, created, n = new_id("chatcmpl"), now(), body.n
-    stream = tracker.generate(ids, params, "chat", request_id, body.priority)
+    stream = tracker.generate(ids, params, "chat", request_id, body.priority, tracker.deadline(body.timeout))
 
     if not body.stream:
         completions = await until_disconnect(request, collect(stream, n))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from server.api.deps import ReadyModel
+from server.api.deps import ReadyModel, Tracker
 from server.api.errors import APIError
 from server.api.protocol import ClassifyRequest, ClassifyResponse, ClassifyResult, Usage, new_id, now
 from server.api.routes import ERROR_RESPONSES
@@ -17,7 +17,7 @@ MAX_SCORING_REQUESTS = 4096
 
 @router.post("/v1/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES,
              summary="Classify texts into candidate labels (zero-shot, calibrated label likelihood)")
-async def classify(body: ClassifyRequest, served: ReadyModel, request: Request) -> ClassifyResponse:
+async def classify(body: ClassifyRequest, served: ReadyModel, tracker: Tracker, request: Request) -> ClassifyResponse:
     served.check_model(body.model)
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
     if not texts:
@@ -37,7 +37,8 @@ async def classify(body: ClassifyRequest, served: ReadyModel, request: Request) 
                            examples=[(e.text, e.label) for e in body.examples or []],
                            descriptions=dict(body.label_descriptions or {}),
                            permutations=permutations)
-    results, usage = await until_disconnect(request, served.classifier.classify(texts, body.labels, opts))
+    results, usage = await until_disconnect(request, served.classifier.classify(texts, body.labels, opts,
+                                                                                 tracker.deadline(body.timeout)))
     data = [ClassifyResult(index=i, label=r.label, scores=r.scores, labels=r.labels) for i, r in enumerate(results)]
     return ClassifyResponse(id=new_id("cls"), created=now(), model=served.name, data=data,
                             usage=Usage.of(usage, cached=False))

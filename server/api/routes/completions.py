@@ -82,8 +82,9 @@ async def create_completion(body: CompletionRequest, served: ReadyModel, tracker
                           prompt_logprobs=(body.logprobs or 0) if wants_prompt_lp else None)
     text = TokenText(served.tokenizer)
     request_id, created, n = new_id("cmpl"), now(), body.n
-    streams = [for_prompt(tracker.generate(ids, params, "completions", f"{request_id}-{i}", body.priority), i,
-                          len(prompts)) for i, ids in enumerate(prompts)]
+    deadline = tracker.deadline(body.timeout)
+    streams = [for_prompt(tracker.generate(ids, params, "completions", f"{request_id}-{i}", body.priority, deadline),
+                          i, len(prompts)) for i, ids in enumerate(prompts)]
 
     if not body.stream:
         results = await until_disconnect(request, gather_all(collect(s, n) for s in streams))

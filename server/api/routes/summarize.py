@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
-from server.api.deps import ReadyModel, Settings
+from server.api.deps import ReadyModel, Settings, Tracker
 from server.api.errors import APIError
 from server.api.protocol import SummarizeRequest, SummarizeResponse, Usage, new_id, now
 from server.api.routes import ERROR_RESPONSES, STREAMING_200
@@ -18,7 +18,8 @@ router = APIRouter()
 
 @router.post("/v1/summarize", response_model=SummarizeResponse, responses={**STREAMING_200, **ERROR_RESPONSES},
              summary="Summarize documents (map-reduce over chunks when they are long)")
-async def summarize(body: SummarizeRequest, served: ReadyModel, settings: Settings, request: Request):
+async def summarize(body: SummarizeRequest, served: ReadyModel, tracker: Tracker, settings: Settings,
+                    request: Request):
     served.check_model(body.model)
     inputs = [body.input] if isinstance(body.input, str) else list(body.input)
     if not inputs:
@@ -27,10 +28,10 @@ async def summarize(body: SummarizeRequest, served: ReadyModel, settings: Settin
         if not text.strip():
             raise APIError(400, "input must not be empty", param="input" if isinstance(body.input, str) else f"input.{i}")
     s = served.summarizer
-    request_id, created = new_id("sum"), now()
+    request_id, created, deadline = new_id("sum"), now(), tracker.deadline(body.timeout)
     if not body.stream:
         finals = await until_disconnect(request, gather_all(
-            s.summarize(text, body.style, body.max_tokens, body.chunk_tokens) for text in inputs))
+            s.summarize(text, body.style, body.max_tokens, body.chunk_tokens, deadline) for text in inputs))
         usage = TokenUsage()
         for f in finals:
             usage.merge(f.usage)
@@ -38,7 +39,7 @@ async def summarize(body: SummarizeRequest, served: ReadyModel, settings: Settin
         return SummarizeResponse(id=request_id, created=created, model=served.name,
                                  summary=summaries[0] if isinstance(body.input, str) else summaries,
                                  usage=Usage.of(usage, cached=False))
-    streams = await prime([s.stream(text, body.style, body.max_tokens, body.chunk_tokens) for text in inputs])
+    streams = await prime([s.stream(text, body.style, body.max_tokens, body.chunk_tokens, deadline) for text in inputs])
 
     async def chunks() -> AsyncIterator[dict]:
         base = {"id": request_id, "object": "summary.chunk", "created": created, "model": served.name}
