@@ -60,9 +60,9 @@ def from_engine_error(exc: BaseException, retry_after: int = 1) -> APIError:
         return exc
     if isinstance(exc, InvalidRequestError):
         return APIError(400, str(exc), param=exc.param, code=exc.code)
-    if isinstance(exc, QueueFullError):
-        return APIError(429, f"the server is busy ({exc}); retry later", code="queue_full",
-                        headers={"Retry-After": str(retry_after)})
+    if isinstance(exc, QueueFullError):  # Retry-After: the engine's estimate of the drain, else the setting
+        return APIError(429, f"the server is busy: {exc}; retry later", code="rate_limit_exceeded",
+                        headers={"Retry-After": str(exc.retry_after or retry_after)})
     if isinstance(exc, RequestTimeoutError):
         return APIError(504, str(exc), code="request_timeout")
     if isinstance(exc, EngineDeadError):

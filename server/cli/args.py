@@ -33,6 +33,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-model-len", type=int, default=None)
     e.add_argument("--max-waiting", type=int, default=None,
                    help="waiting sequences beyond which new requests get 429 (LOOM_MAX_WAITING, default 1024)")
+    e.add_argument("--max-waiting-tokens", type=int, default=None,
+                   help="prompt tokens not yet prefilled beyond which new requests get 429 (default 0: no cap)")
+    e.add_argument("--priority-step-seconds", type=float, default=None,
+                   help="waiting time one `priority` level is worth (default 10): lower first, none starves")
     e.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
     e.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None)
     p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])

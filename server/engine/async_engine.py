@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -40,6 +42,35 @@ class _Submit:
     sink: Sink
 
 
+class DrainRate:
+    """How fast the queue drains: sequences admitted and prompt tokens prefilled per second, over the last
+    `window` seconds of steps."""
+
+    def __init__(self, window: float = 10.0):
+        self.window = window
+        self.samples: deque[tuple[float, int, int]] = deque()
+
+    def record(self, now: float, admitted: int, prefilled: int) -> None:
+        self.samples.append((now, admitted, prefilled))
+        while len(self.samples) > 2 and now - self.samples[1][0] > self.window:
+            self.samples.popleft()
+
+    def seconds_to_drain(self, seqs: int, tokens: int) -> int | None:
+        """Seconds until `seqs` more sequences and `tokens` more prompt tokens have left the queue (None: no
+        estimate, nothing drained yet)."""
+        if len(self.samples) < 2:
+            return None
+        (t0, a0, p0), (t1, a1, p1) = self.samples[0], self.samples[-1]
+        if t1 <= t0:
+            return None
+        seq_rate, token_rate = (a1 - a0) / (t1 - t0), (p1 - p0) / (t1 - t0)
+        waits = [seqs / seq_rate if seqs > 0 and seq_rate > 0 else 0.0,
+                 tokens / token_rate if tokens > 0 and token_rate > 0 else 0.0]
+        if (seqs > 0 and seq_rate <= 0) or (tokens > 0 and token_rate <= 0):
+            return None
+        return min(max(math.ceil(max(waits)), 1), 300)
+
+
 class AsyncEngine:
     def __init__(self, core: EngineCore, max_waiting: int | None = None, own_thread: bool = True):
         self.core = core
@@ -47,13 +78,16 @@ class AsyncEngine:
         self.tokenizer = core.tokenizer
         self.max_model_len = core.max_model_len
         self.max_waiting = core.settings.max_waiting if max_waiting is None else max_waiting
+        self.max_waiting_tokens = core.settings.max_waiting_tokens
         self._observers: list[StepObserver] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        # Admission: sequences accepted but not yet running, in the inbox or in the scheduler's waiting list, counted
-        # under one lock by both threads, so concurrent submissions can never overshoot `max_waiting`.
+        # Admission: sequences accepted but not yet running (and their prompt tokens not yet prefilled), in the inbox
+        # or in the scheduler, counted under one lock by both threads, so that concurrent submissions can never
+        # overshoot `max_waiting` / `max_waiting_tokens`.
         self._admission = threading.Lock()
-        self._inbox_seqs = self._core_waiting = 0
+        self._inbox_seqs = self._core_waiting = self._inbox_tokens = self._core_tokens = 0
+        self._drain = DrainRate()
         self._sinks: dict[str, Sink] = {}
         self._unfinished: dict[str, int] = {}  # request id -> sequences (of n) not yet finished
         self._deadlines: dict[str, float] = {}  # request id -> time.monotonic() deadline
@@ -93,11 +127,7 @@ class AsyncEngine:
         if not self.healthy:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
         max_tokens = self.limits.check(prompt_token_ids, params)
-        with self._admission:
-            waiting = self._inbox_seqs + self._core_waiting
-            if self.max_waiting and waiting + params.n > self.max_waiting:
-                raise QueueFullError(f"{waiting} sequences are already waiting (limit {self.max_waiting})")
-            self._inbox_seqs += params.n
+        self._admit(params.n, params.n * len(prompt_token_ids))
         request_id = request_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
@@ -122,6 +152,22 @@ class AsyncEngine:
         finally:
             if remaining:
                 self.abort(request_id)
+
+    def _admit(self, seqs: int, tokens: int) -> None:
+        """Count a request as waiting, or refuse it with QueueFullError if that would pass a cap."""
+        with self._admission:
+            waiting, queued_tokens = self._inbox_seqs + self._core_waiting, self._inbox_tokens + self._core_tokens
+            over_seqs = waiting + seqs - self.max_waiting if self.max_waiting else 0
+            # a prompt larger than the token cap is still admitted into an empty queue, or it could never run
+            over_tokens = queued_tokens + tokens - self.max_waiting_tokens \
+                if self.max_waiting_tokens and queued_tokens else 0
+            if over_seqs > 0 or over_tokens > 0:
+                limit = (f"{waiting} sequences waiting, limit {self.max_waiting}" if over_seqs > 0 else
+                         f"{queued_tokens} prompt tokens waiting, limit {self.max_waiting_tokens}")
+                raise QueueFullError(f"the queue is full ({limit})",
+                                     self._drain.seconds_to_drain(max(over_seqs, 0), max(over_tokens, 0)))
+            self._inbox_seqs += seqs
+            self._inbox_tokens += tokens
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
@@ -151,6 +197,7 @@ class AsyncEngine:
             if isinstance(message, _Submit):
                 with self._admission:  # inbox -> scheduler: the sequences stay counted as waiting
                     self._inbox_seqs -= message.params.n
+                    self._inbox_tokens -= message.params.n * len(message.prompt_token_ids)
                     try:
                         self.core.add_request(message.request_id, message.prompt_token_ids, message.params,
                                               message.priority, message.max_tokens)
@@ -159,6 +206,7 @@ class AsyncEngine:
                         continue
                     finally:
                         self._core_waiting = self.core.num_waiting_seqs()
+                        self._core_tokens = self.core.num_unprefilled_tokens()
                 self._sinks[message.request_id] = message.sink
                 self._unfinished[message.request_id] = message.params.n
                 if message.deadline is not None:
@@ -187,8 +235,10 @@ class AsyncEngine:
 
     def _count_waiting(self) -> None:
         """After the scheduler moved sequences (admitted, preempted, finished), count what still waits there."""
+        waiting, tokens = self.core.num_waiting_seqs(), self.core.num_unprefilled_tokens()
         with self._admission:
-            self._core_waiting = self.core.num_waiting_seqs()
+            self._core_waiting, self._core_tokens = waiting, tokens
+        self._drain.record(time.monotonic(), self.core.scheduler.num_admitted, self.core.prefilled_tokens)
 
     def _deliver(self, out: RequestOutput) -> None:
         sink = self._sinks.get(out.request_id)

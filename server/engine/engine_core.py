@@ -38,6 +38,7 @@ class EngineCore:
         self.requests: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
         self.prompt_tokens = self.generation_tokens = self.steps = 0
+        self.prefilled_tokens = 0  # prompt tokens computed, chunk by chunk (the queue's drain rate)
         self.last_step_seqs = self.last_step_tokens = 0
 
     # -- requests -------------------------------------------------------------------------------------------
@@ -51,7 +52,8 @@ class EngineCore:
         seqs: list[Sequence] = []
         for index in range(params.n):
             seq = Sequence(next(self._ids), request_id, index, list(prompt_token_ids), params, max_tokens,
-                           priority=priority, group_leader=seqs[0] if seqs else None)
+                           priority=priority, priority_step=self.settings.priority_step_seconds,
+                           group_leader=seqs[0] if seqs else None)
             seqs.append(seq)
             self.processor.add(seq)
             self.scheduler.add(seq)
@@ -71,6 +73,11 @@ class EngineCore:
 
     def num_waiting_seqs(self) -> int:
         return len(self.scheduler.waiting)
+
+    def num_unprefilled_tokens(self) -> int:
+        """Prompt tokens not yet prefilled: of waiting sequences and of running ones still in chunked prefill."""
+        waiting = sum(s.num_tokens - s.num_computed_tokens for s in self.scheduler.waiting)
+        return waiting + sum(max(s.num_prompt_tokens - s.num_computed_tokens, 0) for s in self.scheduler.running)
 
     # -- the step -------------------------------------------------------------------------------------------
     def step(self) -> StepOutput:
@@ -96,6 +103,7 @@ class EngineCore:
             if seq.seq_id in step.prompt_rows:
                 first, count = step.prompt_rows[seq.seq_id]
                 self.processor.record_prompt_logprobs(seq, step.logits[first:first + count])
+            self.prefilled_tokens += max(min(item.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens), 0)
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_full_blocks(seq)
         ready = [s for s in seqs if s.seq_id in step.sample_rows]

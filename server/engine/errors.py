@@ -17,7 +17,12 @@ class InvalidRequestError(EngineError, ValueError):
 
 
 class QueueFullError(EngineError):
-    """Too many requests are waiting; the client should retry later."""
+    """Too many requests (or prompt tokens) are waiting; the client should retry after `retry_after` seconds, the
+    engine's estimate of when the queue falls under its cap (None: no estimate yet)."""
+
+    def __init__(self, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class RequestTimeoutError(EngineError):

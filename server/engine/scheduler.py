@@ -1,5 +1,5 @@
 """Continuous-batching scheduler: each step fills a token budget and a sequence cap, running sequences first
-(decodes and unfinished prefill chunks), then waiting ones in priority/FCFS order. Long prompts are chunked by the
+(decodes and unfinished prefill chunks), then waiting ones in arrival order shifted by priority (see Sequence.sort_key). Long prompts are chunked by the
 budget so they never stall running decodes. When blocks run out the newest running sequence is preempted and will
 be recomputed; a request that could never fit is refused at submission instead."""
 from __future__ import annotations
@@ -48,6 +48,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_query_tokens = 0  # prompt tokens admitted, and how many of them were prefix-cache hits
         self.prefix_hit_tokens = 0
+        self.num_admitted = 0  # sequences moved from waiting to running (the queue's drain rate)
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -98,6 +99,7 @@ class Scheduler:
             if not self.block_manager.allocate(seq, num_new, prefix):
                 break
             self.waiting.pop(0)
+            self.num_admitted += 1
             self.prefix_query_tokens += seq.num_tokens
             self.prefix_hit_tokens += seq.num_computed_tokens
             seq.status = Status.RUNNING

@@ -25,7 +25,8 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int  # resolved against the context window
-    priority: int = 0
+    priority: int = 0  # lower runs first; each level is worth `priority_step` seconds of waiting
+    priority_step: float = 10.0
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(init=False)
     status: Status = Status.WAITING
@@ -64,6 +65,8 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def sort_key(self) -> tuple[int, float, int]:
-        """Lower is more important: priority, then arrival (FCFS)."""
-        return self.priority, self.arrival_time, self.seq_id
+    def sort_key(self) -> tuple[float, int]:
+        """Lower runs first: arrival time, moved later by `priority_step` seconds per priority level. Among requests
+        that arrive together priority decides, yet a low-priority request is never starved: once it has waited
+        `priority_step` seconds per level longer, it goes before newly arriving high-priority ones."""
+        return self.arrival_time + self.priority * self.priority_step, self.seq_id

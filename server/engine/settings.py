@@ -13,7 +13,12 @@ class EngineSettings(BaseSettings):
     max_num_seqs: int = Field(64, ge=1, description="most sequences in one step")
     max_num_batched_tokens: int = Field(2048, ge=1, description="most tokens in one step (prefill chunk budget)")
     max_model_len: int | None = Field(None, ge=1, description="context window; defaults to the model's")
-    max_waiting: int = Field(1024, ge=0, description="queued requests beyond which new ones are refused (429)")
+    max_waiting: int = Field(1024, ge=0, description="waiting sequences beyond which new requests are refused (429); "
+                                                     "0: no cap")
+    max_waiting_tokens: int = Field(0, ge=0, description="prompt tokens not yet prefilled beyond which new requests "
+                                                         "are refused (429); 0: no cap")
+    priority_step_seconds: float = Field(10.0, gt=0, description="waiting time one priority level is worth: lower "
+                                                                 "priorities go first, none starves")
     enable_prefix_caching: bool = True
     seed: int | None = Field(None, description="seed of the engine's sampler for unseeded requests")
     cuda_graphs: bool = Field(True, description="capture decode steps in CUDA graphs on GPU")

@@ -195,3 +195,86 @@ def test_deadlines_abort_running_and_waiting_requests(tiny_lm, monkeypatch):
         assert eng.healthy and all_blocks_free(eng)
     finally:
         eng.shutdown()
+
+
+def test_drain_rate_estimates_retry_after():
+    from server.engine.async_engine import DrainRate
+    rate = DrainRate(window=10.0)
+    assert rate.seconds_to_drain(1, 0) is None  # nothing measured yet
+    rate.record(100.0, admitted=0, prefilled=0)
+    rate.record(102.0, admitted=4, prefilled=1000)  # 2 sequences / s, 500 tokens / s
+    assert rate.seconds_to_drain(6, 0) == 3 and rate.seconds_to_drain(0, 2600) == 6
+    assert rate.seconds_to_drain(1, 0) == 1  # at least a second
+    rate.record(200.0, admitted=4, prefilled=1000)  # old samples leave the window: nothing drains now
+    assert rate.seconds_to_drain(1, 0) is None
+
+
+def test_queue_cap_holds_under_a_burst_during_a_long_step(tiny_lm, monkeypatch):
+    """60 concurrent submissions while the engine is inside one long step: exactly max_waiting are accepted beyond
+    the running one, the rest are refused; the token cap refuses by prompt tokens the same way."""
+    eng = AsyncEngine(EngineCore(tiny_lm, EngineSettings(kv_cache_memory=0.01, max_num_seqs=1, max_waiting=8)))
+    real_run = eng.core.runner.run
+    in_step = {"slow": False}
+
+    def run(sched):
+        if in_step["slow"]:
+            time.sleep(0.5)
+        return real_run(sched)
+
+    monkeypatch.setattr(eng.core.runner, "run", run)
+    long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    try:
+        async def main():
+            hog = eng.generate([3], long)
+            await hog.__anext__()
+            in_step["slow"] = True  # from now on every step takes 0.5 s: the burst lands inside one
+
+            async def first(stream):
+                return await stream.__anext__()
+
+            streams = [eng.generate([4 + i], long) for i in range(60)]
+            results = await asyncio.gather(*(asyncio.wait_for(first(s), 0.2) for s in streams),
+                                           return_exceptions=True)
+            refused = [r for r in results if isinstance(r, QueueFullError)]
+            accepted = [r for r in results if isinstance(r, asyncio.TimeoutError)]  # queued, no token yet
+            assert len(accepted) == 8 and len(refused) == 52, (len(accepted), len(refused))
+            for s in streams:
+                await s.aclose()
+            await hog.aclose()
+        asyncio.run(main())
+        in_step["slow"] = False
+        assert wait_until_sync(lambda: all_blocks_free(eng))
+    finally:
+        eng.shutdown()
+
+
+def test_token_cap_refuses_by_prompt_tokens(tiny_lm):
+    eng = AsyncEngine(EngineCore(tiny_lm, EngineSettings(kv_cache_memory=0.01, max_num_seqs=1, max_waiting=0,
+                                                         max_waiting_tokens=100)))
+    long = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
+    try:
+        async def main():
+            hog = eng.generate([3], long)
+            await hog.__anext__()  # running; nothing waits
+            big = eng.generate(list(range(3, 153)), long)  # 150 tokens into an empty queue: admitted
+            task = asyncio.ensure_future(big.__anext__())
+            await wait_until(lambda: eng.stats().waiting == 1)
+            with pytest.raises(QueueFullError, match="150 prompt tokens waiting, limit 100"):
+                await collect(eng, [5, 6], long)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await big.aclose()
+            await hog.aclose()
+        asyncio.run(main())
+        assert wait_until_sync(lambda: all_blocks_free(eng))
+    finally:
+        eng.shutdown()
+
+
+def wait_until_sync(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
