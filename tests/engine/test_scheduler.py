@@ -93,3 +93,20 @@ def test_priority_orders_admission():
     sched.add(low)
     sched.add(high)
     assert [s.seq for s in sched.schedule().prefills] == [high]
+
+
+def test_priority_never_starves_a_request():
+    """A priority level is worth `priority_step` seconds of waiting: a priority-1 request that has waited longer
+    than that goes before a priority-0 one that just arrived."""
+    bm = BlockManager(100, BLOCK)
+    sched = Scheduler(bm, max_num_seqs=1, max_num_batched_tokens=64)
+    old, new = make_seq([1, 2], 0), make_seq([3, 4], 1)
+    old.priority, new.priority = 1, 0
+    old.arrival_time, new.arrival_time = new.arrival_time - 11.0, new.arrival_time
+    sched.add(new)
+    sched.add(old)
+    assert [s.seq for s in sched.schedule().prefills] == [old]
+    young = make_seq([5, 6], 2)
+    young.priority, young.arrival_time = 1, new.arrival_time - 9.0  # waited less than one step: still behind
+    sched.add(young)
+    assert sched.waiting == [new, young]
