@@ -275,3 +275,37 @@ class ClassifyResponse(Body):
     model: str
     data: list[ClassifyResult]
     usage: Usage
+
+
+# -- tokenize (vLLM's shapes) ---------------------------------------------------------------------------------------
+class TokenizeRequest(Body):
+    model: str | None = None
+    prompt: str | None = Field(None, description="text to tokenize (or `messages`)")
+    messages: list[ChatMessage] | None = Field(None, description="a conversation, rendered with the chat template")
+    add_special_tokens: bool = Field(True, description="for `prompt`: add the tokenizer's special tokens (BOS...)")
+    add_generation_prompt: bool = Field(True, description="for `messages`: end with the assistant's turn opening")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` and `messages`")
+        return self
+
+
+class TokenizeResponse(Body):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(Body):
+    model: str | None = None
+    tokens: list[int] = Field(..., description="token ids")
+
+
+class DetokenizeResponse(Body):
+    prompt: str
+
+
+class VersionResponse(Body):
+    version: str

@@ -37,7 +37,7 @@ def api_schema(dummy_lm):
 
 OPERATIONS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/v1/summarize"),
               ("POST", "/v1/classify"), ("GET", "/v1/models"), ("GET", "/health"), ("GET", "/ready"),
-              ("GET", "/metrics")]
+              ("GET", "/metrics"), ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/version")]
 
 
 def test_schema_lists_every_operation(api_schema):
@@ -57,6 +57,10 @@ def test_no_server_errors(api_schema, method, path, mode):
               derandomize=True, database=None)
     def run(case):
         response = case.call()
+        if response.status_code == 504:  # a generated `timeout` that passed: documented, and the right error
+            assert response.json()["error"]["code"] == "request_timeout", response.text
+            case.validate_response(response, checks=[status_code_conformance, content_type_conformance])
+            return
         case.validate_response(response, checks=CHECKS)
 
     run()

@@ -15,6 +15,7 @@ import uvicorn
 
 from server.api import ServerSettings, create_app
 from server.engine import AsyncEngine, EngineCore, EngineSettings
+from server.tasks import TaskSettings
 from tests.support.ports import free_port  # re-exported: servers and their ports go together
 
 LOOM = str(Path(sys.executable).with_name("loom"))
@@ -26,7 +27,12 @@ def make_engine(lm, **overrides) -> AsyncEngine:
 
 
 def make_app(engine: AsyncEngine, **settings):
-    return create_app(engine, ServerSettings(**settings), "dummy:tiny", engine.tokenizer, shutdown_engine=False)
+    """An app over `engine`; `settings` are ServerSettings or TaskSettings fields (each goes where it belongs)."""
+    unknown = set(settings) - set(ServerSettings.model_fields) - set(TaskSettings.model_fields)
+    assert not unknown, f"not a setting: {unknown}"
+    server = ServerSettings(**{k: v for k, v in settings.items() if k in ServerSettings.model_fields})
+    tasks = TaskSettings(**{k: v for k, v in settings.items() if k in TaskSettings.model_fields})
+    return create_app(engine, server, "dummy:tiny", engine.tokenizer, task_settings=tasks, shutdown_engine=False)
 
 
 def wait_ready(get, timeout: float = 60.0) -> None:

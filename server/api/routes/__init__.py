@@ -9,6 +9,7 @@ ERROR_RESPONSES = {
     429: {"model": ErrorResponse, "description": "the waiting queue is full; see Retry-After"},
     500: {"model": ErrorResponse, "description": "internal error"},
     503: {"model": ErrorResponse, "description": "the model is loading, the engine stopped, or the server is draining"},
+    504: {"model": ErrorResponse, "description": "the request's timeout passed (code `request_timeout`)"},
 }
 
 STREAMING_200 = {200: {"description": "the JSON response, or with `stream: true` server-sent events "

@@ -13,6 +13,7 @@ from server.api.protocol import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     ChatResponseMessage,
     Usage,
     new_id,
@@ -21,15 +22,17 @@ from server.api.protocol import (
 from server.api.routes import ERROR_RESPONSES, STREAMING_200
 from server.api.streaming import merge, prime, sse, until_disconnect
 from server.engine import CompletionOutput, TokenUsage, collect
+from server.model import Tokenizer
 
 router = APIRouter()
 
 
-def render_messages(body: ChatCompletionRequest, tokenizer) -> list[int]:
+def render_messages(chat: list[ChatMessage], tokenizer: Tokenizer, add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of the conversation in the model's own chat template (text content parts only)."""
     if not tokenizer.has_chat_template:
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
     messages = []
-    for i, m in enumerate(body.messages):
+    for i, m in enumerate(chat):
         content = m.content
         if isinstance(content, list):
             parts = []
@@ -44,7 +47,7 @@ def render_messages(body: ChatCompletionRequest, tokenizer) -> list[int]:
             message["name"] = m.name
         messages.append(message)
     try:
-        return tokenizer.encode_chat(messages)
+        return tokenizer.encode_chat(messages, add_generation_prompt)
     except Exception as exc:  # the template refused these messages (e.g. roles out of order)
         raise APIError(400, f"the chat template cannot render these messages: {exc}", param="messages") from exc
 
@@ -65,7 +68,7 @@ async def create_chat_completion(body: ChatCompletionRequest, served: ReadyModel
                                  settings: Settings, request: Request):
     served.check_model(body.model)
     check_unsupported(body)
-    ids = render_messages(body, served.tokenizer)
+    ids = render_messages(body.messages, served.tokenizer)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = build_params(body, max_tokens=max_tokens,
                           logprobs=(body.top_logprobs or 0) if body.logprobs else None)

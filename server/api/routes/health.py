@@ -1,10 +1,13 @@
-"""Liveness, readiness and Prometheus metrics. These stay open when an API key is set (probes and scrapers)."""
+"""Liveness, readiness, Prometheus metrics and the version. These stay open when an API key is set (probes and scrapers)."""
+from importlib.metadata import PackageNotFoundError, version
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.api.deps import LifecycleDep
 from server.api.errors import error_body
+from server.api.protocol import VersionResponse
 
 router = APIRouter()
 
@@ -27,3 +30,11 @@ async def ready(lifecycle: LifecycleDep):
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/version", response_model=VersionResponse, summary="Loom's version")
+async def loom_version() -> VersionResponse:
+    try:
+        return VersionResponse(version=version("loom-serve"))
+    except PackageNotFoundError:  # a source tree that was never installed
+        return VersionResponse(version="unknown")
