@@ -38,6 +38,12 @@ class EngineCollector(Collector):
                   ("loom_engine_healthy", "1 while the engine loop runs", int(s.healthy))]
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
+        # An info gauge in vLLM's label format, which the inference gateway's endpoint picker reads for the prompt
+        # block size of its prefix-affinity scoring (deploy/k8s/inference-gateway): "gpu" is its name, not ours.
+        info = GaugeMetricFamily("loom_cache_config_info", "KV-cache geometry (value 1; labels carry it)",
+                                 labels=["block_size", "num_gpu_blocks"])
+        info.add_metric([str(s.block_size), str(s.num_blocks)], 1)
+        yield info
         counters = [("loom_prompt_tokens", "prompt tokens processed", s.prompt_tokens),
                     ("loom_generation_tokens", "tokens generated", s.generation_tokens),
                     ("loom_preemptions", "sequences preempted for lack of KV blocks", s.preemptions),

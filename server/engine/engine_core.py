@@ -170,4 +170,5 @@ class EngineCore:
         return EngineStats(running=len(s.running), waiting=len(s.waiting), kv_usage=bm.usage, num_blocks=bm.num_blocks,
                            free_blocks=bm.num_free_blocks, preemptions=s.num_preemptions,
                            prefix_hit_tokens=s.prefix_hit_tokens, prefix_query_tokens=s.prefix_query_tokens,
-                           prompt_tokens=self.prompt_tokens, generation_tokens=self.generation_tokens, steps=self.steps)
+                           prompt_tokens=self.prompt_tokens, generation_tokens=self.generation_tokens, steps=self.steps,
+                           block_size=bm.block_size)

@@ -117,6 +117,7 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     steps: int
+    block_size: int = 16
     healthy: bool = True
 
 

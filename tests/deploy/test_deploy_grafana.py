@@ -75,8 +75,9 @@ def test_queries_name_only_exported_metrics(dashboard, metric_names):
     for var in dashboard["templating"]["list"]:
         assert set(METRIC.findall(var["definition"])) <= metric_names, var["name"]
     # Every exported series is on the dashboard, but for these: the engine-health gauge is for alerts and the
-    # readiness probe, and the raw block counts are graphed as the KV usage ratio.
-    not_graphed = {"loom_engine_healthy", "loom_kv_cache_blocks", "loom_kv_cache_free_blocks"}
+    # readiness probe, the raw block counts are graphed as the KV usage ratio, and the cache geometry is for the
+    # inference gateway's picker.
+    not_graphed = {"loom_engine_healthy", "loom_kv_cache_blocks", "loom_kv_cache_free_blocks", "loom_cache_config_info"}
     assert metric_names - used == not_graphed, sorted(metric_names - used)
 
 

@@ -175,3 +175,20 @@ def test_autoscaler_metric_is_served(prometheus):
     name = adapter["rules"]["custom"][0]["name"]["as"]
     (series,) = wait_for_series(prometheus, f'{name}{{job="loom"}}')
     assert float(series["value"][1]) == 0.0, "idle server: nothing waiting"
+
+
+def test_running_loom_serves_what_the_inference_gateway_reads(loom):
+    """Every series deploy/k8s/inference-gateway/epp.yaml points the endpoint picker at, from a live /metrics, with
+    the labels the picker parses."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.support.deploy import picker_metric_flags
+    status, body = http(loom["base"] + "/metrics")
+    assert status == 200
+    samples = {s.name: s for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+    for flag, series in picker_metric_flags().items():
+        if series:
+            assert series in samples, (flag, series)
+    info = samples["loom_cache_config_info"]
+    assert info.value == 1 and int(info.labels["block_size"]) == 16 and int(info.labels["num_gpu_blocks"]) > 0
+    assert 0.0 <= samples["loom_kv_cache_usage_ratio"].value <= 1.0

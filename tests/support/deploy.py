@@ -8,6 +8,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
+GATEWAY = DEPLOY / "k8s" / "inference-gateway"
 
 
 def load_yaml(path: Path):
@@ -118,3 +119,10 @@ def parse_dockerfile(text: str) -> list[tuple[str, str, int]]:
 def run(cmd: list[str], timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
     """Run a tool, capturing its output; the caller asserts on the return code."""
     return subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout, **kwargs)
+
+
+def picker_metric_flags() -> dict[str, str]:
+    """`--*-metric` flag -> the series the endpoint picker reads ("" = switched off)."""
+    args = next(d for d in load_yaml_all(GATEWAY / "epp.yaml") if d["kind"] == "Deployment")
+    args = args["spec"]["template"]["spec"]["containers"][0]["args"]
+    return {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].endswith("-metric")}
