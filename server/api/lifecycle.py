@@ -61,7 +61,7 @@ class Lifecycle:
             engine=engine, name=name, tokenizer=tokenizer, max_model_len=engine.max_model_len,
             summarizer=Summarizer(functools.partial(generate, endpoint="summarize"), tokenizer,
                                   engine.max_model_len, chunk_tokens=t.summarize_chunk_tokens,
-                                  max_tokens=t.summarize_max_tokens),
+                                  max_tokens=t.summarize_max_tokens, max_input_chars=t.summarize_max_input_chars),
             classifier=Classifier(functools.partial(generate, endpoint="classify"), tokenizer,
                                   engine.max_model_len, permutations=t.classify_permutations),
             created=int(time.time()))

@@ -6,6 +6,10 @@ from server.api.errors import APIError
 from server.api.protocol import SamplingFields
 from server.engine import SamplingParams
 
+# No tokenizer Loom loads spans more characters than this with one token, so a text longer than the context window
+# times this cannot fit: it is refused before tokenizing megabytes (which would cost seconds of CPU for nothing).
+MAX_CHARS_PER_TOKEN = 64
+
 _PASSED_THROUGH = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "seed")
 
@@ -20,3 +24,9 @@ def build_params(body: SamplingFields, *, max_tokens: int | None, logprobs: int 
                           include_stop_str_in_output=body.include_stop_str_in_output,
                           skip_special_tokens=body.skip_special_tokens, logprobs=logprobs,
                           prompt_logprobs=prompt_logprobs, **given)
+
+
+def check_text_length(num_chars: int, max_model_len: int, param: str) -> None:
+    if num_chars > max_model_len * MAX_CHARS_PER_TOKEN:
+        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens; a text of {num_chars} "
+                            f"characters cannot fit it", param=param, code="context_length_exceeded")

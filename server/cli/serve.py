@@ -40,6 +40,8 @@ def add_serve_command(subparsers) -> None:
     t.add_argument("--summarize-chunk-tokens", type=int, default=None,
                    help="largest piece /v1/summarize sends in one call before map-reducing")
     t.add_argument("--summarize-max-tokens", type=int, default=None, help="default summary length")
+    t.add_argument("--summarize-max-input-chars", type=int, default=None,
+                   help="longest document /v1/summarize takes (default 2,000,000 characters)")
     t.add_argument("--classify-permutations", type=int, default=None, help="label orders /v1/classify averages")
     p.set_defaults(func=cmd_serve)
 

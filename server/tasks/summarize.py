@@ -7,6 +7,7 @@ one final call merges them. Only that final call streams.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -40,9 +41,10 @@ class SummaryEvent:
 
 class Summarizer:
     def __init__(self, generate: Generate, tokenizer, max_model_len: int, chunk_tokens: int = 1536,
-                 max_tokens: int = 200, temperature: float = 0.0, repetition_penalty: float = 1.1):
+                 max_tokens: int = 200, temperature: float = 0.0, repetition_penalty: float = 1.1,
+                 max_input_chars: int = 2_000_000):
         self.generate, self.tok, self.max_model_len = generate, tokenizer, max_model_len
-        self.chunk_tokens, self.max_tokens = chunk_tokens, max_tokens
+        self.chunk_tokens, self.max_tokens, self.max_input_chars = chunk_tokens, max_tokens, max_input_chars
         self.temperature, self.repetition_penalty = temperature, repetition_penalty
         self._overhead = len(self._prompt(DOCUMENT, "", "paragraph")) + 16  # template + instruction, with slack
 
@@ -87,16 +89,20 @@ class Summarizer:
             raise InvalidRequestError(f"style must be one of {sorted(STYLES)}, got {style!r}", "style")
         if not text.strip():
             raise InvalidRequestError("input must not be empty", "input")
+        if len(text) > self.max_input_chars:
+            raise InvalidRequestError(f"the input has {len(text)} characters; this server summarizes at most "
+                                      f"{self.max_input_chars}", "input", "input_too_long")
         max_tokens = max_tokens or self.max_tokens
         budget = self.budget(max_tokens, chunk_tokens)
         usage, template, map_calls = TokenUsage(), DOCUMENT, 0
         # partial summaries must shrink the text, so each is held well under the budget
         partial_tokens = max(min(max_tokens, budget // 3), 8)
         level = 0
-        while self.count(text) > budget:  # map (and intermediate reduce) levels
+        # counting and splitting a long document is CPU work: done off the event loop
+        while await asyncio.to_thread(self.count, text) > budget:  # map (and intermediate reduce) levels
             if level >= MAX_LEVELS:
                 raise InvalidRequestError("the input is too long to summarize at this chunk size", "input")
-            pieces = split_text(text, budget, self.count, self._hard_split)
+            pieces = await asyncio.to_thread(split_text, text, budget, self.count, self._hard_split)
             partials = await gather_all((self._call(template, p, style, partial_tokens, usage, deadline)
                                          for p in pieces),
                                        MAX_IN_FLIGHT)

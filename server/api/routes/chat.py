@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: messages rendered with the model's chat template, answered or streamed."""
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -8,7 +9,7 @@ from fastapi import APIRouter, Request
 from server.api.deps import ReadyModel, Settings, Tracker
 from server.api.errors import APIError
 from server.api.logprobs import TokenText, chat_logprobs
-from server.api.params import build_params
+from server.api.params import build_params, check_text_length
 from server.api.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -68,7 +69,10 @@ async def create_chat_completion(body: ChatCompletionRequest, served: ReadyModel
                                  settings: Settings, request: Request):
     served.check_model(body.model)
     check_unsupported(body)
-    ids = render_messages(body.messages, served.tokenizer)
+    chars = sum(len(m.content) if isinstance(m.content, str) else sum(len(part.text or "") for part in m.content)
+                for m in body.messages if m.content)
+    check_text_length(chars, served.max_model_len, "messages")
+    ids = await asyncio.to_thread(render_messages, body.messages, served.tokenizer)  # CPU work: off the event loop
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = build_params(body, max_tokens=max_tokens,
                           logprobs=(body.top_logprobs or 0) if body.logprobs else None)

@@ -4,6 +4,7 @@
 nothing is generated at all, which is how clients score a text (perplexity) through the OpenAI API."""
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -11,7 +12,7 @@ from fastapi import APIRouter, Request
 from server.api.deps import ReadyModel, Settings, Tracker
 from server.api.errors import APIError
 from server.api.logprobs import TokenText, completion_logprobs, merge_completion_logprobs
-from server.api.params import build_params
+from server.api.params import build_params, check_text_length
 from server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage, new_id, now
 from server.api.routes import ERROR_RESPONSES, STREAMING_200
 from server.api.streaming import merge, prime, sse, until_disconnect
@@ -21,9 +22,13 @@ from server.model import Tokenizer
 router = APIRouter()
 
 
-def prompt_ids(body: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
-    """Token ids per prompt (the engine checks that each is non-empty and in the vocabulary)."""
+def prompt_ids(body: CompletionRequest, tokenizer: Tokenizer, max_model_len: int) -> list[list[int]]:
+    """Token ids per prompt (the engine checks that each is non-empty and in the vocabulary). CPU work: called off
+    the event loop. A text that cannot fit the context window is refused before it is tokenized."""
     p = body.prompt
+    texts = [p] if isinstance(p, str) else [x for x in p or [] if isinstance(x, str)]
+    for i, text in enumerate(texts):
+        check_text_length(len(text), max_model_len, "prompt" if isinstance(p, str) else f"prompt.{i}")
     if isinstance(p, str):
         return [tokenizer.encode(p)]
     if not p:
@@ -76,7 +81,7 @@ async def create_completion(body: CompletionRequest, served: ReadyModel, tracker
         raise APIError(400, "suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of must equal n (or be omitted)", param="best_of")
-    prompts = prompt_ids(body, served.tokenizer)
+    prompts = await asyncio.to_thread(prompt_ids, body, served.tokenizer, served.max_model_len)
     wants_prompt_lp = body.echo and (body.logprobs is not None or body.max_tokens == 0)
     params = build_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs,
                           prompt_logprobs=(body.logprobs or 0) if wants_prompt_lp else None)

@@ -28,6 +28,11 @@ async def summarize(body: SummarizeRequest, served: ReadyModel, tracker: Tracker
         if not text.strip():
             raise APIError(400, "input must not be empty", param="input" if isinstance(body.input, str) else f"input.{i}")
     s = served.summarizer
+    for i, text in enumerate(inputs):  # refused before any work, for every input at once
+        if len(text) > s.max_input_chars:
+            raise APIError(400, f"the input has {len(text)} characters; this server summarizes at most "
+                                f"{s.max_input_chars}", param="input" if isinstance(body.input, str) else f"input.{i}",
+                           code="input_too_long")
     request_id, created, deadline = new_id("sum"), now(), tracker.deadline(body.timeout)
     if not body.stream:
         finals = await until_disconnect(request, gather_all(
