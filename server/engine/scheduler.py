@@ -1,7 +1,9 @@
 """Continuous-batching scheduler: each step fills a token budget and a sequence cap, running sequences first
-(decodes and unfinished prefill chunks), then waiting ones in arrival order shifted by priority (see Sequence.sort_key). Long prompts are chunked by the
-budget so they never stall running decodes. When blocks run out the newest running sequence is preempted and will
-be recomputed; a request that could never fit is refused at submission instead."""
+(decodes and unfinished prefill chunks), then waiting ones in arrival order shifted by priority (see
+Sequence.sort_key). A prompt is prefilled at most `max_prefill_chunk` tokens per step (stall-free chunked prefill,
+as Sarathi-Serve and vLLM v1 do): a long prompt takes a bounded share of each step, so running decodes keep their
+pace and short prompts that arrive meanwhile start at once. When blocks run out the newest running sequence is
+preempted and will be recomputed; a request that could never fit is refused at submission instead."""
 from __future__ import annotations
 
 import bisect
@@ -39,10 +41,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_prefill_chunk: int | None = None):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_chunk = max_prefill_chunk or max_num_batched_tokens
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running: list[Sequence] = []  # sorted by Sequence.sort_key: the last is the first to be preempted
         self.num_preemptions = 0
@@ -73,7 +77,7 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, self.max_prefill_chunk)
             while not self.block_manager.allocate(seq, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -95,7 +99,7 @@ class Scheduler:
                 skipped.append(self.waiting.pop(0))  # wait for the leader's prompt blocks, let others pass
                 continue
             prefix = self.block_manager.match_prefix(seq)
-            num_new = min(seq.num_tokens - len(prefix) * self.block_manager.block_size, budget)
+            num_new = min(seq.num_tokens - len(prefix) * self.block_manager.block_size, budget, self.max_prefill_chunk)
             if not self.block_manager.allocate(seq, num_new, prefix):
                 break
             self.waiting.pop(0)

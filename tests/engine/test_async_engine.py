@@ -278,3 +278,28 @@ def wait_until_sync(cond, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return cond()
+
+
+def test_a_short_request_finishes_while_a_long_prompt_prefills(tiny_lm):
+    """A 4-token request that arrives while a 1,800-token prompt prefills is done before that prompt's first token."""
+    eng = AsyncEngine(EngineCore(tiny_lm, EngineSettings(kv_cache_memory=0.05, max_num_batched_tokens=2048,
+                                                         max_prefill_chunk=64)))
+    try:
+        async def main():
+            order = []
+
+            async def run(name, prompt, max_tokens):
+                params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+                async for out in eng.generate(prompt, params):
+                    if out.token_ids and name not in order:
+                        order.append(name)
+                return name
+
+            long = asyncio.ensure_future(run("long", list(range(3, 1803)), 2))
+            await wait_until(lambda: eng.stats().running == 1)
+            await asyncio.gather(long, run("short", [5, 6, 7, 8], 4))
+            assert order == ["short", "long"]
+        asyncio.run(main())
+        assert all_blocks_free(eng)
+    finally:
+        eng.shutdown()

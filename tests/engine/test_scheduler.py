@@ -110,3 +110,19 @@ def test_priority_never_starves_a_request():
     young.priority, young.arrival_time = 1, new.arrival_time - 9.0  # waited less than one step: still behind
     sched.add(young)
     assert sched.waiting == [new, young]
+
+
+def test_a_long_prompt_takes_a_bounded_share_of_each_step():
+    """Stall-free chunked prefill: the long prompt's chunk is capped, so a short prompt that arrives while it
+    prefills is scheduled in the very next step, beside it."""
+    bm = BlockManager(600, BLOCK)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=512, max_prefill_chunk=64)
+    long = make_seq(list(range(3, 3 + 7000 // 20)), 0)
+    sched.add(long)
+    first = sched.schedule()
+    assert [(s.seq, s.num_new_tokens) for s in first.prefills] == [(long, 64)]
+    long.num_computed_tokens += 64
+    short = make_seq([5, 6, 7, 8], 1)
+    sched.add(short)
+    second = sched.schedule()
+    assert [(s.seq, s.num_new_tokens) for s in second.prefills] == [(long, 64), (short, 4)]
