@@ -10,6 +10,9 @@ from server.engine.outputs import TokenLogprob
 from server.engine.sequence import Sequence
 
 
+MIN_TOP_P = 1e-6
+
+
 @dataclass
 class SampleResult:
     token_ids: list[int]
@@ -96,9 +99,11 @@ class Sampler:
         return SampleResult(chosen.tolist(), lps)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
-        temperature = torch.tensor([s.params.temperature or 1.0 for s in seqs]).unsqueeze(1)
-        logits = filter_logits(logits / temperature, torch.tensor([s.params.top_k for s in seqs]),
-                               torch.tensor([s.params.top_p for s in seqs]), torch.tensor([s.params.min_p for s in seqs]))
+        temperature = torch.tensor([1.0 if s.params.greedy else s.params.temperature for s in seqs]).unsqueeze(1)
+        # top_p is kept above what float32 rounds to 0, so the most likely token always survives the nucleus
+        top_p = torch.tensor([max(s.params.top_p, MIN_TOP_P) for s in seqs])
+        logits = filter_logits(logits / temperature, torch.tensor([s.params.top_k for s in seqs]), top_p,
+                               torch.tensor([s.params.min_p for s in seqs]))
         probs = logits.softmax(-1)
         # Exponential race (Gumbel-max): argmax(p / E) with E ~ Exp(1) is a draw from p. Seeded rows draw their noise
         # from their own generator, so their tokens do not depend on what else is in the batch.

@@ -36,9 +36,11 @@ class SamplingParams:
             self.stop = [self.stop]
         self.validate()
 
+    GREEDY_BELOW = 1e-5  # temperatures under this are greedy: dividing float32 logits by them overflows
+
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < self.GREEDY_BELOW
 
     @property
     def needs_penalties(self) -> bool:

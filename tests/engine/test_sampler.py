@@ -116,3 +116,14 @@ def test_invalid_parameters_are_named(field, value, message):
     with pytest.raises(InvalidRequestError, match=message) as info:
         SamplingParams(**{field: value})
     assert info.value.param == field
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1e-50), dict(temperature=1e-6),
+                                    dict(temperature=1.0, top_p=1e-46), dict(temperature=0.7, top_p=1e-7)])
+def test_vanishing_temperature_or_top_p_picks_the_most_likely_token(params):
+    """A temperature below GREEDY_BELOW is greedy, and a top_p that float32 would round to 0 still keeps the most
+    likely token (before: garbage tokens from inf/NaN logits or an empty nucleus)."""
+    torch.manual_seed(5)
+    logits = torch.randn(3, VOCAB) * 4
+    seqs = [make_seq([1], i, **params) for i in range(3)]
+    assert Sampler(seed=0)(logits, seqs).token_ids == logits.argmax(-1).tolist()
