@@ -102,12 +102,13 @@ class Lifecycle:
         self.warmed_up = True
         log.info("ready", extra={"model": self.model.name})
 
-    async def drain(self, timeout: float) -> None:
-        """Graceful shutdown: wait up to `timeout` for in-flight work, then abort what is left."""
+    async def drain(self, timeout: float, hurry: Callable[[], bool] = lambda: False) -> None:
+        """Graceful shutdown: wait up to `timeout` for in-flight work (less if `hurry()` turns true: a second
+        signal), then abort what is left."""
         self.draining = True
         tracker = self.tracker
         deadline = time.monotonic() + timeout
-        while (tracker.http_inflight or tracker.active) and time.monotonic() < deadline:
+        while (tracker.http_inflight or tracker.active) and time.monotonic() < deadline and not hurry():
             await asyncio.sleep(0.05)
         aborted = tracker.abort_all()
         if aborted:

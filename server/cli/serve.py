@@ -119,11 +119,13 @@ class DrainingServer(uvicorn.Server):
         self.lifecycle, self.drain_timeout = lifecycle, drain_timeout
 
     def handle_exit(self, sig, frame) -> None:
+        if self.lifecycle.draining:  # a second SIGTERM or SIGINT: stop waiting for in-flight requests
+            self.force_exit = True
         self.lifecycle.draining = True  # /ready answers 503 from this moment; new /v1 requests too
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets=None) -> None:
         for listener in getattr(self, "servers", []):  # stop accepting new connections at once
             listener.close()
-        await self.lifecycle.drain(self.drain_timeout)
+        await self.lifecycle.drain(self.drain_timeout, hurry=lambda: self.force_exit)
         await super().shutdown(sockets)

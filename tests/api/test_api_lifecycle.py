@@ -125,3 +125,22 @@ def test_failed_model_load_exits_nonzero(serve, tmp_path):
     proc = serve("--model", str(tmp_path / "no-such-model"))
     assert proc.wait(90) != 0
     assert "no-such-model" in proc.log.read_text()
+
+
+def test_a_second_signal_ends_the_drain_at_once(serve):
+    proc = serve("--drain-timeout", "60")
+    wait_proc_ready(proc)
+    started, result = threading.Event(), {}
+    body = {"prompt": "long", "max_tokens": 2000, "ignore_eos": True, "temperature": 0, "stream": True}
+    reader = threading.Thread(target=read_stream, args=(proc.url, body, started, result))
+    reader.start()
+    assert started.wait(30)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert proc.poll() is None, "the first signal drains (the stream is still running)"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0, proc.log.read_text()[-2000:]
+    assert time.monotonic() - t0 < 10
+    reader.join(15)
+    assert result.get("finish") == "abort" and result.get("tokens", 0) < 2000, result
