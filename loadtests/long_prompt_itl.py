@@ -23,7 +23,7 @@ def measure(lm, chunk: int, streams: int, long_len: int, budget: int) -> dict:
     rng = random.Random(0)
     decode = SamplingParams(max_tokens=4096, temperature=0.0, ignore_eos=True)
     for i in range(streams):
-        core.add_request(f"s{i}", [rng.randrange(100, 40000) for _ in range(32)], decode)
+        core.add_request(f"stream-{i}", [rng.randrange(100, 40000) for _ in range(32)], decode)
     last: dict[str, float] = {}
     while len(last) < streams:  # every stream has produced its first token
         for out in core.step().outputs:
@@ -36,7 +36,7 @@ def measure(lm, chunk: int, streams: int, long_len: int, budget: int) -> dict:
     while long_ttft is None:
         for out in core.step().outputs:
             now = time.perf_counter()
-            if out.request_id.startswith("s") and out.token_ids:
+            if out.request_id.startswith("stream-") and out.token_ids:
                 gaps.append(now - last[out.request_id])
                 last[out.request_id] = now
             elif out.request_id == "short" and short_ttft is None:

@@ -48,13 +48,17 @@ def paged_attention_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
             continue
         k = gather_kv(k_cache, block_tables[b], length).transpose(0, 1)  # [Hkv, L, D]
         v = gather_kv(v_cache, block_tables[b], length).transpose(0, 1)
-        qb = q[start:end].transpose(0, 1)  # [H, nq, D]
-        gqa = k.shape[0] != num_heads
+        if k.shape[0] != num_heads:  # GQA: each KV head serves a group of query heads
+            k, v = k.repeat_interleave(num_heads // k.shape[0], 0), v.repeat_interleave(num_heads // k.shape[0], 0)
+        # 4-D inputs with equal head counts take torch's fused CPU attention kernel; 3-D ones or enable_gqa fall back
+        # to the unfused math path, measured 2-4x slower here (128 x 5,000 tokens: 14 vs 33 ms per layer).
+        qb, k, v = q[start:end].transpose(0, 1)[None], k[None], v[None]  # [1, H, nq, D], [1, H, L, D]
         if num_q == length:  # whole prompt at once: plain causal
-            o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale)
         else:  # query i sits at position length - num_q + i and sees keys up to it
             rows = torch.arange(length - num_q, length, device=q.device)[:, None]
             mask = torch.arange(length, device=q.device)[None, :] <= rows
-            o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)
+        o = o[0]
         out[start:end] = o.transpose(0, 1)
     return out
