@@ -6,7 +6,7 @@ import torch
 from kernels.fused_cpu.cpu_ops import fused_cpu_available, rms_norm_cpu, rotary_cpu
 from kernels.rms_norm.reference import rms_norm_ref
 from kernels.rotary.reference import rotary_ref
-from server.model.rope import cos_sin_cache
+from kernels.rotary.test_rotary import cos_sin_cache
 
 pytestmark = pytest.mark.skipif(not fused_cpu_available(torch.zeros(1, dtype=torch.bfloat16)),
                                 reason="no C++ compiler for the CPU kernels")
@@ -33,7 +33,7 @@ def test_rms_norm(rows, width, dtype):
 def test_rotary_in_place_on_strided_views(tokens, rot_dim, dtype):
     torch.manual_seed(tokens)
     qkv = torch.randn(tokens, 9 * 64 + 2 * 3 * 64).to(dtype)
-    cs = cos_sin_cache(rot_dim, 4096, 10000.0, None)
+    cs = cos_sin_cache(4096, rot_dim).cpu()
     positions = torch.randint(0, 4096, (tokens,))
     got, ref = qkv.clone(), qkv.clone()
     for buf, fn in ((got, rotary_cpu), (ref, rotary_ref)):

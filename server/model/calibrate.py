@@ -129,14 +129,16 @@ def compact(choice: dict[int, str]) -> list[tuple[int, str]]:
     return plan
 
 
-def plan_kernels(model: nn.Module, dtype: torch.dtype, cache_dir: Path, calibrate: bool = True) -> dict[str, list]:
-    """Choose and install a plan on every QuantLinear of `model`; returns {group: plan}."""
+def plan_kernels(model: nn.Module, dtype: torch.dtype, cache_dir: Path, calibrate: bool = True,
+                 quantized_only: bool = False) -> dict[str, list]:
+    """Choose and install a plan on every QuantLinear of `model`; returns {group: plan}. `quantized_only` keeps each
+    linear on its quantized form at every M (no dense copies: least memory, slower at large M)."""
     info = cpu_info()
     groups = group_linears(model)
     if not groups:
         return {}
     fingerprint = json.dumps([info.model, sorted(info.flags), info.capability, info.forced, torch.__version__,
-                              torch.get_num_threads(), str(dtype), sorted(groups)])
+                              torch.get_num_threads(), str(dtype), sorted(groups), quantized_only])
     path = cache_dir / "kernels" / f"{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}.json"
     cached = json.loads(path.read_text()) if calibrate and path.is_file() else None
     started = time.perf_counter()
@@ -146,6 +148,8 @@ def plan_kernels(model: nn.Module, dtype: torch.dtype, cache_dir: Path, calibrat
             choice = {int(m): b for m, b in cached["plans"][key].items()}
         else:
             candidates = backends_for(mods[0].source, info.native_bf16, info.fast_int8)
+            if quantized_only and candidates[0] in ("q4", "q8"):
+                candidates = candidates[:1]
             if calibrate:
                 timings[key] = measure_group(mods, candidates, dtype)
                 choice = {m: min(t, key=t.get) for m, t in timings[key].items()}

@@ -179,7 +179,8 @@ def load_model(settings: ModelSettings, progress: bool = True) -> LoadedModel:
                                         settings.cache_dir, iter_safetensors(directory, progress))
             model = build_quantized(FAMILIES[cfg.family], cfg, dtype, tensors)
             del tensors
-            plan_kernels(model, dtype, settings.cache_dir, settings.kernel_calibration)
+            plan_kernels(model, dtype, settings.cache_dir, settings.kernel_calibration,
+                         quantized_only=settings.linear_kernels == "quantized")
         else:
             model = build_model(cfg, dtype, device)
             filled = model.load_weights(iter_safetensors(directory, progress))

@@ -16,6 +16,9 @@ class ModelSettings(BaseSettings):
                                           "leaves safetensors as they are; 'q4'/'q8' quantize at load; 'none'")
     kernel_calibration: bool = Field(True, description="measure the fastest kernel per linear and batch size at load "
                                                         "(cached per CPU); off: a fixed heuristic")
+    linear_kernels: str = Field("auto", pattern="^(auto|quantized)$",
+                                description="'auto': the measured fastest per batch size (may keep a dense bf16/fp32 "
+                                            "copy for large batches); 'quantized': 4/8-bit forms only (least memory)")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'")
     cache_dir: Path = Field(Path("~/.cache/loom").expanduser(), description="where converted GGUF checkpoints live")
     dummy_seed: int = Field(0, description="seed of the random weights of `dummy:` models")

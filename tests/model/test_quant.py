@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from kernels.quant import quantize_q4
 from server.model import ModelSettings, load_model
-from server.model.calibrate import BUCKETS, group_linears, plan_kernels
+from server.model.calibrate import cpu_info, group_linears, plan_kernels
 from server.model.gguf_tensors import QTensor
 from server.model.loader import default_gguf
 from server.model.quant import BACKENDS, QuantEmbedding, QuantLinear
@@ -107,15 +107,13 @@ def test_safetensors_quantized_at_load_and_cached(tiny_checkpoints, tmp_path):
 
 @pytest.fixture(scope="module")
 def default_quantized():
-    """The default model on its own GGUF blocks, with every linear forced onto its quantized form at every M (the
-    prefill-sized batches of these checks would otherwise take the dense backends)."""
-    lm = load_model(ModelSettings(model="default", dtype="bfloat16", quantization="gguf", kernel_calibration=False),
+    """The default model on its own GGUF blocks, every linear on its quantized form at every M (the prefill-sized
+    batches of these checks would otherwise take the dense backends)."""
+    lm = load_model(ModelSettings(model="default", dtype="bfloat16", quantization="gguf", linear_kernels="quantized"),
                     progress=False)
     for mod in lm.model.modules():
-        if isinstance(mod, QuantLinear):
-            own = next(b for b in ("q4", "q8") if b in mod.forms) if {"q4", "q8"} & set(mod.forms) else None
-            if own:
-                mod.plan = [(BUCKETS[-1], own)]
+        if isinstance(mod, QuantLinear) and mod.quant_kind == "q4" or mod is lm.model.lm_head and cpu_info().fast_int8:
+            assert set(mod.forms) == {mod.quant_kind}, mod
     return lm
 
 
