@@ -5,11 +5,12 @@ tensors, so float32 runs keep the reference and stay bit-identical to Hugging Fa
 cpp_extension (cached on disk) like kernels/attention/cpu_decode.py; without a compiler the references serve."""
 from __future__ import annotations
 
+import functools
 import logging
-import os
-import threading
 
 import torch
+
+from kernels.backend import kernel_backend
 
 log = logging.getLogger("loom.kernels")
 
@@ -118,32 +119,24 @@ void rotary(at::Tensor q, at::Tensor k, at::Tensor positions, at::Tensor cs) {
 }
 """
 
-_lock = threading.Lock()
-_module = None
-_failed = False
-
-
-def _load():
-    global _module, _failed
-    with _lock:
-        if _module is None and not _failed:
-            try:
-                from torch.utils.cpp_extension import load_inline
-                # no -ffast-math: it would fuse/reorder the float math and drift from the references' roundings
-                _module = load_inline(name="loom_cpu_fused_ops", cpp_sources=_SOURCE, functions=["rms_norm", "rotary"],
-                                      extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                      extra_ldflags=["-fopenmp"], verbose=False)
-            except Exception as exc:  # no compiler / headers: the references serve instead
-                _failed = True
-                log.warning("CPU fused kernels unavailable, using the PyTorch references",
-                            extra={"reason": str(exc)[:200]})
-    return _module
+@functools.cache
+def _compiled():
+    """The compiled extension (built once per process, cached on disk by torch), or None without a compiler."""
+    try:
+        from torch.utils.cpp_extension import load_inline
+        # no -ffast-math: it would fuse/reorder the float math and drift from the references' roundings
+        return load_inline(name="loom_cpu_fused_ops", cpp_sources=_SOURCE, functions=["rms_norm", "rotary"],
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           verbose=False)
+    except Exception as exc:  # noqa: BLE001 - no compiler / headers: the references serve instead
+        log.warning("CPU fused kernels unavailable, using the PyTorch references", extra={"reason": str(exc)[:200]})
+        return None
 
 
 def fused_cpu_available(t: torch.Tensor) -> bool:
     """For reduced-precision CPU tensors only (float32 keeps the references, bit-identical to Hugging Face)."""
     return (t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
-            and os.environ.get("LOOM_KERNELS") != "torch" and _load() is not None)
+            and kernel_backend().mode != "torch" and _compiled() is not None)
 
 
 def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -151,11 +144,11 @@ def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float,
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     res = None if residual is None else residual.reshape(-1, shape[-1])
-    outs = _load().rms_norm(flat, weight.to(x.dtype).contiguous(), res, eps)
+    outs = _compiled().rms_norm(flat, weight.to(x.dtype).contiguous(), res, eps)
     if residual is None:
         return outs[0].reshape(shape)
     return outs[0].reshape(shape), outs[1].reshape(shape)
 
 
 def rotary_cpu(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
-    _load().rotary(q, k, positions, cos_sin_cache)
+    _compiled().rotary(q, k, positions, cos_sin_cache)

@@ -3,8 +3,17 @@ multiples of the group (K) or of int4pack's 16 output rows (N)."""
 import pytest
 import torch
 
-from kernels.quant import (dequantize_q4_ref, pack_q4, pack_q8, q4_linear, q4_linear_ref, q8_linear, q8_linear_ref,
-                           quantize_q4, quantize_q8)
+from kernels.quant import (
+    dequantize_q4_ref,
+    pack_q4,
+    pack_q8,
+    q4_linear,
+    q4_linear_ref,
+    q8_linear,
+    q8_linear_ref,
+    quantize_q4,
+    quantize_q8,
+)
 
 
 def random_q4(n: int, k: int, group: int, seed: int):

@@ -9,7 +9,6 @@ import torch
 from server.engine.outputs import TokenLogprob
 from server.engine.sequence import Sequence
 
-
 MIN_TOP_P = 1e-6
 
 

@@ -29,7 +29,7 @@ class CpuInfo:
     model: str
     flags: frozenset[str]
     capability: str  # torch's dispatch level: DEFAULT, AVX2, AVX512
-    forced: str  # LOOM_CPU_ISA ("" = detect)
+    forced: str  # ModelSettings.cpu_isa ("" = detect)
 
     @property
     def avx2_only(self) -> bool:
@@ -46,8 +46,9 @@ class CpuInfo:
         return not self.avx2_only  # int8pack's AVX2 kernel measured 5-400x slower than fp32 (issue 11)
 
 
-def cpu_info() -> CpuInfo:
-    """What this CPU can do. LOOM_CPU_ISA=avx2 takes the AVX2 choices on any CPU (pair it with torch's
+def cpu_info(forced_isa: str = "auto") -> CpuInfo:
+    """What this CPU can do. `forced_isa="avx2"` (`--cpu-isa avx2`, LOOM_CPU_ISA) takes the AVX2 choices on any CPU
+    (pair it with torch's
     ATEN_CPU_CAPABILITY=avx2 and oneDNN's ONEDNN_MAX_CPU_ISA=AVX2 to force the libraries too)."""
     model, flags = "unknown", set()
     try:
@@ -60,7 +61,7 @@ def cpu_info() -> CpuInfo:
     except OSError:
         pass
     return CpuInfo(model, frozenset(flags & set(ISA_FLAGS)), torch.backends.cpu.get_cpu_capability(),
-                   os.environ.get("LOOM_CPU_ISA", "").lower())
+                   "" if forced_isa == "auto" else forced_isa)
 
 
 def release_freed_memory() -> None:
@@ -130,10 +131,10 @@ def compact(choice: dict[int, str]) -> list[tuple[int, str]]:
 
 
 def plan_kernels(model: nn.Module, dtype: torch.dtype, cache_dir: Path, calibrate: bool = True,
-                 quantized_only: bool = False) -> dict[str, list]:
+                 quantized_only: bool = False, forced_isa: str = "auto") -> dict[str, list]:
     """Choose and install a plan on every QuantLinear of `model`; returns {group: plan}. `quantized_only` keeps each
     linear on its quantized form at every M (no dense copies: least memory, slower at large M)."""
-    info = cpu_info()
+    info = cpu_info(forced_isa)
     groups = group_linears(model)
     if not groups:
         return {}

@@ -106,14 +106,14 @@ def resolve_checkpoint(spec: str, cache_dir: Path) -> Path:
     return path
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str, device: torch.device, forced_isa: str = "auto") -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     # bf16 runs in hardware only with AVX512-BF16/AMX. oneDNN also reports bf16 on plain AVX-512 (emulated: 2x slower
     # than fp32 at 16 sequences on Zen 3, issue 11), so ask the CPU flags. The quantized kernels want the same.
-    return torch.bfloat16 if cpu_info().native_bf16 else torch.float32
+    return torch.bfloat16 if cpu_info(forced_isa).native_bf16 else torch.float32
 
 
 def pick_device(name: str) -> torch.device:
@@ -148,7 +148,7 @@ def iter_safetensors(directory: Path, progress: bool = True):
 def load_model(settings: ModelSettings, progress: bool = True) -> LoadedModel:
     started = time.perf_counter()
     device = pick_device(settings.device)
-    dtype = pick_dtype(settings.dtype, device)
+    dtype = pick_dtype(settings.dtype, device, settings.cpu_isa)
     quantization = "none"
     if settings.model.startswith("dummy:"):
         target = settings.model.removeprefix("dummy:")
@@ -180,7 +180,7 @@ def load_model(settings: ModelSettings, progress: bool = True) -> LoadedModel:
             model = build_quantized(FAMILIES[cfg.family], cfg, dtype, tensors)
             del tensors
             plan_kernels(model, dtype, settings.cache_dir, settings.kernel_calibration,
-                         quantized_only=settings.linear_kernels == "quantized")
+                         quantized_only=settings.linear_kernels == "quantized", forced_isa=settings.cpu_isa)
         else:
             model = build_model(cfg, dtype, device)
             filled = model.load_weights(iter_safetensors(directory, progress))

@@ -19,6 +19,9 @@ class ModelSettings(BaseSettings):
     linear_kernels: str = Field("auto", pattern="^(auto|quantized)$",
                                 description="'auto': the measured fastest per batch size (may keep a dense bf16/fp32 "
                                             "copy for large batches); 'quantized': 4/8-bit forms only (least memory)")
+    cpu_isa: str = Field("auto", pattern="^(auto|avx2)$",
+                         description="'avx2': take the AVX2-only kernel and dtype choices on any CPU (testing the "
+                                     "path other CPUs take; pair with ATEN_CPU_CAPABILITY=avx2)")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'")
     cache_dir: Path = Field(Path("~/.cache/loom").expanduser(), description="where converted GGUF checkpoints live")
     dummy_seed: int = Field(0, description="seed of the random weights of `dummy:` models")

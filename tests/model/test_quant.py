@@ -1,7 +1,7 @@
 """The quantized CPU path: GGUF blocks decode to exactly transformers' de-quantized weights, every linear backend
 matches the de-quantize + float32 reference, safetensors quantize at load, and the quantized default model stays
 close to the de-quantized float32 model (top-1 agreement, perplexity through the engine's prompt logprobs). The
-full-size accuracy check (32 prompts x 64 tokens) is `python -m tests.model.quant_accuracy`."""
+full-size accuracy check (32 prompts x 64 tokens) is `python -m tests.support.quant_accuracy`."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from server.model.gguf_tensors import QTensor
 from server.model.loader import default_gguf
 from server.model.quant import BACKENDS, QuantEmbedding, QuantLinear
 from server.model.quant_load import quantized_tensors, resolve_mode
-from tests.model.quant_accuracy import TEXT, agreement, chat_prompts, perplexity
+from tests.support.quant_accuracy import TEXT, agreement, chat_prompts, perplexity
 
 
 def q4_source(n: int, k: int, seed: int = 0) -> QTensor:

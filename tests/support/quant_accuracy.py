@@ -1,6 +1,6 @@
 """Accuracy of the quantized CPU path against the de-quantized float32 model of the same weights: teacher-forced
 top-1 agreement on greedy continuations, and perplexity of a fixed English text, both through the engine's prompt
-logprobs (`max_tokens=0`, as a user measures it). `python -m tests.model.quant_accuracy` runs the full-size check
+logprobs (`max_tokens=0`, as a user measures it). `python -m tests.support.quant_accuracy` runs the full-size check
 (32 prompts x 64 tokens); tests/model/test_quant.py runs a smaller one."""
 from __future__ import annotations
 
