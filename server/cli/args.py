@@ -22,6 +22,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default=None, choices=["auto", "gguf", "q4", "q8", "none"],
                    help="CPU weights: gguf = a GGUF's own 4/8-bit blocks; auto = gguf for a GGUF unless --dtype float32, "
                         "safetensors as they are; q4/q8 = quantize at load (cached); none = de-quantized")
+    g.add_argument("--linear-kernels", default=None, choices=["auto", "quantized"],
+                   help="auto: the fastest kernel per batch size (may keep dense copies); quantized: 4/8-bit only")
     g.add_argument("--cpu-isa", default=None, choices=["auto", "avx2"],
                    help="avx2: take the AVX2-only kernel choices on any CPU (LOOM_CPU_ISA)")
     g.add_argument("--cache-dir", default=None, type=Path, help="where converted GGUF checkpoints are kept")
