@@ -14,27 +14,11 @@ import logging
 import torch
 
 from kernels.backend import kernel_backend
+from kernels.cpu_source import PRELUDE
 
 log = logging.getLogger("loom.kernels")
 
-_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <cmath>
-#include <limits>
-#include <vector>
-#include <cstring>
-
-// Widening loads the compiler can vectorize (c10's conversions go through a function call per element).
-static inline float widen(float x) { return x; }
-static inline float widen(at::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-static inline float widen(at::Half x) { return static_cast<float>(x); }
-
+_SOURCE = PRELUDE + r"""
 template <typename T>
 static void decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt,
                    const at::Tensor& sl, double scale, at::Tensor& out) {

@@ -11,24 +11,11 @@ import logging
 import torch
 
 from kernels.backend import kernel_backend
+from kernels.cpu_source import PRELUDE
 
 log = logging.getLogger("loom.kernels")
 
-_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <cmath>
-#include <cstring>
-#include <vector>
-
-static inline float widen(float x) { return x; }
-static inline float widen(at::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-static inline float widen(at::Half x) { return static_cast<float>(x); }
+_SOURCE = PRELUDE + r"""
 template <typename T> static inline T narrow(float f) { return static_cast<T>(f); }
 
 // out = weight * round(h * rsqrt(mean(h^2) + eps)), h = x (+ residual, rounded); new_res = x + residual

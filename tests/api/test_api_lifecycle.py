@@ -60,15 +60,21 @@ def wait_proc_ready(proc, headers=None) -> None:
         raise TimeoutError(proc.log.read_text()[-3000:]) from None
 
 
+def stream_in_background(proc, max_tokens: int, headers=None) -> tuple[threading.Thread, dict]:
+    """A streamed completion of `max_tokens` read on a thread; returns once its first chunk arrived."""
+    started, result = threading.Event(), {}
+    body = {"prompt": "long", "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True}
+    reader = threading.Thread(target=read_stream, args=(proc.url, body, started, result, headers))
+    reader.start()
+    assert started.wait(30)
+    return reader, result
+
+
 def test_sigterm_lets_inflight_streams_finish(serve):
     proc = serve("--drain-timeout", "60")
     assert wait_proc_ready(proc) is None
     assert httpx.get(proc.url + "/health").json() == {"status": "ok"}
-    started, result = threading.Event(), {}
-    body = {"prompt": "long", "max_tokens": 600, "ignore_eos": True, "temperature": 0, "stream": True}
-    reader = threading.Thread(target=read_stream, args=(proc.url, body, started, result))
-    reader.start()
-    assert started.wait(30)
+    reader, result = stream_in_background(proc, 600)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     with pytest.raises(httpx.TransportError):  # no new connections once the signal is in
@@ -87,11 +93,7 @@ def test_drain_timeout_aborts_the_rest_and_env_config(serve):
     assert httpx.get(proc.url + "/v1/models").status_code == 401
     models = httpx.get(proc.url + "/v1/models", headers=auth).json()
     assert models["data"][0]["max_model_len"] == 2048
-    started, result = threading.Event(), {}
-    body = {"prompt": "long", "max_tokens": 2000, "ignore_eos": True, "temperature": 0, "stream": True}
-    reader = threading.Thread(target=read_stream, args=(proc.url, body, started, result, auth))
-    reader.start()
-    assert started.wait(30)
+    reader, result = stream_in_background(proc, 2000, auth)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     reader.join(30)
@@ -130,11 +132,7 @@ def test_failed_model_load_exits_nonzero(serve, tmp_path):
 def test_a_second_signal_ends_the_drain_at_once(serve):
     proc = serve("--drain-timeout", "60")
     wait_proc_ready(proc)
-    started, result = threading.Event(), {}
-    body = {"prompt": "long", "max_tokens": 2000, "ignore_eos": True, "temperature": 0, "stream": True}
-    reader = threading.Thread(target=read_stream, args=(proc.url, body, started, result))
-    reader.start()
-    assert started.wait(30)
+    reader, result = stream_in_background(proc, 2000)
     proc.send_signal(signal.SIGTERM)
     time.sleep(1.0)
     assert proc.poll() is None, "the first signal drains (the stream is still running)"
