@@ -43,9 +43,10 @@ class EngineCore:
         self.last_step_seqs = self.last_step_tokens = 0
 
     def _default_prefill_chunk(self) -> int:
-        """On CPU a step's time grows with its tokens (~1 ms per prompt token for the default model on 2 cores), so
-        a 256-token share keeps a running stream's inter-token latency near a quarter second while a long prompt
-        prefills; a GPU step is nearly flat in tokens, so a whole budget's chunk costs the others little."""
+        """On CPU a step's time grows with its tokens (~2 ms per prompt token for the default model on 2 cores at
+        5,000+ tokens of context, BENCHMARKS.md), so a 256-token share keeps a running stream's inter-token gap near
+        0.6 s while a long prompt prefills (4.5 s with whole-budget chunks); a GPU step is nearly flat in tokens, so
+        a whole budget's chunk costs the others little."""
         if self.lm.device.type == "cpu":
             return min(256, self.settings.max_num_batched_tokens)
         return self.settings.max_num_batched_tokens
