@@ -19,7 +19,8 @@ def build_params(body: SamplingFields, *, max_tokens: int | None, logprobs: int 
     if body.logit_bias:
         raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
     given = {k: getattr(body, k) for k in _PASSED_THROUGH if getattr(body, k) is not None}
-    return SamplingParams(max_tokens=max_tokens, n=body.n, stop=body.stop or [],
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])  # "" is refused like [""]
+    return SamplingParams(max_tokens=max_tokens, n=body.n, stop=stop,
                           stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos,
                           include_stop_str_in_output=body.include_stop_str_in_output,
                           skip_special_tokens=body.skip_special_tokens, logprobs=logprobs,

@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from server.engine import TokenUsage
 
@@ -56,7 +56,7 @@ class Body(BaseModel):
 
 # -- shared ---------------------------------------------------------------------------------------------------------
 class StreamOptions(Body):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingFields(Body):
@@ -71,13 +71,13 @@ class SamplingFields(Body):
     repetition_penalty: float | None = None
     n: int = Field(1, description="completions per prompt")
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[StrictInt] | None = None
     seed: int | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
+    ignore_eos: StrictBool = False
+    include_stop_str_in_output: StrictBool = False
+    skip_special_tokens: StrictBool = True
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
     user: str | None = Field(None, description="accepted and ignored")
     priority: int = Field(0, description="lower runs first when the server is busy")
@@ -110,10 +110,10 @@ class ErrorResponse(Body):
 
 # -- completions ----------------------------------------------------------------------------------------------------
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] = Field(
         ..., description="a string, a list of strings, token ids, or a list of token-id lists")
     max_tokens: int | None = Field(16, description="null: up to the context window")
-    echo: bool = Field(False, description="prepend the prompt to the text (and its logprobs, with `logprobs`)")
+    echo: StrictBool = Field(False, description="prepend the prompt to the text (and its logprobs, with `logprobs`)")
     logprobs: int | None = Field(None, description="logprobs of the sampled token and this many alternatives")
     best_of: int | None = Field(None, description="only best_of == n is supported")
     suffix: str | None = Field(None, description="not supported")
@@ -165,7 +165,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, description="null: up to the context window")
     max_completion_tokens: int | None = Field(None, description="preferred alias of max_tokens")
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, description="alternatives per token, with logprobs: true")
     response_format: ResponseFormat | None = Field(None, description="only `text` for now")
     tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
@@ -229,7 +229,7 @@ class SummarizeRequest(Body):
     input: str | list[str] = Field(..., description="a document, or several summarized concurrently")
     max_tokens: int | None = Field(None, ge=1, description="length of each summary (default: server setting)")
     style: Literal["paragraph", "bullets"] = "paragraph"
-    stream: bool = False
+    stream: StrictBool = False
     chunk_tokens: int | None = Field(None, ge=64, description="largest piece summarized in one call (map-reduce)")
     timeout: float | None = Field(None, gt=0, description=TIMEOUT_DESCRIPTION)
 
@@ -253,10 +253,10 @@ class ClassifyRequest(Body):
     model: str | None = None
     input: str | list[str] = Field(..., description="a text, or several classified in one batch")
     labels: list[str] = Field(..., min_length=1, max_length=64, description="candidate labels")
-    multi_label: bool = Field(False, description="score each label independently (yes/no) instead of one of them")
+    multi_label: StrictBool = Field(False, description="score each label independently (yes/no) instead of one of them")
     label_descriptions: dict[str, str] | None = Field(None, description="label -> what it means")
     examples: list[ClassifyExample] | None = Field(None, max_length=32, description="few-shot examples")
-    calibrate: bool = Field(True, description="divide out the model's bias toward labels on a content-free input")
+    calibrate: StrictBool = Field(True, description="divide out the model's bias toward labels on a content-free input")
     permutations: int | None = Field(None, ge=1, le=8, description="label orders averaged (default: server setting)")
     timeout: float | None = Field(None, gt=0, description=TIMEOUT_DESCRIPTION)
 
@@ -282,8 +282,8 @@ class TokenizeRequest(Body):
     model: str | None = None
     prompt: str | None = Field(None, description="text to tokenize (or `messages`)")
     messages: list[ChatMessage] | None = Field(None, description="a conversation, rendered with the chat template")
-    add_special_tokens: bool = Field(True, description="for `prompt`: add the tokenizer's special tokens (BOS...)")
-    add_generation_prompt: bool = Field(True, description="for `messages`: end with the assistant's turn opening")
+    add_special_tokens: StrictBool = Field(True, description="for `prompt`: add the tokenizer's special tokens (BOS...)")
+    add_generation_prompt: StrictBool = Field(True, description="for `messages`: end with the assistant's turn opening")
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
@@ -300,7 +300,7 @@ class TokenizeResponse(Body):
 
 class DetokenizeRequest(Body):
     model: str | None = None
-    tokens: list[int] = Field(..., description="token ids")
+    tokens: list[StrictInt] = Field(..., description="token ids")
 
 
 class DetokenizeResponse(Body):

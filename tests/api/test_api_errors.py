@@ -43,6 +43,7 @@ def test_non_object_json_is_400(client, body):
     ("/v1/completions", {"max_tokens": 3}, "prompt"),
     ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, "max_tokens"),
     ("/v1/completions", {"prompt": [1.5, "a"]}, "prompt"),
+    ("/v1/completions", {"prompt": [True, False]}, "prompt"),  # booleans are not token ids
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ("/v1/chat/completions", {**CHAT, "stream_options": "yes"}, "stream_options"),
@@ -59,6 +60,10 @@ def test_schema_violations_are_400_not_422(client, path, body, param):
     ({"prompt": "x", "temperature": 3}, "temperature"),
     ({"prompt": "Hi", "max_tokens": 4, "temperature": 1, "top_k": 10 ** 20}, "top_k"),
     ({"prompt": "x", "top_k": -2}, "top_k"),
+    ({"prompt": "x", "logprobs": 1, "echo": "yes"}, "echo"),  # strict booleans: no "yes" -> true
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "stop": ""}, "stop"),  # refused like [""]
+    ({"prompt": "x", "stop": [""]}, "stop"),
     ({"prompt": "x", "top_p": 0}, "top_p"),
     ({"prompt": "x", "n": 2, "temperature": 0}, "n"),
     ({"prompt": "x", "n": 99}, "n"),
