@@ -12,7 +12,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.api.errors import APIError, error_body
+from server.api.errors import APIError, count_error, error_body
 
 bearer = HTTPBearer(auto_error=False, description="the server's API key (only when it was started with one)")
 PROTECTED_PREFIX = "/v1/"
@@ -46,6 +46,7 @@ class APIKeyMiddleware:
             headers = dict(scope.get("headers") or ())
             problem = check_key(headers.get(b"authorization", b"").decode("latin-1") or None, self.api_key)
             if problem:
+                count_error(scope.get("app"), 401)
                 body = json.dumps(error_body(401, problem, code="invalid_api_key")).encode()
                 await send({"type": "http.response.start", "status": 401,
                             "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),

@@ -97,10 +97,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) + more, param
 
 
-def _respond(request: Request, exc: APIError) -> JSONResponse:
-    metrics = getattr(request.app.state, "metrics", None)
+def count_error(app, status: int) -> None:
+    """Count an error answer in `loom_request_errors_total` (middlewares that answer before the app call it too)."""
+    metrics = getattr(getattr(app, "state", None), "metrics", None)
     if metrics is not None:
-        metrics.errors.labels(str(exc.status)).inc()
+        metrics.errors.labels(str(status)).inc()
+
+
+def _respond(request: Request, exc: APIError) -> JSONResponse:
+    count_error(request.app, exc.status)
     return error_response(exc)
 
 
@@ -119,7 +124,8 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route for {request.method} {request.url.path}"
-        return _respond(request, APIError(exc.status_code, message, headers=getattr(exc, "headers", None)))
+        return _respond(request, APIError(exc.status_code, message, code=getattr(exc, "code", None),
+                                          headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(EngineError)
     async def _engine(request: Request, exc: Exception) -> JSONResponse:

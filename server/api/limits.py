@@ -6,10 +6,12 @@ import json
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import error_body
+from server.api.errors import count_error, error_body
 
 
 class BodyTooLargeError(HTTPException):
+    code = "request_too_large"  # the same code whether the body was chunked or had a Content-Length
+
     def __init__(self, limit: int):
         super().__init__(413, f"the request body is larger than the limit of {limit} bytes")
 
@@ -25,6 +27,7 @@ class BodySizeLimitMiddleware:
             return
         length = dict(scope.get("headers") or ()).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
+            count_error(scope.get("app"), 413)
             await self._refuse(send)
             return
         received = 0

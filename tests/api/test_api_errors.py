@@ -157,7 +157,10 @@ def test_body_over_limit_is_413(dummy_engine):
             for _ in range(10):
                 yield b"x" * 1000
         r = c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
-        assert error_of(r, 413)["message"].startswith("the request body is larger")
+        err = error_of(r, 413)
+        assert err["message"].startswith("the request body is larger") and err["code"] == "request_too_large"
+        # both refusals are counted, the early one (from Content-Length, before the app) too
+        assert 'loom_request_errors_total{status="413"} 2.0' in c.get("/metrics").text
         assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
 
 
@@ -273,6 +276,8 @@ def test_api_key_guards_v1_only(dummy_engine):
         assert error_of(r, 401)["message"] == "incorrect API key" and r.headers["www-authenticate"] == "Bearer"
         error_of(c.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Basic s3cret"}), 401)
         error_of(c.post("/v1/completions", content=b"{", headers={"content-type": "application/json"}), 401)
+        refused = c.get("/metrics").text  # refused by the middleware before the app: counted all the same
+        assert 'loom_request_errors_total{status="401"} 4.0' in refused
         ok = c.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "dummy:tiny"
         for open_path in ("/health", "/ready", "/metrics", "/openapi.json", "/docs"):
