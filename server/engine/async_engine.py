@@ -58,17 +58,14 @@ class DrainRate:
     def seconds_to_drain(self, seqs: int, tokens: int) -> int | None:
         """Seconds until `seqs` more sequences and `tokens` more prompt tokens have left the queue (None: no
         estimate, nothing drained yet)."""
-        if len(self.samples) < 2:
+        if len(self.samples) < 2 or self.samples[-1][0] <= self.samples[0][0]:
             return None
         (t0, a0, p0), (t1, a1, p1) = self.samples[0], self.samples[-1]
-        if t1 <= t0:
-            return None
         seq_rate, token_rate = (a1 - a0) / (t1 - t0), (p1 - p0) / (t1 - t0)
-        waits = [seqs / seq_rate if seqs > 0 and seq_rate > 0 else 0.0,
-                 tokens / token_rate if tokens > 0 and token_rate > 0 else 0.0]
         if (seqs > 0 and seq_rate <= 0) or (tokens > 0 and token_rate <= 0):
             return None
-        return min(max(math.ceil(max(waits)), 1), 300)
+        wait = max(seqs / seq_rate if seqs > 0 else 0.0, tokens / token_rate if tokens > 0 else 0.0)
+        return min(max(math.ceil(wait), 1), 300)
 
 
 class AsyncEngine:
@@ -195,18 +192,18 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if isinstance(message, _Submit):
-                with self._admission:  # inbox -> scheduler: the sequences stay counted as waiting
-                    self._inbox_seqs -= message.params.n
-                    self._inbox_tokens -= message.params.n * len(message.prompt_token_ids)
+                seqs, tokens = message.params.n, message.params.n * len(message.prompt_token_ids)
+                with self._admission:  # inbox -> scheduler: the new sequences wait there, their prompts unprefilled
+                    self._inbox_seqs -= seqs
+                    self._inbox_tokens -= tokens
                     try:
                         self.core.add_request(message.request_id, message.prompt_token_ids, message.params,
                                               message.priority, message.max_tokens)
                     except EngineError as exc:
                         message.sink(exc)
                         continue
-                    finally:
-                        self._core_waiting = self.core.num_waiting_seqs()
-                        self._core_tokens = self.core.num_unprefilled_tokens()
+                    self._core_waiting += seqs
+                    self._core_tokens += tokens
                 self._sinks[message.request_id] = message.sink
                 self._unfinished[message.request_id] = message.params.n
                 if message.deadline is not None:
@@ -228,14 +225,18 @@ class AsyncEngine:
         if not self._deadlines:
             return
         now = time.monotonic()
-        for request_id in [r for r, when in self._deadlines.items() if when <= now]:
+        expired = [r for r, when in self._deadlines.items() if when <= now]
+        for request_id in expired:
             self.core.abort(request_id)  # its last deltas are dropped: the caller gets the timeout instead
             self._fail(request_id, RequestTimeoutError("the request did not finish within its timeout"))
-        self._count_waiting()
+        if expired:
+            self._count_waiting()
 
     def _count_waiting(self) -> None:
-        """After the scheduler moved sequences (admitted, preempted, finished), count what still waits there."""
-        waiting, tokens = self.core.num_waiting_seqs(), self.core.num_unprefilled_tokens()
+        """After the scheduler moved sequences (admitted, preempted, finished), count what still waits there. The
+        token count walks every waiting and running sequence, so it is only taken when a token cap needs it."""
+        waiting = self.core.num_waiting_seqs()
+        tokens = self.core.num_unprefilled_tokens() if self.max_waiting_tokens else 0
         with self._admission:
             self._core_waiting, self._core_tokens = waiting, tokens
         self._drain.record(time.monotonic(), self.core.scheduler.num_admitted, self.core.prefilled_tokens)

@@ -107,8 +107,8 @@ class EngineCore:
             return StepOutput(failed=dict.fromkeys(request_ids, error))
 
     def _process(self, sched: SchedulerOutput, step: StepLogits) -> StepOutput:
-        seqs = [item.seq for item in sched.prefills + sched.decodes]
-        for item in sched.prefills + sched.decodes:
+        items = sched.prefills + sched.decodes
+        for item in items:
             seq = item.seq
             if seq.seq_id in step.prompt_rows:
                 first, count = step.prompt_rows[seq.seq_id]
@@ -116,7 +116,7 @@ class EngineCore:
             self.prefilled_tokens += max(min(item.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens), 0)
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_full_blocks(seq)
-        ready = [s for s in seqs if s.seq_id in step.sample_rows]
+        ready = [item.seq for item in items if item.seq.seq_id in step.sample_rows]
         finished = [s for s in ready if s.max_tokens == 0]  # prompt scoring only (echo / classification)
         for seq in finished:
             self.prompt_tokens += seq.num_prompt_tokens

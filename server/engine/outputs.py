@@ -62,11 +62,6 @@ class CompletionOutput:
             self.finish_reason = out.finish_reason
         return self
 
-    @classmethod
-    def of(cls, out: RequestOutput) -> CompletionOutput:
-        """A single delta seen as a completion (streaming: the chunk's own text and logprobs)."""
-        return cls().add(out)
-
 
 @dataclass
 class TokenUsage:

@@ -63,6 +63,14 @@ class Summarizer:
         rendered = self.tok.render_chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}])
         return self.tok.encode(rendered + prefix, add_special_tokens=False)
 
+    def check_input(self, text: str, param: str = "input") -> None:
+        """Refuse a document that is empty or longer than `max_input_chars`, before any work on it."""
+        if not text.strip():
+            raise InvalidRequestError("input must not be empty", param)
+        if len(text) > self.max_input_chars:
+            raise InvalidRequestError(f"the input has {len(text)} characters; this server summarizes at most "
+                                      f"{self.max_input_chars}", param, "input_too_long")
+
     def budget(self, max_tokens: int, chunk_tokens: int | None = None) -> int:
         """Most tokens of text one call may take: the chunk size, and what the context window leaves."""
         room = self.max_model_len - self._overhead - max_tokens - 8
@@ -87,11 +95,7 @@ class Summarizer:
         """Every engine call of the map-reduce shares `deadline` (time.monotonic())."""
         if style not in STYLES:
             raise InvalidRequestError(f"style must be one of {sorted(STYLES)}, got {style!r}", "style")
-        if not text.strip():
-            raise InvalidRequestError("input must not be empty", "input")
-        if len(text) > self.max_input_chars:
-            raise InvalidRequestError(f"the input has {len(text)} characters; this server summarizes at most "
-                                      f"{self.max_input_chars}", "input", "input_too_long")
+        self.check_input(text)
         max_tokens = max_tokens or self.max_tokens
         budget = self.budget(max_tokens, chunk_tokens)
         usage, template, map_calls = TokenUsage(), DOCUMENT, 0

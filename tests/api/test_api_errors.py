@@ -362,3 +362,15 @@ def test_server_default_timeout_and_queue_time_counts(slow_engine):
         hog.join(30)
         assert results["hog"] == 200
         assert wait_until(lambda: idle(slow_engine))
+
+
+def test_summarize_inputs_are_checked_before_any_work(dummy_engine):
+    """Each input of a batch is checked up front; the error names the one at fault."""
+    with TestClient(make_app(dummy_engine, summarize_max_input_chars=1000)) as c:
+        wait_ready(c.get)
+        err = error_of(c.post("/v1/summarize", json={"input": ["A fine text.", "   "]}), 400)
+        assert err["param"] == "input.1" and "empty" in err["message"]
+        err = error_of(c.post("/v1/summarize", json={"input": ["A fine text.", "x" * 1001]}), 400)
+        assert err["param"] == "input.1" and err["code"] == "input_too_long"
+        err = error_of(c.post("/v1/summarize", json={"input": "x" * 1001}), 400)
+        assert err["param"] == "input" and err["code"] == "input_too_long"
