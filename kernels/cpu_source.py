@@ -1,4 +1,12 @@
-"""C++ shared by Loom's CPU kernels (compiled with torch's cpp_extension): the includes and the widening loads."""
+"""C++ shared by Loom's CPU kernels (compiled with torch's cpp_extension): the includes, the widening loads, and the
+one build function every CPU extension goes through."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+log = logging.getLogger("loom.kernels")
 
 PRELUDE = r"""
 #include <torch/extension.h>
@@ -18,3 +26,25 @@ static inline float widen(at::BFloat16 x) {
 }
 static inline float widen(at::Half x) { return static_cast<float>(x); }
 """
+
+
+def cpu_fingerprint() -> str:
+    """Short hash of this CPU's model and flags. Extensions are built with -march=native and cached on disk by
+    torch under their name: a cache shared between machines (a home directory, an image layer) must never hand a
+    build made for AVX-512 to an AVX2-only CPU (SIGILL), so the name carries the CPU it was built for."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:10]
+
+
+def build_cpu_extension(name: str, source: str, functions: list[str] | None, fast_math: bool):
+    """Compile (or load the cached build of) one C++ extension for this CPU. `functions=None`: the source has its
+    own PYBIND11_MODULE. Raises when there is no compiler; callers fall back to the PyTorch references."""
+    from torch.utils.cpp_extension import load_inline
+    flags = ["-O3", "-march=native", "-fopenmp"] + (["-ffast-math"] if fast_math else [])
+    return load_inline(name=f"{name}_{cpu_fingerprint()}", cpp_sources=source, functions=functions,
+                       extra_cflags=flags, extra_ldflags=["-fopenmp", "-lmvec"] if fast_math else ["-fopenmp"],
+                       verbose=False)

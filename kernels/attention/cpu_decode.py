@@ -14,11 +14,81 @@ import logging
 import torch
 
 from kernels.backend import kernel_backend
-from kernels.cpu_source import PRELUDE
+from kernels.cpu_source import PRELUDE, build_cpu_extension
 
 log = logging.getLogger("loom.kernels")
 
-_SOURCE = PRELUDE + r"""
+# Kept apart from PRELUDE so kernels/fused_cpu/decode_stack.py can compile the same kernel into its own build.
+SOURCE = r"""
+// Rows of one head are strided through the paged cache (other heads and blocks between them): the hardware
+// prefetcher does not follow, and without this the loops wait on memory (4.6 GB/s of a ~30 GB/s core, measured).
+constexpr int64_t kAhead = 8;
+template <typename T>
+static inline void prefetch_row(const T* p, int64_t n) {
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(p) + off, 0, 3);
+}
+
+// One (sequence, KV head) with the group size and head dim known at compile time: the group's queries stay in
+// registers and every loop unrolls (2x faster than the generic loop below on 9/3 heads x 64, measured).
+template <typename T, int G, int D>
+static void decode_item(const T* qrow, int64_t q_sh, const T* kp, const T* vp, const int32_t* table, int64_t len,
+                        int64_t bs, int64_t c_sn, int64_t c_st, int64_t v_sn, int64_t v_st, float scale,
+                        std::vector<float>& scores_buf, T* out) {
+  float qf[G][D], acc[G][D], row[D];
+  for (int g = 0; g < G; ++g)
+    for (int d = 0; d < D; ++d) qf[g][d] = widen(qrow[g * q_sh + d]) * scale;
+  scores_buf.resize(G * len);
+  float* __restrict scores = scores_buf.data();
+  for (int64_t t = 0; t < len; ++t) {
+    const T* __restrict k = kp + table[t / bs] * c_sn + (t % bs) * c_st;
+    if (t + kAhead < len) prefetch_row(kp + table[(t + kAhead) / bs] * c_sn + ((t + kAhead) % bs) * c_st, D);
+    for (int d = 0; d < D; ++d) row[d] = widen(k[d]);
+    for (int g = 0; g < G; ++g) {
+      float s = 0.f;
+      for (int d = 0; d < D; ++d) s += qf[g][d] * row[d];
+      scores[g * len + t] = s;
+    }
+  }
+  float inv[G];
+  for (int g = 0; g < G; ++g) {
+    float* sg = scores + g * len;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < len; ++t) m = std::max(m, sg[t]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < len; ++t) { sg[t] = expf(sg[t] - m); sum += sg[t]; }
+    inv[g] = len > 0 ? 1.f / sum : 0.f;
+    for (int d = 0; d < D; ++d) acc[g][d] = 0.f;
+  }
+  for (int64_t t = 0; t < len; ++t) {
+    const T* __restrict v = vp + table[t / bs] * v_sn + (t % bs) * v_st;
+    if (t + kAhead < len) prefetch_row(vp + table[(t + kAhead) / bs] * v_sn + ((t + kAhead) % bs) * v_st, D);
+    for (int d = 0; d < D; ++d) row[d] = widen(v[d]);
+    for (int g = 0; g < G; ++g) {
+      const float p = scores[g * len + t];
+      for (int d = 0; d < D; ++d) acc[g][d] += p * row[d];
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(acc[g][d] * inv[g]);
+}
+
+template <typename T, int D>
+static bool decode_fixed(int64_t G, const T* qrow, int64_t q_sh, const T* kp, const T* vp, const int32_t* table,
+                         int64_t len, int64_t bs, int64_t c_sn, int64_t c_st, int64_t v_sn, int64_t v_st, float scale,
+                         std::vector<float>& buf, T* out) {
+  switch (G) {
+    case 1: decode_item<T, 1, D>(qrow, q_sh, kp, vp, table, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
+    case 2: decode_item<T, 2, D>(qrow, q_sh, kp, vp, table, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
+    case 3: decode_item<T, 3, D>(qrow, q_sh, kp, vp, table, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
+    case 4: decode_item<T, 4, D>(qrow, q_sh, kp, vp, table, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
+    case 6: decode_item<T, 6, D>(qrow, q_sh, kp, vp, table, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
+    case 8: decode_item<T, 8, D>(qrow, q_sh, kp, vp, table, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
+    default: return false;
+  }
+}
+
 template <typename T>
 static void decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt,
                    const at::Tensor& sl, double scale, at::Tensor& out) {
@@ -39,12 +109,23 @@ static void decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / Hkv, h = item % Hkv;
       const int64_t len = slp[b];
+      const T* qrow = qp + b * q_sb + h * G * q_sh;
+      T* orow = op + b * H * D + h * G * D;
+      const float sc = static_cast<float>(scale);
+      if (D == 64 && decode_fixed<T, 64>(G, qrow, q_sh, kp + h * c_sh, vp + h * v_sh, btp + b * bt_s, len, bs, c_sn,
+                                         c_st, v_sn, v_st, sc, scores, orow))
+        continue;
+      if (D == 128 && decode_fixed<T, 128>(G, qrow, q_sh, kp + h * c_sh, vp + h * v_sh, btp + b * bt_s, len, bs,
+                                           c_sn, c_st, v_sn, v_st, sc, scores, orow))
+        continue;
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d)
           qf[g * D + d] = widen(qp[b * q_sb + (h * G + g) * q_sh + d]) * static_cast<float>(scale);
       scores.assign(G * len, 0.f);
       for (int64_t t = 0; t < len; ++t) {
         const T* k = kp + btp[b * bt_s + t / bs] * c_sn + (t % bs) * c_st + h * c_sh;
+        if (t + kAhead < len)
+          prefetch_row(kp + btp[b * bt_s + (t + kAhead) / bs] * c_sn + ((t + kAhead) % bs) * c_st + h * c_sh, D);
         for (int64_t d = 0; d < D; ++d) kf[d] = widen(k[d]);
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = &qf[g * D];
@@ -67,6 +148,8 @@ static void decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& 
       }
       for (int64_t t = 0; t < len; ++t) {
         const T* v = vp + btp[b * bt_s + t / bs] * v_sn + (t % bs) * v_st + h * v_sh;
+        if (t + kAhead < len)
+          prefetch_row(vp + btp[b * bt_s + (t + kAhead) / bs] * v_sn + ((t + kAhead) % bs) * v_st + h * v_sh, D);
         for (int64_t d = 0; d < D; ++d) kf[d] = widen(v[d]);
         for (int64_t g = 0; g < G; ++g) {
           const float p = scores[g * len + t];
@@ -102,10 +185,7 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor kc, at::Tensor vc, at::Tensor b
 def _compiled():
     """The compiled extension (built once per process, cached on disk by torch), or None without a compiler."""
     try:
-        from torch.utils.cpp_extension import load_inline
-        return load_inline(name="loom_cpu_paged_decode", cpp_sources=_SOURCE, functions=["paged_decode"],
-                           extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                           extra_ldflags=["-fopenmp", "-lmvec"], verbose=False)
+        return build_cpu_extension("loom_cpu_paged_decode", PRELUDE + SOURCE, ["paged_decode"], fast_math=True)
     except Exception as exc:  # no compiler / headers: the reference serves instead
         log.warning("CPU paged-attention kernel unavailable, using the PyTorch reference",
                     extra={"reason": str(exc)[:200]})

@@ -15,8 +15,8 @@ TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.float16: {"atol": 2e-3
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block_size", [1, 8, 16, 32])
-@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2), (8, 1)])
-@pytest.mark.parametrize("head_dim", [64, 80])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2), (9, 3), (8, 1)])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])  # 64 and 128 take the compile-time specialised loops
 def test_matches_reference(dtype, block_size, num_heads, num_kv_heads, head_dim):
     torch.manual_seed(block_size * 7 + num_heads + head_dim)
     lens = edge_lens(block_size)

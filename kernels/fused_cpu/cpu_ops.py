@@ -11,11 +11,12 @@ import logging
 import torch
 
 from kernels.backend import kernel_backend
-from kernels.cpu_source import PRELUDE
+from kernels.cpu_source import PRELUDE, build_cpu_extension
 
 log = logging.getLogger("loom.kernels")
 
-_SOURCE = PRELUDE + r"""
+# Kept apart from PRELUDE so kernels/fused_cpu/decode_stack.py can compile the same functions into its own build.
+SOURCE = r"""
 template <typename T> static inline T narrow(float f) { return static_cast<T>(f); }
 
 // out = weight * round(h * rsqrt(mean(h^2) + eps)), h = x (+ residual, rounded); new_res = x + residual
@@ -110,11 +111,8 @@ void rotary(at::Tensor q, at::Tensor k, at::Tensor positions, at::Tensor cs) {
 def _compiled():
     """The compiled extension (built once per process, cached on disk by torch), or None without a compiler."""
     try:
-        from torch.utils.cpp_extension import load_inline
         # no -ffast-math: it would fuse/reorder the float math and drift from the references' roundings
-        return load_inline(name="loom_cpu_fused_ops", cpp_sources=_SOURCE, functions=["rms_norm", "rotary"],
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                           verbose=False)
+        return build_cpu_extension("loom_cpu_fused_ops", PRELUDE + SOURCE, ["rms_norm", "rotary"], fast_math=False)
     except Exception as exc:  # noqa: BLE001 - no compiler / headers: the references serve instead
         log.warning("CPU fused kernels unavailable, using the PyTorch references", extra={"reason": str(exc)[:200]})
         return None

@@ -48,6 +48,9 @@ class ModelRunner:
                                          cfg.head_dim, lm.dtype, lm.device)
         log.info("kv cache allocated", extra={"blocks": self.num_blocks, "block_size": self.block_size,
                                               "tokens": self.num_blocks * self.block_size})
+        enable_stack = getattr(self.model, "enable_decode_stack", None)  # Llama family on CPU (model/cpu_stack.py)
+        if lm.device.type == "cpu" and enable_stack is not None and enable_stack(self.kv_cache):
+            log.info("decode steps run as one C++ call per step")
         self.graphs = None
         if lm.device.type == "cuda" and settings.cuda_graphs:
             from server.engine.cuda_graph import CudaGraphDecoder

@@ -12,6 +12,7 @@ from kernels import rms_norm, rotary, silu_and_mul
 from server.model.attention import PagedAttention
 from server.model.batch import FlatBatch, KVCache
 from server.model.config import ModelConfig
+from server.model.cpu_stack import DecodeStacks, wants_stack
 from server.model.rope import cos_sin_cache
 
 
@@ -92,6 +93,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
+        self.decode_stacks: DecodeStacks | None = None
         self.post_init()
 
     def post_init(self) -> None:
@@ -105,9 +107,17 @@ class LlamaForCausalLM(nn.Module):
             self.cos_sin = cos_sin_cache(c.head_dim, c.max_position_embeddings, c.rope_theta,
                                          c.rope_scaling).to(device)
 
+    def enable_decode_stack(self, kv_cache: KVCache) -> bool:
+        """Run decode-only steps on `kv_cache` through the one-call C++ stack where it applies (cpu_stack.py)."""
+        self.decode_stacks = DecodeStacks(self, kv_cache) if wants_stack(self, kv_cache) else None
+        return self.decode_stacks is not None
+
     def forward(self, batch: FlatBatch, kv_cache: KVCache) -> torch.Tensor:
         """Hidden states `[T, hidden]` after the final norm."""
         x = self.model.embed_tokens(batch.input_ids)
+        stacks = self.decode_stacks
+        if stacks is not None and batch.num_prefill_tokens == 0 and stacks.kv_cache is kv_cache:
+            return stacks.run(x, batch)
         residual = None
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, batch, self.cos_sin, kv_cache.k[i], kv_cache.v[i])

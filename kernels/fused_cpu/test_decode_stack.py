@@ -1,0 +1,87 @@
+"""The C++ decode stack against `decode_stack_ref` (the same step through the public ops): every linear form,
+widths that are not multiples of the 4-bit group or of 16, a qkv bias, a skipped KV slot, bf16 and fp32."""
+import pytest
+import torch
+
+from kernels.fused_cpu.decode_stack import (
+    DecodeStack,
+    StackLayer,
+    StackLinear,
+    StackShape,
+    decode_stack_available,
+    decode_stack_ref,
+)
+from kernels.quant import pack_q4, pack_q8, quantize_q4, quantize_q8
+from kernels.rotary.test_rotary import cos_sin_cache
+
+pytestmark = pytest.mark.skipif(not decode_stack_available(), reason="no C++ compiler for the CPU kernels")
+
+HIDDEN, H, HKV, D, INTER, LAYERS = 80, 4, 2, 24, 72, 3
+BLOCK, BLOCKS = 4, 16
+# The C++ side sums squares and dot products in another order (and may contract into FMAs): a few output roundings
+# apart after 3 layers.
+TOL = {torch.float32: {"atol": 2e-4, "rtol": 2e-4}, torch.bfloat16: {"atol": 6e-2, "rtol": 5e-2}}
+
+
+def make_linear(kind: str, n: int, k: int, dtype: torch.dtype, bias: bool = False) -> StackLinear:
+    w = torch.randn(n, k) / k ** 0.5
+    b = 0.1 * torch.randn(n, dtype=dtype) if bias else None
+    if kind == "q4":
+        return StackLinear("q4", pack_q4(*quantize_q4(w, 32), 32, dtype), b)
+    if kind == "q8":
+        return StackLinear("q8", pack_q8(*quantize_q8(w), dtype), b)
+    if kind == "mkldnn":
+        return StackLinear("mkldnn", torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16)), b, n)
+    return StackLinear("dense", w.to(dtype), b)
+
+
+def make_layers(kinds: list[str], dtype: torch.dtype) -> list[StackLayer]:
+    layers = []
+    for i in range(LAYERS):
+        kind = kinds[i % len(kinds)]
+        layers.append(StackLayer(
+            input_norm=(1 + 0.1 * torch.randn(HIDDEN)).to(dtype),
+            qkv=make_linear(kind, (H + 2 * HKV) * D, HIDDEN, dtype, bias=True),
+            o=make_linear(kind, HIDDEN, H * D, dtype),
+            post_norm=(1 + 0.1 * torch.randn(HIDDEN)).to(dtype),
+            gate_up=make_linear(kind, 2 * INTER, HIDDEN, dtype),
+            down=make_linear("q8" if kind == "q4" else kind, HIDDEN, INTER, dtype)))
+    return layers
+
+
+def mkldnn_ok() -> bool:
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.mark.parametrize("dtype,kinds", [
+    (torch.bfloat16, ["q4"]), (torch.bfloat16, ["dense", "q4"]), (torch.bfloat16, ["mkldnn", "q8"]),
+    (torch.float32, ["q4", "dense"])], ids=["bf16-q4q8", "bf16-dense", "bf16-mkldnn", "fp32"])
+def test_decode_stack_matches_the_python_layer_loop(dtype, kinds):
+    if "mkldnn" in kinds and not mkldnn_ok():
+        pytest.skip("oneDNN bf16 unsupported on this CPU")
+    torch.manual_seed(0)
+    layers = make_layers(kinds, dtype)
+    final_norm = (1 + 0.1 * torch.randn(HIDDEN)).to(dtype)
+    caches = torch.randn(LAYERS, 2, BLOCKS, BLOCK, HKV, D).to(dtype)
+    tables = torch.tensor([[3, 7, 1], [0, 2, 9], [5, 0, 0], [11, 12, 0]], dtype=torch.int32)
+    seq_lens = torch.tensor([9, 12, 1, 6], dtype=torch.int32)
+    positions = (seq_lens - 1).long()
+    slots = torch.tensor([int(tables[b, p // BLOCK]) * BLOCK + int(p) % BLOCK for b, p in enumerate(positions)])
+    slots[3] = -1  # a padded row: its K/V is not stored
+    cos_sin = cos_sin_cache(64, D).cpu()
+    shape = StackShape(H, HKV, D, 1e-5, D ** -0.5)
+    x = torch.randn(4, HIDDEN).to(dtype)
+
+    ref_caches = caches.clone()
+    ref = decode_stack_ref(x, layers, final_norm, list(ref_caches[:, 0]), list(ref_caches[:, 1]), cos_sin, shape,
+                           positions, slots, tables, seq_lens)
+    stack = DecodeStack(layers, final_norm, list(caches[:, 0]), list(caches[:, 1]), cos_sin, shape)
+    got = stack.run(x, positions, slots, tables, seq_lens)
+    torch.testing.assert_close(got, ref, **TOL[dtype])
+    torch.testing.assert_close(caches, ref_caches, **TOL[dtype])  # the same K/V written, in the same slots
+    untouched = torch.ones(BLOCKS, BLOCK, dtype=torch.bool)
+    for s in slots[:3]:
+        untouched[s // BLOCK, s % BLOCK] = False
+    assert torch.equal(caches[:, :, untouched], ref_caches[:, :, untouched])  # nothing else changed
+    again = stack.run(x, positions, slots, tables, seq_lens)  # the stack holds no state between steps
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
