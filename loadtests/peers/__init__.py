@@ -161,13 +161,13 @@ SERVERS: dict[str, ServerSpec] = {
         "loom", "Loom (`loom serve --model default`)", _loom_command, "/ready",
         unavailable=_loom_unavailable, version=_git_version),
     "hf-static": ServerSpec(
-        "hf-static", "transformers `generate`, static batches (bf16, sdpa) behind loadtests/peers/hf_static.py",
+        "hf-static", "transformers `generate`, static batches (fastest dtype measured at start, sdpa) behind loadtests/peers/hf_static.py",
         lambda c: _python_tool("-m", "loadtests.peers.hf_static", "--model", str(c.hf_dir), "--host", c.host,
                                "--port", str(c.port), "--max-batch", str(c.max_concurrency),
                                "--threads", str(c.threads)),
         "/health", model_id="hf-static", unavailable=_hf_unavailable, version=_transformers_version),
     "hf-continuous": ServerSpec(
-        "hf-continuous", "transformers continuous batching (`init_continuous_batching`, bf16, sdpa) behind "
+        "hf-continuous", "transformers continuous batching (`init_continuous_batching`, fastest dtype measured at start, sdpa) behind "
                          "loadtests/peers/hf_continuous.py",
         lambda c: _python_tool("-m", "loadtests.peers.hf_continuous", "--model", str(c.hf_dir), "--host", c.host,
                                "--port", str(c.port), "--max-batch", str(c.max_concurrency),
