@@ -229,7 +229,7 @@ class ToolCallParser:
 
     def _head(self, events: list[Event], final: bool) -> None:
         match = _HEAD.match(self.buf)
-        if match is not None:
+        if match is not None and json.loads(f'"{match.group(1)}"') in self.plan.names:
             self._start_call(events, json.loads(f'"{match.group(1)}"'))
             self.buf, self.state = self.buf[match.end():], "args"
             self._depth, self._in_string, self._escape = 0, False, False
