@@ -122,11 +122,11 @@ def oai(real_server):
 class City(BaseModel):
     name: str = Field(max_length=24)  # unbounded strings let a greedy small model repeat itself to max_tokens
     country: str = Field(max_length=24)
-    population: int
+    population: int = Field(ge=0, le=10 ** 9)
 
 
 def test_openai_parse_returns_a_pydantic_object(oai):
-    r = oai.chat.completions.parse(model="default", response_format=City, max_tokens=80, temperature=0,
+    r = oai.chat.completions.parse(model="default", response_format=City, max_tokens=120, temperature=0,
                                    messages=[{"role": "user", "content": "Describe Paris as JSON."}])
     city = r.choices[0].message.parsed
     assert isinstance(city, City) and city.name
