@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from server.api.errors import APIError
 from server.api.protocol import SamplingFields
-from server.engine import SamplingParams
+from server.engine import Grammar, SamplingParams
 
 # No tokenizer Loom loads spans more characters than this with one token, so a text longer than the context window
 # times this cannot fit: it is refused before tokenizing megabytes (which would cost seconds of CPU for nothing).
@@ -15,7 +15,7 @@ _PASSED_THROUGH = ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
 
 
 def build_params(body: SamplingFields, *, max_tokens: int | None, logprobs: int | None = None,
-                 prompt_logprobs: int | None = None) -> SamplingParams:
+                 prompt_logprobs: int | None = None, grammar: Grammar | None = None) -> SamplingParams:
     if body.logit_bias:
         raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
     given = {k: getattr(body, k) for k in _PASSED_THROUGH if getattr(body, k) is not None}
@@ -24,7 +24,7 @@ def build_params(body: SamplingFields, *, max_tokens: int | None, logprobs: int 
                           stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos,
                           include_stop_str_in_output=body.include_stop_str_in_output,
                           skip_special_tokens=body.skip_special_tokens, logprobs=logprobs,
-                          prompt_logprobs=prompt_logprobs, **given)
+                          prompt_logprobs=prompt_logprobs, grammar=grammar, **given)
 
 
 def check_text_length(num_chars: int, max_model_len: int, param: str) -> None:

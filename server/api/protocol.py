@@ -84,6 +84,34 @@ class SamplingFields(Body):
     timeout: float | None = Field(None, gt=0, description=TIMEOUT_DESCRIPTION)
 
 
+class JSONSchemaSpec(Body):
+    name: str = Field("response", description="a name for the schema (OpenAI requires one)")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="the JSON Schema the output must match")
+    strict: bool | None = Field(None, description="accepted; the schema is always enforced exactly")
+
+
+class ResponseFormat(Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaSpec | None = None
+
+
+class StructuredOutputs(Body):
+    """vLLM's `structured_outputs` extra: exactly one of these constrains the output."""
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON Schema (object or JSON text)")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = Field(None, description="an EBNF (GBNF-style) grammar with a `root` rule")
+    json_object: bool | None = None
+
+
+class StructuredFields(SamplingFields):
+    response_format: ResponseFormat | None = Field(
+        None, description="`text`, `json_object`, or `json_schema` (enforced while decoding)")
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's extra: one of `json`, `regex`, `choice`, `grammar`")
+
+
 class Usage(Body):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -109,7 +137,7 @@ class ErrorResponse(Body):
 
 
 # -- completions ----------------------------------------------------------------------------------------------------
-class CompletionRequest(SamplingFields):
+class CompletionRequest(StructuredFields):
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] = Field(
         ..., description="a string, a list of strings, token ids, or a list of token-id lists")
     max_tokens: int | None = Field(16, description="null: up to the context window")
@@ -150,27 +178,56 @@ class ContentPart(Body):
     text: str | None = None
 
 
+class FunctionCall(Body):
+    name: str
+    arguments: str = Field(..., description="the arguments, as JSON text")
+
+
+class ToolCall(Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="assistant messages: the calls it made")
+    tool_call_id: str | None = Field(None, description="tool messages: the call this answers")
 
 
-class ResponseFormat(Body):
-    model_config = ConfigDict(extra="allow")
-    type: Literal["text", "json_object", "json_schema"]
+class FunctionDef(Body):
+    name: str = Field(..., pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema of the arguments")
+    strict: bool | None = None
 
 
-class ChatCompletionRequest(SamplingFields):
+class Tool(Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Body):
+    name: str
+
+
+class NamedToolChoice(Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ChatCompletionRequest(StructuredFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, description="null: up to the context window")
     max_completion_tokens: int | None = Field(None, description="preferred alias of max_tokens")
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, description="alternatives per token, with logprobs: true")
-    response_format: ResponseFormat | None = Field(None, description="only `text` for now")
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    tools: list[Tool] | None = Field(None, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default `auto` with tools; `required` and a named function are enforced by grammar")
+    parallel_tool_calls: StrictBool = Field(True, description="false: at most one call per answer")
 
 
 class TopLogprob(Body):
@@ -190,6 +247,7 @@ class ChatLogprobs(Body):
 class ChatResponseMessage(Body):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(Body):

@@ -41,6 +41,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens not yet prefilled beyond which new requests get 429 (default 0: no cap)")
     e.add_argument("--priority-step-seconds", type=float, default=None,
                    help="waiting time one `priority` level is worth (default 10): lower first, none starves")
+    e.add_argument("--grammar-compile-timeout", type=float, default=None,
+                   help="seconds a request waits for its grammar (JSON schema, regex, tools) to compile, else 400 "
+                        "(LOOM_GRAMMAR_COMPILE_TIMEOUT, default 10)")
+    e.add_argument("--grammar-cache-size", type=int, default=None,
+                   help="distinct compiled grammars kept, LRU (LOOM_GRAMMAR_CACHE_SIZE, default 256)")
     e.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
     e.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None)
     p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])

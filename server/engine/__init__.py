@@ -12,6 +12,7 @@ from server.engine.errors import (
     RequestTimeoutError,
 )
 from server.engine.gather import collect, gather_all
+from server.engine.grammar import Grammar, GrammarSpec
 from server.engine.outputs import (
     CompletionOutput,
     EngineStats,
@@ -31,6 +32,8 @@ __all__ = [
            "EngineError",
            "EngineSettings",
            "EngineStats",
+           "Grammar",
+           "GrammarSpec",
            "InternalEngineError",
            "InvalidRequestError",
            "QueueFullError",

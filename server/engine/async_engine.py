@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from server.engine.engine_core import EngineCore
 from server.engine.errors import EngineDeadError, EngineError, QueueFullError, RequestTimeoutError
+from server.engine.grammar import Grammar, GrammarCompiler, GrammarSpec
 from server.engine.outputs import EngineStats, RequestOutput, StepStats
 from server.engine.sampling_params import SamplingParams
 
@@ -77,6 +78,9 @@ class AsyncEngine:
         self.max_waiting = core.settings.max_waiting if max_waiting is None else max_waiting
         self.max_waiting_tokens = core.settings.max_waiting_tokens
         self._observers: list[StepObserver] = []
+        self.grammars = GrammarCompiler(core.tokenizer, core.lm.config.vocab_size,
+                                        cache_size=core.settings.grammar_cache_size,
+                                        timeout=core.settings.grammar_compile_timeout)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         # Admission: sequences accepted but not yet running (and their prompt tokens not yet prefilled), in the inbox
@@ -150,6 +154,11 @@ class AsyncEngine:
             if remaining:
                 self.abort(request_id)
 
+    async def compile_grammar(self, spec: GrammarSpec, param: str | None = None) -> Grammar:
+        """Compile (or fetch from the cache) the grammar of a structured-output request, off the event loop and the
+        engine thread; InvalidRequestError naming `param` if it is invalid or takes too long to compile."""
+        return await self.grammars.compile_async(spec, param)
+
     def _admit(self, seqs: int, tokens: int) -> None:
         """Count a request as waiting, or refuse it with QueueFullError if that would pass a cap."""
         with self._admission:
@@ -176,6 +185,7 @@ class AsyncEngine:
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stopping = True
+        self.grammars.shutdown()
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)

@@ -131,7 +131,14 @@ class EngineCore:
                     self.prompt_tokens += seq.num_prompt_tokens
                 self.generation_tokens += 1
                 seq.token_ids.append(token)
-                reason = self.processor.add_token(seq, token, logprob, self._token_finish(seq, token))
+                finish = self._token_finish(seq, token)
+                if seq.grammar_state is not None:
+                    if not seq.grammar_state.accept(token):
+                        failed[seq.request_id] = InternalEngineError(f"token {token} violates the request's grammar")
+                        continue
+                    if seq.grammar_state.terminated:  # the grammar is complete (its stop token accepted)
+                        finish = "stop"
+                reason = self.processor.add_token(seq, token, logprob, finish)
                 if reason:
                     self.scheduler.finish(seq, reason)
                     finished.append(seq)

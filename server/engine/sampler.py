@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine.grammar import apply_grammar_masks
 from server.engine.outputs import TokenLogprob
 from server.engine.sequence import Sequence
 
@@ -84,8 +85,15 @@ class Sampler:
             self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-        """logits `[N, V]` float32, one row per sequence in `seqs`."""
+        """logits `[N, V]` float32, one row per sequence in `seqs`. Grammar masks come first (every transform after
+        them sees only allowed tokens); logprobs are the model's own, before any of them."""
         raw = logits
+        states = [s.grammar_state for s in seqs]
+        if any(state is not None for state in states):
+            for seq, state in zip(seqs, states):
+                if state is not None and state.num_accepted != seq.num_output_tokens:
+                    state.sync(seq.output_token_ids)  # a state built after tokens were generated catches up
+            logits = apply_grammar_masks(logits, states)
         greedy = [s.params.greedy for s in seqs]
         if any(s.params.needs_penalties for s in seqs):
             logits = apply_penalties(logits, seqs)

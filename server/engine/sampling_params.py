@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from server.engine.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from server.engine.grammar import Grammar
 
 
 @dataclass
@@ -26,6 +30,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # same, for every prompt token after the first
     prompt_logprobs_start: int = 1  # prompt logprobs are wanted from this token on; the prefix cache may serve the rest
     skip_special_tokens: bool = True
+    grammar: Grammar | None = None  # structured output: compiled off the engine thread (GrammarCompiler)
 
     MAX_LOGPROBS = 20
     MAX_N = 16

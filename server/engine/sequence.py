@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.engine.grammar import GrammarState
 from server.engine.sampling_params import SamplingParams
 
 
@@ -39,11 +40,14 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     group_leader: Sequence | None = None  # n > 1: siblings wait for the leader's prompt blocks to be cached
+    grammar_state: GrammarState | None = None  # structured output: this sequence's own matcher
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed + self.index)
+        if self.params.grammar is not None:
+            self.grammar_state = self.params.grammar.new_state()
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -23,4 +23,7 @@ class EngineSettings(BaseSettings):
                                                                  "priorities go first, none starves")
     enable_prefix_caching: bool = True
     seed: int | None = Field(None, description="seed of the engine's sampler for unseeded requests")
+    grammar_compile_timeout: float = Field(10.0, gt=0, description="seconds a request waits for its grammar (JSON "
+                                                                   "schema, regex, tools) to compile before a 400")
+    grammar_cache_size: int = Field(256, ge=1, description="distinct compiled grammars kept (LRU)")
     cuda_graphs: bool = Field(True, description="capture decode steps in CUDA graphs on GPU")

@@ -16,6 +16,7 @@ from server.api.params import build_params, check_text_length
 from server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage, new_id, now
 from server.api.routes import ERROR_RESPONSES, STREAMING_200
 from server.api.streaming import merge, prime, sse, until_disconnect
+from server.api.structured import compile_request_grammar
 from server.engine import CompletionOutput, InvalidRequestError, RequestOutput, TokenUsage, collect, gather_all
 from server.model import Tokenizer
 
@@ -81,9 +82,10 @@ async def create_completion(body: CompletionRequest, served: ReadyModel, tracker
         raise APIError(400, "suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of must equal n (or be omitted)", param="best_of")
+    grammar = await compile_request_grammar(body, served.engine)
     prompts = await asyncio.to_thread(prompt_ids, body, served.tokenizer, served.max_model_len)
     wants_prompt_lp = body.echo and (body.logprobs is not None or body.max_tokens == 0)
-    params = build_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs,
+    params = build_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, grammar=grammar,
                           prompt_logprobs=(body.logprobs or 0) if wants_prompt_lp else None)
     text = TokenText(served.tokenizer)
     request_id, created, n = new_id("cmpl"), now(), body.n
