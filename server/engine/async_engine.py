@@ -249,7 +249,9 @@ class AsyncEngine:
                     self._deadlines[message.request_id] = message.deadline
             else:
                 _, request_id = message
-                self.encoder_batcher.abort(request_id)
+                job = self.encoder_batcher.abort(request_id)
+                if job is not None:  # (a caller that left ignores this; the drain's abort answers with it)
+                    job.sink(EngineDeadError("the request was aborted"))
                 for out in self.core.abort(request_id):
                     self._deliver(out)
                 self._forget(request_id)
