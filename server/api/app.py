@@ -12,7 +12,7 @@ from server.api.errors import install_error_handlers
 from server.api.lifecycle import InflightMiddleware, Lifecycle, Loader, make_lifespan
 from server.api.limits import BodySizeLimitMiddleware
 from server.api.metrics import Metrics
-from server.api.routes import chat, classify, completions, health, models, summarize, tokenize
+from server.api.routes import chat, classify, completions, embeddings, health, models, rerank, summarize, tokenize
 from server.api.settings import ServerSettings
 from server.api.tracking import RequestTracker
 from server.engine import AsyncEngine
@@ -20,7 +20,8 @@ from server.model import Tokenizer
 from server.tasks import TaskSettings
 
 DESCRIPTION = """OpenAI-compatible completions and chat (streamed over SSE or not), plus summarization and
-zero-shot classification, served by Loom's continuous-batching engine. Errors follow OpenAI's shape
+zero-shot classification, served by Loom's continuous-batching engine; embeddings, rerank, score and fine-tuned
+classifier heads from encoder models served beside the generator. Errors follow OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}`."""
 
 
@@ -42,7 +43,7 @@ def create_app(engine: AsyncEngine | None, settings: ServerSettings | None = Non
     app.state.settings, app.state.lifecycle, app.state.tracker, app.state.metrics = settings, lifecycle, tracker, metrics
     install_error_handlers(app)
     secured = [Depends(require_api_key)]
-    for module in (completions, chat, summarize, classify, models, tokenize):
+    for module in (completions, chat, summarize, classify, embeddings, rerank, models, tokenize):
         app.include_router(module.router, dependencies=secured, tags=["v1"])
     app.include_router(health.router, tags=["ops"])
     app.add_middleware(InflightMiddleware, tracker=tracker)

@@ -10,7 +10,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -20,7 +20,7 @@ from server.api.metrics import Metrics
 from server.api.settings import ServerSettings
 from server.api.tracking import RequestTracker
 from server.engine import AsyncEngine, SamplingParams
-from server.model import Tokenizer
+from server.model import LoadedEncoder, Tokenizer
 from server.tasks import Classifier, Summarizer, TaskSettings
 
 log = logging.getLogger("loom.api")
@@ -38,6 +38,7 @@ class ServedModel:
     summarizer: Summarizer
     classifier: Classifier  # keeps its calibration cache across requests
     created: int
+    encoders: dict[str, LoadedEncoder] = field(default_factory=dict)  # embedding / classifier models by name
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.name:
@@ -64,7 +65,7 @@ class Lifecycle:
                                   max_tokens=t.summarize_max_tokens, max_input_chars=t.summarize_max_input_chars),
             classifier=Classifier(functools.partial(generate, endpoint="classify"), tokenizer,
                                   engine.max_model_len, permutations=t.classify_permutations),
-            created=int(time.time()))
+            created=int(time.time()), encoders=dict(engine.encoders))
         self.tracker.engine = engine
         self.metrics.watch(engine)
         return self.model
@@ -99,6 +100,8 @@ class Lifecycle:
             params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
             async for _ in self.model.engine.generate(prompt, params, request_id="warmup"):
                 pass
+            for enc in self.model.encoders.values():
+                await self.model.engine.encode(enc.name, enc.encode_texts(["Hello, world"]), f"warmup-{enc.name}")
         self.warmed_up = True
         log.info("ready", extra={"model": self.model.name})
 

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from server.engine import AsyncEngine, EngineStats, RequestOutput, StepStats
+from server.engine import AsyncEngine, EncodeBatchStats, EngineStats, RequestOutput, StepStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0,
                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -79,12 +79,37 @@ class Metrics:
                                      buckets=(1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192), registry=r)
         self.step_time = Histogram("loom_step_duration_seconds", "wall time of one engine step",
                                    buckets=LATENCY_BUCKETS, registry=r)
+        # encoder models (embeddings, rerank, score, classifier heads), per model
+        self.enc_requests = Counter("loom_encoder_requests", "encoder requests by model, endpoint and outcome",
+                                    ["model", "endpoint", "outcome"], registry=r)
+        self.enc_tokens = Counter("loom_encoder_tokens", "input tokens of encoder requests", ["model"], registry=r)
+        self.enc_latency = Histogram("loom_encoder_request_latency_seconds", "encoder request start to its answer",
+                                     ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.enc_batch = Histogram("loom_encoder_batch_size", "sequences per encoder batch", ["model"],
+                                   buckets=BATCH_BUCKETS, registry=r)
+        self.enc_batch_tokens = Histogram("loom_encoder_batch_tokens", "tokens per encoder batch", ["model"],
+                                          buckets=(8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192), registry=r)
+        self.enc_batch_time = Histogram("loom_encoder_batch_duration_seconds", "wall time of one encoder batch",
+                                        ["model"], buckets=LATENCY_BUCKETS, registry=r)
         r.register(EngineCollector(lambda: self._engine.stats() if self._engine is not None else None))
 
     def watch(self, engine: AsyncEngine) -> None:
         """Export `engine`'s stats at scrape time and observe each of its steps."""
         self._engine = engine
         engine.add_step_observer(self.observe_step)
+        engine.add_encode_observer(self.observe_encode_batch)
+
+    def observe_encode_batch(self, batch: EncodeBatchStats) -> None:
+        """Runs on the engine thread after each encoder batch."""
+        self.enc_batch.labels(batch.model).observe(batch.num_seqs)
+        self.enc_batch_tokens.labels(batch.model).observe(batch.num_tokens)
+        self.enc_batch_time.labels(batch.model).observe(batch.seconds)
+
+    def observe_encode(self, model: str, endpoint: str, outcome: str, tokens: int, seconds: float) -> None:
+        self.enc_requests.labels(model, endpoint, outcome).inc()
+        if outcome == "ok":
+            self.enc_tokens.labels(model).inc(tokens)
+            self.enc_latency.labels(model).observe(seconds)
 
     def observe_step(self, step: StepStats) -> None:
         """Runs on the engine thread after each step (prometheus-client is thread-safe)."""

@@ -274,6 +274,7 @@ class ModelCard(Body):
     created: int
     owned_by: str = "loom"
     max_model_len: int | None = None
+    capabilities: list[str] | None = Field(None, description="the routes this model serves")
 
 
 class ModelList(Body):
@@ -310,7 +311,9 @@ class ClassifyExample(Body):
 class ClassifyRequest(Body):
     model: str | None = None
     input: str | list[str] = Field(..., description="a text, or several classified in one batch")
-    labels: list[str] = Field(..., min_length=1, max_length=64, description="candidate labels")
+    labels: list[str] | None = Field(None, min_length=1, max_length=64,
+                                     description="candidate labels (zero-shot: required; with a fine-tuned classifier: "
+                                                 "optional, a subset of the model's labels)")
     multi_label: StrictBool = Field(False, description="score each label independently (yes/no) instead of one of them")
     label_descriptions: dict[str, str] | None = Field(None, description="label -> what it means")
     examples: list[ClassifyExample] | None = Field(None, max_length=32, description="few-shot examples")

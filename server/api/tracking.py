@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from server.api.errors import APIError
 from server.api.metrics import Metrics
-from server.engine import AsyncEngine, RequestOutput, RequestTimeoutError, SamplingParams
+from server.engine import AsyncEngine, InvalidRequestError, RequestOutput, RequestTimeoutError, SamplingParams
 
 
 class RequestTracker:
@@ -51,6 +51,32 @@ class RequestTracker:
         finally:
             self.active.discard(request_id)
             await stream.aclose()  # aborts in the engine if it had not finished
+
+    async def encode(self, model: str, inputs: list[list[int]], endpoint: str,
+                     deadline: float | None = None) -> list[list[float]]:
+        """AsyncEngine.encode, tracked and counted per model (requests by outcome, tokens, latency)."""
+        if self.engine is None or not self.accepting:
+            raise APIError(503, "the server is shutting down", code="not_ready", headers={"Retry-After": "5"})
+        request_id = f"{endpoint}-{next(self._ids)}"
+        started, outcome = time.perf_counter(), "error"
+        self.active.add(request_id)
+        try:
+            rows = await self.engine.encode(model, inputs, request_id=request_id, deadline=deadline)
+            outcome = "ok"
+            return rows
+        except (GeneratorExit, asyncio.CancelledError):
+            outcome = "abort"
+            raise
+        except RequestTimeoutError:
+            outcome = "timeout"
+            raise
+        except InvalidRequestError:
+            outcome = "invalid"
+            raise
+        finally:
+            self.active.discard(request_id)
+            self.metrics.observe_encode(model, endpoint, outcome, sum(map(len, inputs)),
+                                        time.perf_counter() - started)
 
     def abort_all(self) -> int:
         """Abort every tracked request (the drain timeout passed); returns how many."""

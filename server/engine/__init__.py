@@ -2,6 +2,7 @@
 BlockManager + Sampler + ModelRunner, with the OutputProcessor beside the core. Callers use what is exported here:
 the engine, its settings, `SamplingParams`, the output types and the typed errors."""
 from server.engine.async_engine import AsyncEngine, StepObserver
+from server.engine.encoder import EncodeBatchStats, EncoderBatcher
 from server.engine.engine_core import EngineCore
 from server.engine.errors import (
     EngineDeadError,
@@ -27,6 +28,8 @@ from server.engine.settings import EngineSettings
 __all__ = [
            "AsyncEngine",
            "CompletionOutput",
+           "EncodeBatchStats",
+           "EncoderBatcher",
            "EngineCore",
            "EngineDeadError",
            "EngineError",

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from server.engine.encoder import EncodeBatchStats, EncodeJob, EncoderBatcher
 from server.engine.engine_core import EngineCore
 from server.engine.errors import EngineDeadError, EngineError, QueueFullError, RequestTimeoutError
 from server.engine.grammar import Grammar, GrammarCompiler, GrammarSpec
@@ -70,8 +71,11 @@ class DrainRate:
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore, max_waiting: int | None = None, own_thread: bool = True):
+    def __init__(self, core: EngineCore, max_waiting: int | None = None, own_thread: bool = True,
+                 encoders: EncoderBatcher | None = None):
         self.core = core
+        self.encoder_batcher = encoders or EncoderBatcher({})
+        self.encoders = self.encoder_batcher.encoders  # name -> LoadedEncoder (embedding / classifier models)
         self.limits = core.limits
         self.tokenizer = core.tokenizer
         self.max_model_len = core.max_model_len
@@ -109,6 +113,39 @@ class AsyncEngine:
     def add_step_observer(self, observer: StepObserver) -> None:
         """Called on the engine thread after every step that ran sequences (metrics)."""
         self._observers.append(observer)
+
+    def add_encode_observer(self, observer: Callable[[EncodeBatchStats], None]) -> None:
+        """Called on the engine thread after every encoder batch (metrics)."""
+        self.encoder_batcher.observers.append(observer)
+
+    async def encode(self, model: str, inputs: list[list[int]], request_id: str | None = None,
+                     deadline: float | None = None) -> list[list[float]]:
+        """Run token-id sequences through encoder `model`: one output row per input (a pooled embedding, or a
+        classifier's probabilities). Batched with every other client's sequences on the engine thread; `deadline`
+        as for `generate`. Cancelling the call aborts the request."""
+        if not self.healthy:
+            raise EngineDeadError(f"engine is not running: {self.error!r}")
+        self.encoder_batcher.check(model, inputs)
+        request_id = request_id or uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def settle(result) -> None:
+            if not future.done():
+                (future.set_exception if isinstance(result, BaseException) else future.set_result)(result)
+
+        def sink(result) -> None:
+            try:
+                loop.call_soon_threadsafe(settle, result)
+            except RuntimeError:  # the caller's event loop is gone
+                pass
+
+        self._send(EncodeJob(request_id, model, inputs, deadline, sink))
+        try:
+            return await future
+        finally:
+            if not future.done():
+                self.abort(request_id)
 
     def run(self) -> None:
         """Run the step loop on the calling thread until `shutdown()` (for an engine built with own_thread=False)."""
@@ -201,7 +238,9 @@ class AsyncEngine:
                 message = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(message, _Submit):
+            if isinstance(message, EncodeJob):
+                self.encoder_batcher.add(message)
+            elif isinstance(message, _Submit):
                 seqs, tokens = message.params.n, message.params.n * len(message.prompt_token_ids)
                 with self._admission:  # inbox -> scheduler: the new sequences wait there, their prompts unprefilled
                     self._inbox_seqs -= seqs
@@ -220,6 +259,9 @@ class AsyncEngine:
                     self._deadlines[message.request_id] = message.deadline
             else:
                 _, request_id = message
+                job = self.encoder_batcher.abort(request_id)
+                if job is not None:  # (a caller that left ignores this; the drain's abort answers with it)
+                    job.sink(EngineDeadError("the request was aborted"))
                 for out in self.core.abort(request_id):
                     self._deliver(out)
                 self._forget(request_id)
@@ -232,6 +274,7 @@ class AsyncEngine:
 
     def _expire(self) -> None:
         """Abort every request past its deadline (its blocks are freed now) and fail it with a timeout."""
+        self.encoder_batcher.expire(time.monotonic())
         if not self._deadlines:
             return
         now = time.monotonic()
@@ -272,7 +315,12 @@ class AsyncEngine:
             while not self._stopping:
                 self._drain_inbox()
                 self._expire()
+                if self.encoder_batcher.has_work():  # one encoder batch between two decode steps
+                    self.encoder_batcher.step()
+                    self.last_step_time = time.monotonic()
                 if not self.core.has_unfinished():
+                    if self.encoder_batcher.has_work():
+                        continue
                     self._wake.wait(0.5)
                     self._wake.clear()
                     self.last_step_time = time.monotonic()
@@ -294,8 +342,9 @@ class AsyncEngine:
             log.exception("engine loop died")
             self.error = exc
             dead = EngineDeadError(f"engine stopped: {exc!r}")
-            for sink in self._sinks.values():
+            for sink in [*self._sinks.values(), *(job.sink for job in self.encoder_batcher.jobs.values())]:
                 sink(dead)
+            self.encoder_batcher.jobs.clear()
             self._sinks.clear()
             self._unfinished.clear()
             self._deadlines.clear()

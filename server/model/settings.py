@@ -25,3 +25,10 @@ class ModelSettings(BaseSettings):
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'")
     cache_dir: Path = Field(Path("~/.cache/loom").expanduser(), description="where converted GGUF checkpoints live")
     dummy_seed: int = Field(0, description="seed of the random weights of `dummy:` models")
+    embedding_model: str = Field("none", description="encoder served beside the generator for /v1/embeddings, "
+                                                    "/v1/rerank, /v1/score: 'default' (all-MiniLM-L6-v2), a Hugging "
+                                                    "Face directory (BERT family), or 'none'")
+    classifier_model: str | None = Field(None, description="a *ForSequenceClassification directory (BERT family): "
+                                                           "/v1/classify answers from its head")
+    encoder_dtype: str = Field("auto", pattern="^(auto|float32|bfloat16)$",
+                               description="encoders' dtype: 'auto' = bfloat16 where the CPU has it in hardware")

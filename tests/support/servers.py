@@ -21,9 +21,9 @@ from tests.support.ports import free_port  # re-exported: servers and their port
 LOOM = str(Path(sys.executable).with_name("loom"))
 
 
-def make_engine(lm, **overrides) -> AsyncEngine:
+def make_engine(lm, encoders=None, **overrides) -> AsyncEngine:
     settings = {"num_kv_blocks": 256, "max_model_len": 512, "max_num_seqs": 32, **overrides}
-    return AsyncEngine(EngineCore(lm, EngineSettings(**settings)))
+    return AsyncEngine(EngineCore(lm, EngineSettings(**settings)), encoders=encoders)
 
 
 def make_app(engine: AsyncEngine, **settings):

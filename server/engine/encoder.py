@@ -1,0 +1,158 @@
+"""The encoder batcher: embedding and classifier requests from every client, batched together and run on the engine
+thread between decode steps (so all torch work stays on one thread).
+
+Each request is a list of token-id sequences for one encoder model. Sequences wait in one FIFO per model; a batch
+takes the oldest model's sequences in arrival order until `max_batch_tokens` (real tokens; at least one sequence)
+or `max_batch_seqs`. A request is answered when all its sequences have run. The engine alternates one decode step
+with one encoder batch, so the token budget bounds how much an embedding burst delays running streams."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine.errors import InternalEngineError, InvalidRequestError, RequestTimeoutError
+from server.model.encoder_loader import LoadedEncoder
+
+log = logging.getLogger("loom.engine")
+
+
+@dataclass
+class EncodeBatchStats:
+    """One encoder batch, for metrics: its model, sequences, real tokens and wall time."""
+    model: str
+    num_seqs: int
+    num_tokens: int
+    seconds: float
+
+
+@dataclass
+class EncodeJob:
+    request_id: str
+    model: str
+    inputs: list[list[int]]
+    deadline: float | None
+    sink: Callable[[list[list[float]] | BaseException], None]
+    results: list[list[float] | None] = field(default_factory=list)
+    remaining: int = 0
+    order: int = 0  # arrival number, set by the batcher
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.inputs)
+        self.remaining = len(self.inputs)
+
+
+class EncoderBatcher:
+    def __init__(self, encoders: dict[str, LoadedEncoder], max_batch_tokens: int = 2048, max_batch_seqs: int = 128):
+        self.encoders, self.max_batch_tokens, self.max_batch_seqs = encoders, max_batch_tokens, max_batch_seqs
+        self.jobs: dict[str, EncodeJob] = {}
+        self.queues: dict[str, deque[tuple[EncodeJob, int]]] = {name: deque() for name in encoders}
+        self.observers: list[Callable[[EncodeBatchStats], None]] = []
+        self._arrivals = itertools.count()
+
+    def check(self, model: str, inputs: list[list[int]]) -> None:
+        """Refuse what the model cannot run (caller's thread): unknown model, empty or over-long inputs, ids out of
+        the vocabulary."""
+        enc = self.encoders.get(model)
+        if enc is None:
+            raise InvalidRequestError(f"no encoder model {model!r} is loaded", "model", "model_not_found")
+        if not inputs:
+            raise InvalidRequestError("input must not be empty", "input")
+        for i, ids in enumerate(inputs):
+            if not ids:
+                raise InvalidRequestError(f"input {i} is empty", "input")
+            if len(ids) > enc.max_len:
+                raise InvalidRequestError(f"input {i} has {len(ids)} tokens; this model's maximum input length is "
+                                          f"{enc.max_len} tokens (set truncate_prompt_tokens to truncate)", "input",
+                                          "context_length_exceeded")
+            if min(ids) < 0 or max(ids) >= enc.vocab_size:
+                raise InvalidRequestError(f"input {i} has token ids outside the vocabulary [0, {enc.vocab_size})",
+                                          "input")
+
+    # -- engine thread ----------------------------------------------------------------------------------------
+    def add(self, job: EncodeJob) -> None:
+        job.order = next(self._arrivals)
+        self.jobs[job.request_id] = job
+        queue = self.queues[job.model]
+        for index in range(len(job.inputs)):
+            queue.append((job, index))
+
+    def abort(self, request_id: str) -> EncodeJob | None:
+        """Drop a request (its queued sequences are skipped when reached)."""
+        return self.jobs.pop(request_id, None)
+
+    def expire(self, now: float) -> None:
+        for job in [j for j in self.jobs.values() if j.deadline is not None and j.deadline <= now]:
+            self.abort(job.request_id)
+            job.sink(RequestTimeoutError("the request did not finish within its timeout"))
+
+    def has_work(self) -> bool:
+        return bool(self.jobs)
+
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def _next_batch(self) -> tuple[str, list[tuple[EncodeJob, int]]]:
+        for queue in self.queues.values():  # aborted requests' sequences are dropped here
+            while queue and queue[0][0].request_id not in self.jobs:
+                queue.popleft()
+        waiting = [name for name, q in self.queues.items() if q]
+        if not waiting:
+            return "", []
+        model = min(waiting, key=lambda name: self.queues[name][0][0].order)  # the oldest request's model first
+        queue, batch, tokens = self.queues[model], [], 0
+        while queue and len(batch) < self.max_batch_seqs:
+            job, index = queue[0]
+            if job.request_id not in self.jobs:
+                queue.popleft()
+                continue
+            n = len(job.inputs[index])
+            if batch and tokens + n > self.max_batch_tokens:
+                break
+            batch.append(queue.popleft())
+            tokens += n
+        return model, batch
+
+    def step(self) -> None:
+        """Run one batch and answer the requests it completes."""
+        if not any(self.queues.values()) or not self.jobs:
+            return
+        model, batch = self._next_batch()
+        if not batch:
+            return
+        enc = self.encoders[model]
+        started = time.perf_counter()
+        try:
+            rows = self._run(enc, [job.inputs[index] for job, index in batch])
+        except Exception as exc:  # a failing forward pass fails its requests, not the engine
+            log.exception("encoder batch failed; failing its requests")
+            error = InternalEngineError(f"internal error: {type(exc).__name__}: {exc}")
+            for job in {id(j): j for j, _ in batch}.values():
+                if self.abort(job.request_id) is not None:
+                    job.sink(error)
+            return
+        tokens = sum(len(job.inputs[index]) for job, index in batch)
+        stats = EncodeBatchStats(model, len(batch), tokens, time.perf_counter() - started)
+        for observer in self.observers:
+            observer(stats)
+        for (job, index), row in zip(batch, rows):
+            job.results[index] = row
+            job.remaining -= 1
+            if job.remaining == 0 and self.abort(job.request_id) is not None:
+                job.sink(job.results)
+
+    @staticmethod
+    def _run(enc: LoadedEncoder, inputs: list[list[int]]) -> list[list[float]]:
+        length = max(len(ids) for ids in inputs)
+        ids = torch.full((len(inputs), length), enc.model.cfg.pad_token_id, dtype=torch.long)
+        for row, seq in enumerate(inputs):
+            ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        lengths = torch.tensor([len(seq) for seq in inputs], dtype=torch.long)
+        with torch.inference_mode():
+            out = enc.model(ids.to(enc.device), lengths.to(enc.device))
+        return out.float().cpu().tolist()
