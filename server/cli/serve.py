@@ -36,6 +36,8 @@ def add_serve_command(subparsers) -> None:
                         "own `timeout` field overrides it (LOOM_REQUEST_TIMEOUT, default off)")
     g.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
                    help="mark ready without a warm-up request")
+    g.add_argument("--no-webui", dest="webui", action="store_false", default=None,
+                   help="do not serve the browser playground at / (LOOM_WEBUI=false)")
     t = p.add_argument_group("tasks")
     t.add_argument("--summarize-chunk-tokens", type=int, default=None,
                    help="largest piece /v1/summarize sends in one call before map-reducing")

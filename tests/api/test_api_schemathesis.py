@@ -36,8 +36,9 @@ def api_schema(dummy_lm):
 
 
 OPERATIONS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/v1/summarize"),
-              ("POST", "/v1/classify"), ("GET", "/v1/models"), ("GET", "/health"), ("GET", "/ready"),
-              ("GET", "/metrics"), ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/version")]
+              ("POST", "/v1/classify"), ("GET", "/v1/models"), ("GET", "/v1/status"), ("GET", "/health"),
+              ("GET", "/ready"), ("GET", "/metrics"), ("POST", "/tokenize"), ("POST", "/detokenize"),
+              ("GET", "/version")]
 
 
 def test_schema_lists_every_operation(api_schema):
