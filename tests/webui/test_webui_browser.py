@@ -160,6 +160,15 @@ def test_markdown_renderer_builds_only_safe_elements(chromium, server):
                 assert value.startswith("https://example.com/"), (src, attr)
     assert "<script>alert(1)</script>" in report[4]["text"] and report[4]["tags"] == ["pre", "code"]
     assert report[10]["text"] == nasty[10]  # entities are not decoded either
+
+    html = d.execute_script("return window.loomPlayground.renderMarkdown(arguments[0], "
+                            "document.createElement('div')).innerHTML",
+                            "# Title\nSome **bold**, *italic*, `code` and a [link](https://example.com).\n\n"
+                            "- one\n- two\n-\n\n1. first\n2. second\n\n```py\nx = 1 < 2\n```")
+    assert html == ('<h3>Title</h3><p>Some <strong>bold</strong>, <em>italic</em>, <code>code</code> and a '
+                    '<a href="https://example.com/" target="_blank" rel="noopener noreferrer nofollow">link</a>.</p>'
+                    '<ul><li>one</li><li>two</li></ul><ol><li>first</li><li>second</li></ol>'
+                    '<pre><code data-lang="py">x = 1 &lt; 2</code></pre>')
     assert d.execute_script("return window.__pwned") is None
 
 

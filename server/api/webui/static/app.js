@@ -53,12 +53,13 @@
   const BULLET = /^\s{0,3}[-*+]\s+(.*)$/;
   const NUMBERED = /^\s{0,3}\d{1,9}[.)]\s+(.*)$/;
   const HEADING = /^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$/;
+  const MARKER = /^\s{0,3}(?:[-*+]|\d{1,9}[.)])\s*$/;
 
   function renderMarkdown(src, root) {
     root.replaceChildren();
     const lines = String(src).replace(/\r\n?/g, '\n').split('\n');
     let i = 0;
-    const special = (line) => FENCE.test(line) || BULLET.test(line) || NUMBERED.test(line) || HEADING.test(line);
+    const special = (line) => [FENCE, BULLET, NUMBERED, HEADING, MARKER].some((re) => re.test(line));
     while (i < lines.length) {
       const line = lines[i];
       const fence = line.match(FENCE);
@@ -87,6 +88,10 @@
           list.append(inline(lines[i].match(kind)[1], el('li')));
         }
         root.append(list);
+        continue;
+      }
+      if (MARKER.test(line)) { // a list marker with nothing after it (yet): skip
+        i++;
         continue;
       }
       const para = [];
@@ -471,10 +476,10 @@
 
   function drawLabels() {
     const box = $('classify-labels');
-    box.replaceChildren(...labels.map((label, i) => el('span', { class: 'chip', 'data-testid': 'label-chip' },
+    box.replaceChildren(...labels.map((label) => el('span', { class: 'chip', 'data-testid': 'label-chip' },
       label, el('button', {
         type: 'button', class: 'remove', text: '×', 'aria-label': `remove label ${label}`,
-        onclick: () => { labels.splice(i, 1); drawLabels(); entry.focus(); },
+        onclick: () => { labels.splice(labels.indexOf(label), 1); drawLabels(); entry.focus(); },
       }))), entry);
   }
 
