@@ -21,7 +21,7 @@ from tests.support.servers import free_port, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 DESKTOP, PHONE = (1280, 800), (390, 844)
-CHAT_PROMPT = "Explain what a KV cache is, in three short bullet points."
+CHAT_PROMPT = "Write a Python function that reverses a string, with a one-line explanation."
 DOCUMENT = (
     "The Jacquard loom, shown in Lyon in 1804, wove patterns from a chain of punched cards: each card held one row "
     "of the design, and a hole let a hook lift its warp thread while a blank left it down. Before it, a draw boy "

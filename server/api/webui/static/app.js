@@ -246,6 +246,7 @@
     } catch (e) {
       showStatus('error', 'server unreachable');
     }
+    clearTimeout(statusTimer); // two polls may overlap (a key was just saved): one timer goes on
     statusTimer = setTimeout(pollStatus, document.hidden ? 10000 : 2000);
   }
 
