@@ -12,9 +12,21 @@ from server.api.errors import install_error_handlers
 from server.api.lifecycle import InflightMiddleware, Lifecycle, Loader, make_lifespan
 from server.api.limits import BodySizeLimitMiddleware
 from server.api.metrics import Metrics
-from server.api.routes import chat, classify, completions, embeddings, health, models, rerank, summarize, tokenize
+from server.api.routes import (
+    chat,
+    classify,
+    completions,
+    embeddings,
+    health,
+    models,
+    rerank,
+    status,
+    summarize,
+    tokenize,
+)
 from server.api.settings import ServerSettings
 from server.api.tracking import RequestTracker
+from server.api.webui import install_webui
 from server.engine import AsyncEngine
 from server.model import Tokenizer
 from server.tasks import TaskSettings
@@ -43,9 +55,11 @@ def create_app(engine: AsyncEngine | None, settings: ServerSettings | None = Non
     app.state.settings, app.state.lifecycle, app.state.tracker, app.state.metrics = settings, lifecycle, tracker, metrics
     install_error_handlers(app)
     secured = [Depends(require_api_key)]
-    for module in (completions, chat, summarize, classify, embeddings, rerank, models, tokenize):
+    for module in (completions, chat, summarize, classify, embeddings, rerank, models, status, tokenize):
         app.include_router(module.router, dependencies=secured, tags=["v1"])
     app.include_router(health.router, tags=["ops"])
+    if settings.webui:
+        install_webui(app)
     app.add_middleware(InflightMiddleware, tracker=tracker)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)  # outermost: refuse before reading anything

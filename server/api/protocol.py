@@ -370,3 +370,18 @@ class DetokenizeResponse(Body):
 
 class VersionResponse(Body):
     version: str
+
+
+class StatusResponse(Body):
+    """What the playground's status strip shows: the model and the engine's load, right now."""
+    ready: bool
+    reason: str | None = Field(None, description="why not ready (loading, warming up, draining, engine stopped)")
+    model: str | None = None
+    max_model_len: int | None = None
+    running: int = Field(0, description="sequences in the running batch")
+    waiting: int = Field(0, description="sequences waiting to be scheduled")
+    kv_cache_usage: float = Field(0.0, description="fraction of KV-cache blocks in use (0..1)")
+    kv_cache_blocks: int = 0
+    block_size: int | None = None
+    prompt_tokens: int = Field(0, description="prompt tokens processed since start")
+    generation_tokens: int = Field(0, description="tokens generated since start")

@@ -19,3 +19,4 @@ class ServerSettings(BaseSettings):
     ready_stall_seconds: float = Field(120.0, gt=0, description="/ready fails when the engine loop stalls this long")
     warmup: bool = Field(True, description="run a short request through the engine before /ready turns 200")
     sse_ping_seconds: float = Field(15.0, ge=0, description="keep-alive comment interval on SSE streams (0: off)")
+    webui: bool = Field(True, description="serve the browser playground at / (off: / answers 404)")

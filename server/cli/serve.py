@@ -36,6 +36,8 @@ def add_serve_command(subparsers) -> None:
                         "own `timeout` field overrides it (LOOM_REQUEST_TIMEOUT, default off)")
     g.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
                    help="mark ready without a warm-up request")
+    g.add_argument("--no-webui", dest="webui", action="store_false", default=None,
+                   help="do not serve the browser playground at / (LOOM_WEBUI=false)")
     x = p.add_argument_group("encoders")
     x.add_argument("--embedding-model", default=None,
                    help="encoder for /v1/embeddings, /v1/rerank, /v1/score: 'default' (all-MiniLM-L6-v2 from the "

@@ -37,7 +37,7 @@ def api_schema(dummy_lm):
 
 OPERATIONS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/v1/summarize"),
               ("POST", "/v1/classify"), ("POST", "/v1/embeddings"), ("POST", "/v1/rerank"), ("POST", "/v1/score"),
-              ("GET", "/v1/models"), ("GET", "/health"), ("GET", "/ready"),
+              ("GET", "/v1/models"), ("GET", "/v1/status"), ("GET", "/health"), ("GET", "/ready"),
               ("GET", "/metrics"), ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/version")]
 
 
