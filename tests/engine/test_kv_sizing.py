@@ -57,3 +57,22 @@ def test_cpu_pool_is_zero_and_committed_lazily():
     assert cache.k[0].data_ptr() % 64 == 0 and not cache.k[3][100].any() and not cache.v[7][-1].any()
     t = lazy_zeros((3, 5), torch.float32)
     assert t.shape == (3, 5) and not t.any()
+
+
+def test_cpu_pool_reuses_freed_blocks_before_touching_fresh_ones():
+    """Resident memory follows the most blocks in use at once: 50 requests of 3 blocks one after another touch 3
+    blocks, not 150 (with the LRU order alone every never-used block would be handed out once first)."""
+    from server.engine.block_manager import BlockManager
+    from tests.support.models import make_seq
+
+    bm = BlockManager(num_blocks=200, block_size=4, touch_fresh_last=True)
+    touched = set()
+    for i in range(50):
+        seq = make_seq(list(range(i * 100, i * 100 + 12)), seq_id=i)
+        assert bm.allocate(seq, 12)
+        touched |= set(seq.block_table)
+        bm.free_sequence(seq)
+    assert len(touched) == 3 and bm.num_free_blocks == 200 and bm.usage == 0.0
+    held = [make_seq(list(range(1000 * j, 1000 * j + 40)), seq_id=100 + j) for j in range(20)]
+    assert all(bm.allocate(s, 40) for s in held)  # the whole pool is still there when needed
+    assert bm.num_free_blocks == 0 and not bm.allocate(make_seq([1, 2, 3], seq_id=999), 3)
