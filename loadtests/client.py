@@ -102,7 +102,9 @@ async def send_request(client: httpx.AsyncClient, target: Target, spec: RequestS
                     obj = json.loads(data)
                     if obj.get("error"):
                         err = obj["error"]
-                        res.error = f"stream error: {err.get('message', err) if isinstance(err, dict) else err}"
+                        code = err.get("code") if isinstance(err, dict) else None
+                        res.error = (f"stream error{f' ({code})' if code else ''}: "
+                                     f"{err.get('message', err) if isinstance(err, dict) else err}")
                         res.latency = now - t0
                         return res
                     if obj.get("usage"):
@@ -155,11 +157,11 @@ def arrival_times(n: int, request_rate: float, seed: int = 0, burstiness: float 
 async def run(target: Target, specs: list[RequestSpec], concurrency: int | None = None,
               request_rate: float = math.inf, seed: int = 0, warmup: list[RequestSpec] = (), progress: bool = True,
               timeout: float = 600.0, desc: str = "", stop_after: float | None = None,
-              ) -> tuple[list[RequestResult], float]:
+              send=None) -> tuple[list[RequestResult], float]:
     """Send `warmup` one by one (not measured), then `specs`: each at its arrival time, at most `concurrency` in
     flight (None = unbounded). Returns the per-request results (in spec order) and the measured duration (first
     send to last finish). With `stop_after` (s), requests whose turn comes later are not sent (and not returned);
-    those in flight finish."""
+    those in flight finish. `send(client, target, spec)` replaces `send_request` (the soak's mixed load)."""
     from tqdm.auto import tqdm
 
     # A full collection over a big heap (torch imported for the tokenizer path) stalls this event loop ~0.1 s and
@@ -168,12 +170,13 @@ async def run(target: Target, specs: list[RequestSpec], concurrency: int | None 
     gc.freeze()
     try:
         return await _run(target, specs, concurrency, request_rate, seed, warmup, progress, timeout, desc, stop_after,
-                          tqdm)
+                          tqdm, send or send_request)
     finally:
         gc.unfreeze()  # frozen objects are never finalized: bindings (triton's nanobind) then report leaks at exit
 
 
-async def _run(target, specs, concurrency, request_rate, seed, warmup, progress, timeout, desc, stop_after, tqdm):
+async def _run(target, specs, concurrency, request_rate, seed, warmup, progress, timeout, desc, stop_after, tqdm,
+               send):
     limit = concurrency or 4096
     limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=30.0), limits=limits) as client:
@@ -196,13 +199,13 @@ async def _run(target, specs, concurrency, request_rate, seed, warmup, progress,
                     if stop_after is not None and sent > stop_after:
                         bar.update(1)
                         return None
-                    r = await send_request(client, target, spec)
+                    r = await send(client, target, spec)
             else:
                 sent = time.perf_counter() - start
                 if stop_after is not None and sent > stop_after:
                     bar.update(1)
                     return None
-                r = await send_request(client, target, spec)
+                r = await send(client, target, spec)
             r.start = sent
             if not r.ok:
                 nonlocal errors

@@ -33,6 +33,7 @@ class RequestResult:
     max_tokens: int | None = None  # what a generation request asked for (exact with ignore_eos)
     chunks: int = 0
     error: str | None = None
+    status: str = ""  # the mixed soak's outcome label (loadtests/mixed.py)
 
     @property
     def tpot(self) -> float | None:

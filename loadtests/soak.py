@@ -2,6 +2,11 @@
 
     python -m loadtests.soak --base-url http://127.0.0.1:8000 --minutes 10 --rate 2
     python -m loadtests.soak --launch loom --minutes 5 --rate 1 --loom-args "--max-num-seqs 32"
+    python -m loadtests.soak --base-url http://127.0.0.1:8000 --minutes 30 --rate 1 --workload mixed
+
+`--workload mixed` (loadtests/mixed.py) sends a fixed mix of chat streams, non-streamed completions, classifications,
+clients that disconnect mid-stream and requests whose `timeout` expires; requests are reported by status, and 429/504
+are expected outcomes, counted apart from errors.
 
 Checks (exit status 1 when one fails):
 1. Memory stays flat. The server's RSS (/proc/PID/status VmRSS; PID from --pid, --launch, or the process listening
@@ -11,7 +16,9 @@ Checks (exit status 1 when one fails):
 2. Every KV block came back. After the last request and up to --settle-s seconds, /metrics must show no running
    or waiting requests and a KV-cache usage of 0 (`loom_kv_cache_usage_ratio`, or `loom_kv_cache_usage`), and,
    where the server exports both, free blocks == all blocks (cached prefixes count as free).
-3. No request failed (--max-error-rate to allow some).
+3. No request failed (--max-error-rate to allow some); with the mixed load, 429 and 504 do not count as failures.
+4. With --rss-mark-minutes M (and a run longer than 2 M): every RSS sample of the last M minutes is within
+   --rss-mark-tolerance (5%) of the RSS at the M-minute mark (median of the samples within 30 s of it).
 """
 from __future__ import annotations
 
@@ -94,6 +101,22 @@ def rss_flat(samples: list[tuple[float, int]], warmup_fraction: float = 0.1, tol
             "last_quarter_median_mib": last / 2 ** 20, "growth": growth, "tolerance": tolerance,
             "samples": len(samples), "samples_after_warmup": len(kept),
             "min_mib": min(v for _, v in samples) / 2 ** 20, "max_mib": max(v for _, v in samples) / 2 ** 20}
+
+
+def rss_mark(samples: list[tuple[float, int]], mark_s: float, window_s: float, tolerance: float) -> dict:
+    """RSS at `mark_s` (median of the samples within 30 s of it) and at the end; the last `window_s` seconds'
+    samples must stay within `tolerance` of the mark."""
+    if not samples or samples[-1][0] < mark_s + window_s:
+        return {"ok": None, "reason": f"run shorter than the mark + window ({(mark_s + window_s) / 60:g} min)"}
+    end = samples[-1][0]
+    at_mark = statistics.median(v for t, v in samples if abs(t - mark_s) <= 30)
+    at_end = statistics.median(v for t, v in samples if t >= end - 30)
+    window = [v for t, v in samples if t >= end - window_s]
+    hi, lo = max(window), min(window)
+    return {"ok": hi <= at_mark * (1 + tolerance) and lo >= at_mark * (1 - tolerance),
+            "mark_min": mark_s / 60, "rss_at_mark_mib": at_mark / 2 ** 20, "rss_at_end_mib": at_end / 2 ** 20,
+            "window_min": window_s / 60, "window_max_mib": hi / 2 ** 20, "window_min_mib": lo / 2 ** 20,
+            "window_max_vs_mark": hi / at_mark - 1, "tolerance": tolerance}
 
 
 async def sample_rss(pid: int, every: float, out: list, stop: asyncio.Event, t0: float) -> None:
@@ -184,7 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, required=True)
     p.add_argument("--rate", type=float, required=True, help="Poisson arrivals per second")
     p.add_argument("--max-concurrency", type=int, default=256, help="cap on requests in flight")
-    p.add_argument("--workload", default="random", choices=["random", "shared-prefix", "tasks"])
+    p.add_argument("--workload", default="random", choices=["random", "shared-prefix", "tasks", "mixed"])
+    p.add_argument("--mix", default=None, help="mixed workload weights, e.g. chat=4,completion=2,classify=1.5,"
+                                               "disconnect=1.5,deadline=1 (the default)")
+    p.add_argument("--deadline-s", type=float, default=0.5, help="mixed: the `timeout` of deadline requests")
+    p.add_argument("--rss-mark-minutes", type=float, default=None,
+                   help="check the last this-many minutes against the RSS at this mark (see check 4)")
+    p.add_argument("--rss-mark-tolerance", type=float, default=0.05)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--range-ratio", type=float, default=0.5, help="vary lengths so blocks churn")
@@ -205,8 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
 async def soak(args, base_url: str, pid: int | None, model: str | None, extra_body: dict | None = None) -> dict:
     n = max(1, math.ceil(args.rate * args.minutes * 60))
     maker = PromptMaker(load_tokenizer(args.tokenizer), args.seed)
-    specs = build_workload(args.workload, maker, n, args.input_len, args.output_len, args.range_ratio,
-                           args.prefix_len, seed=args.seed)
+    send = None
+    if args.workload == "mixed":
+        from loadtests.mixed import mixed_workload, parse_mix, send_mixed
+        specs = mixed_workload(maker, n, args.input_len, args.output_len, args.range_ratio, args.seed,
+                               parse_mix(args.mix), args.deadline_s)
+        send = send_mixed
+    else:
+        specs = build_workload(args.workload, maker, n, args.input_len, args.output_len, args.range_ratio,
+                               args.prefix_len, seed=args.seed)
     target = Target(base_url, model, dict(extra_body if extra_body is not None else {"ignore_eos": True}),
                     args.api_key)
     samples: list[tuple[float, int]] = []
@@ -215,7 +251,7 @@ async def soak(args, base_url: str, pid: int | None, model: str | None, extra_bo
     sampler = asyncio.create_task(sample_rss(pid, args.sample_s, samples, stop, t0)) if pid else None
     try:
         results, duration = await run(target, specs, args.max_concurrency, args.rate, seed=args.seed,
-                                      progress=not args.no_progress, desc=f"soak {args.rate:g} req/s")
+                                      progress=not args.no_progress, desc=f"soak {args.rate:g} req/s", send=send)
     finally:
         stop.set()
         if sampler:
@@ -225,12 +261,23 @@ async def soak(args, base_url: str, pid: int | None, model: str | None, extra_bo
         await settle_and_check(base_url, args.settle_s, args.api_key)
     mem = rss_flat(samples, args.warmup_fraction, args.rss_tolerance) if pid else \
         {"ok": None, "reason": "server pid unknown (give --pid)"}
-    error_rate = summary["failed"] / max(1, summary["num_requests"])
-    checks = {"memory_flat": mem, "kv_blocks_returned": kv,
-              "errors": {"ok": error_rate <= args.max_error_rate, "error_rate": error_rate,
-                         "errors": summary["errors"]}}
+    statuses = None
+    if send is not None:
+        from loadtests.mixed import by_status
+        statuses = by_status(results)
+        bad = statuses["unexpected"] + statuses["unexpected_504"]
+        errors = {"ok": bad / max(1, len(results)) <= args.max_error_rate, "error_rate": bad / max(1, len(results)),
+                  "errors": statuses["errors"]}
+    else:
+        error_rate = summary["failed"] / max(1, summary["num_requests"])
+        errors = {"ok": error_rate <= args.max_error_rate, "error_rate": error_rate, "errors": summary["errors"]}
+    checks = {"memory_flat": mem, "kv_blocks_returned": kv, "errors": errors}
+    if args.rss_mark_minutes:
+        m = args.rss_mark_minutes * 60
+        checks["rss_after_mark"] = rss_mark(samples, m, m, args.rss_mark_tolerance) if pid else \
+            {"ok": None, "reason": "server pid unknown (give --pid)"}
     return {"base_url": base_url, "pid": pid, "minutes": args.minutes, "rate": args.rate, "requests": n,
-            "summary": summary, "checks": checks,
+            "summary": summary, "checks": checks, "statuses": statuses,
             "ok": all(c.get("ok") is not False for c in checks.values()),
             "rss_samples": [(round(t, 2), v) for t, v in samples]}
 
@@ -245,6 +292,20 @@ def _print(report: dict) -> None:
               f"quarter after warm-up) -> {mem['last_quarter_median_mib']:.1f} MiB (last quarter), "
               f"{mem['growth']:+.1%} (limit +{mem['tolerance']:.0%}); range {mem['min_mib']:.1f}-{mem['max_mib']:.1f} "
               f"MiB over {mem['samples']} samples")
+    mark = report["checks"].get("rss_after_mark")
+    if mark and mark.get("ok") is None:
+        print(f"RSS mark: not checked: {mark.get('reason')}")
+    elif mark:
+        print(f"RSS mark: {'OK' if mark['ok'] else 'MOVED'}: {mark['rss_at_mark_mib']:.1f} MiB at "
+              f"{mark['mark_min']:g} min, {mark['rss_at_end_mib']:.1f} MiB at the end; last {mark['window_min']:g} "
+              f"min {mark['window_min_mib']:.1f}-{mark['window_max_mib']:.1f} MiB "
+              f"({mark['window_max_vs_mark']:+.1%} max vs the mark, limit {mark['tolerance']:.0%})")
+    if report.get("statuses"):
+        st = report["statuses"]
+        print(f"requests by status: {st['by_status']}")
+        print(f"by scenario: {st['by_scenario']}")
+        print(f"unexpected: {st['unexpected']} (+ {st['unexpected_504']} 504s outside deadline requests); "
+              f"deadline requests that finished: {st['deadline_finished']}")
     kv = report["checks"]["kv_blocks_returned"]
     print("kv blocks: " + ("not checked" if kv.get("ok") is None else "OK: all returned, nothing running"
                            if kv["ok"] else "LEAK: " + "; ".join(kv["problems"])))

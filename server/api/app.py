@@ -50,8 +50,9 @@ def create_app(engine: AsyncEngine | None, settings: ServerSettings | None = Non
     lifecycle = Lifecycle(settings, task_settings or TaskSettings(), tracker, metrics)
     if engine is not None:
         lifecycle.attach(engine, model_name or "default", tokenizer or engine.tokenizer)
+    docs = {} if settings.docs != "off" else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="Loom", version="0.1.0", description=DESCRIPTION,
-                  lifespan=make_lifespan(lifecycle, loader, on_fatal, shutdown_engine))
+                  lifespan=make_lifespan(lifecycle, loader, on_fatal, shutdown_engine), **docs)
     app.state.settings, app.state.lifecycle, app.state.tracker, app.state.metrics = settings, lifecycle, tracker, metrics
     install_error_handlers(app)
     secured = [Depends(require_api_key)]
@@ -62,5 +63,5 @@ def create_app(engine: AsyncEngine | None, settings: ServerSettings | None = Non
         install_webui(app)
     app.add_middleware(InflightMiddleware, tracker=tracker)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)  # outermost: refuse before reading anything
+    app.add_middleware(APIKeyMiddleware, api_key=settings.api_key, protect_docs=settings.docs == "protected")  # outermost: refuse before reading anything
     return app

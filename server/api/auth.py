@@ -1,4 +1,5 @@
 """Optional API-key auth for /v1/*: `Authorization: Bearer <key>` when `--api-key` / `LOOM_API_KEY` is set.
+With `--docs protected` the key also guards /docs, /redoc and /openapi.json (default `public`: see ServerSettings).
 
 Checked by ASGI middleware, before the body is even read (an unauthenticated client learns nothing about its
 request); the `require_api_key` dependency declares the scheme in the OpenAPI docs and checks again."""
@@ -16,6 +17,7 @@ from server.api.errors import APIError, count_error, error_body
 
 bearer = HTTPBearer(auto_error=False, description="the server's API key (only when it was started with one)")
 PROTECTED_PREFIX = "/v1/"
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
 
 def check_key(authorization: str | None, expected: str) -> str | None:
@@ -38,11 +40,15 @@ async def require_api_key(request: Request,
 
 
 class APIKeyMiddleware:
-    def __init__(self, app: ASGIApp, api_key: str | None):
+    def __init__(self, app: ASGIApp, api_key: str | None, protect_docs: bool = False):
         self.app, self.api_key = app, api_key
+        self.exact = DOCS_PATHS if protect_docs else ()
+
+    def guards(self, path: str) -> bool:
+        return path.startswith(PROTECTED_PREFIX) or path in self.exact
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.api_key and scope["type"] == "http" and scope.get("path", "").startswith(PROTECTED_PREFIX):
+        if self.api_key and scope["type"] == "http" and self.guards(scope.get("path", "")):
             headers = dict(scope.get("headers") or ())
             problem = check_key(headers.get(b"authorization", b"").decode("latin-1") or None, self.api_key)
             if problem:

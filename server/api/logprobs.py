@@ -10,13 +10,20 @@ from server.engine import TokenLogprob
 
 
 class TokenText:
-    """Token id -> the text it stands for (cached; special tokens spelled out)."""
+    """Token id -> the text it stands for (cached; special tokens spelled out), and its true bytes: a token holding
+    part of a multi-byte character reads as U+FFFD alone, but its `bytes` are the real ones, so a client can join a
+    reply's bytes back into its text (as OpenAI's are)."""
 
     def __init__(self, tokenizer):
         self._decode = lru_cache(maxsize=65536)(lambda i: tokenizer.decode([i], skip_special_tokens=False))
+        exact = getattr(tokenizer, "token_bytes", None)
+        self._bytes = exact if exact is not None else lambda i: self._decode(i).encode()
 
     def __call__(self, token_id: int) -> str:
         return self._decode(token_id)
+
+    def bytes(self, token_id: int) -> list[int]:
+        return list(self._bytes(token_id))
 
 
 def _finite(x: float) -> float:
@@ -52,7 +59,7 @@ def chat_logprobs(text: TokenText, entries: list[TokenLogprob], token_ids: list[
     content = []
     for token_id, entry in zip(token_ids, entries):
         token = text(token_id)
-        top = [TopLogprob(token=text(t), logprob=_finite(lp), bytes=list(text(t).encode())) for t, lp in entry.top]
-        content.append(TokenLogprobEntry(token=token, logprob=_finite(entry.logprob), bytes=list(token.encode()),
+        top = [TopLogprob(token=text(t), logprob=_finite(lp), bytes=text.bytes(t)) for t, lp in entry.top]
+        content.append(TokenLogprobEntry(token=token, logprob=_finite(entry.logprob), bytes=text.bytes(token_id),
                                          top_logprobs=top))
     return ChatLogprobs(content=content)

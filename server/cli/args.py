@@ -29,7 +29,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", default=None, type=Path, help="where converted GGUF checkpoints are kept")
     e = p.add_argument_group("engine")
     e.add_argument("--block-size", type=int, default=None)
-    e.add_argument("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU")
+    e.add_argument("--kv-cache-memory", type=float, default=None,
+                   help="GiB of KV cache on CPU (default: --max-num-seqs full contexts of the model, capped by "
+                        "--kv-cache-memory-fraction)")
+    e.add_argument("--kv-cache-memory-fraction", type=float, default=None,
+                   help="most of the machine's (or cgroup's) memory a model-sized CPU KV cache takes (default 0.1)")
     e.add_argument("--gpu-memory-utilization", type=float, default=None)
     e.add_argument("--num-kv-blocks", type=int, default=None)
     e.add_argument("--max-num-seqs", type=int, default=None)

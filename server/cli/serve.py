@@ -28,9 +28,15 @@ def add_serve_command(subparsers) -> None:
     g.add_argument("--host", default=None, help="interface to listen on (LOOM_HOST, default 127.0.0.1)")
     g.add_argument("--port", type=int, default=None, help="TCP port (LOOM_PORT, default 8000)")
     g.add_argument("--api-key", default=None, help="require `Authorization: Bearer <key>` on /v1/* (LOOM_API_KEY)")
+    g.add_argument("--docs", default=None, choices=["public", "protected", "off"],
+                   help="/docs, /redoc and /openapi.json: open to all (default: the schema holds no secret and a "
+                        "browser cannot send the key to Swagger UI), behind --api-key, or not served (LOOM_DOCS)")
     g.add_argument("--drain-timeout", type=float, default=None,
                    help="seconds in-flight requests may finish after SIGTERM (LOOM_DRAIN_TIMEOUT, default 30)")
     g.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies get 413")
+    g.add_argument("--read-timeout", type=float, default=None,
+                   help="seconds a client may take to send its request headers, and the longest pause inside a body; "
+                        "past it the client gets 408 and the connection closes (LOOM_READ_TIMEOUT, default 15)")
     g.add_argument("--request-timeout", type=float, default=None,
                    help="default timeout (s) of every generating or scoring request, queue time included; a request's "
                         "own `timeout` field overrides it (LOOM_REQUEST_TIMEOUT, default off)")
@@ -64,6 +70,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from sse_starlette.sse import AppStatus
 
     from server.api import ServerSettings, create_app
+    from server.api.errors import count_error
+    from server.cli.http_protocol import protocol_class
     from server.engine import AsyncEngine, EngineCore, EngineSettings
     from server.model import ModelSettings, load_model
     from server.tasks import TaskSettings
@@ -87,9 +95,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     app = create_app(None, settings, task_settings=settings_of(TaskSettings, args), loader=loader,
                      on_fatal=on_fatal)
     level = (args.log_level or "warning").lower()
+    http = protocol_class(settings.read_timeout, on_error=lambda status: count_error(app, status))
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=level,
                             access_log=level in ("debug", "info"), timeout_graceful_shutdown=10,
-                            lifespan="on", server_header=False)
+                            lifespan="on", server_header=False, http=http)
     server = holder["server"] = DrainingServer(config, app.state.lifecycle, settings.drain_timeout)
     # Streams are ended by our drain, not cut by sse-starlette the moment the signal arrives.
     AppStatus.disable_automatic_graceful_drain()
@@ -157,5 +166,9 @@ class DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets=None) -> None:
         for listener in getattr(self, "servers", []):  # stop accepting new connections at once
             listener.close()
+        for connection in list(self.server_state.connections):  # requests still arriving: 503 and closed now
+            close = getattr(connection, "close_incomplete", None)
+            if close is not None:
+                close()
         await self.lifecycle.drain(self.drain_timeout, hurry=lambda: self.force_exit)
         await super().shutdown(sockets)

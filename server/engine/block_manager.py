@@ -3,6 +3,10 @@
 A full block is identified by hash(parent block's hash, its token ids). Blocks whose reference count drops to zero
 go to the free list but keep their hash, so a later request with the same prefix can take them back; new
 allocations evict from the least recently freed end.
+
+With `touch_fresh_last` (the CPU pool, whose pages are committed on first write) blocks never used yet are handed out
+only when no freed block is left: resident memory then follows the most blocks ever in use at once, not how many
+distinct blocks history has passed through (the price: freed prefixes are evicted sooner while the pool has room).
 """
 from __future__ import annotations
 
@@ -21,23 +25,28 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 touch_fresh_last: bool = False):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one slot, got {num_blocks} x {block_size}")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # LRU order
+        self.touch_fresh_last = touch_fresh_last
+        # free blocks in LRU order; with touch_fresh_last the never-used ones wait in `fresh` instead
+        self.free: OrderedDict[int, None] = OrderedDict() if touch_fresh_last else \
+            OrderedDict((i, None) for i in range(num_blocks))
+        self.fresh: list[int] = list(range(num_blocks - 1, -1, -1)) if touch_fresh_last else []
         self.cached: dict[int, int] = {}  # block hash -> block id
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free)
+        return len(self.free) + len(self.fresh)
 
     @property
     def usage(self) -> float:
-        return 1.0 - len(self.free) / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_blocks
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -48,6 +57,10 @@ class BlockManager:
 
     def _evict_lru(self) -> int:
         """Take the least recently freed block, forgetting the prefix it held."""
+        if not self.free and self.fresh:
+            block_id = self.fresh.pop()
+            self.blocks[block_id].ref_count = 1
+            return block_id
         block_id, _ = self.free.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None and self.cached.get(block.hash) == block_id:
@@ -81,7 +94,7 @@ class BlockManager:
         needed = self.blocks_needed(seq.num_computed_tokens + len(prefix_blocks) * self.block_size + num_new_tokens)
         new = max(needed - len(seq.block_table) - len(prefix_blocks), 0)
         reclaimed = sum(1 for b in prefix_blocks if self.blocks[b].ref_count == 0)
-        if new + reclaimed > len(self.free):
+        if new + reclaimed > self.num_free_blocks:
             return False
         for block_id in prefix_blocks:
             block = self.blocks[block_id]

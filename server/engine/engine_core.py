@@ -29,7 +29,8 @@ class EngineCore:
         self.lm, self.settings, self.tokenizer = lm, settings, lm.tokenizer
         self.max_model_len = context_window(settings.max_model_len, lm.config.max_model_len)
         self.runner = ModelRunner(lm, settings, self.max_model_len)
-        self.block_manager = BlockManager(self.runner.num_blocks, settings.block_size, settings.enable_prefix_caching)
+        self.block_manager = BlockManager(self.runner.num_blocks, settings.block_size, settings.enable_prefix_caching,
+                                          touch_fresh_last=lm.device.type == "cpu")  # lazily committed pool
         self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens,
                                    settings.max_prefill_chunk or self._default_prefill_chunk())
         self.sampler = Sampler(settings.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,17 +22,55 @@ class StepLogits:
     prompt_rows: dict[int, tuple[int, int]]  # seq_id -> (first row, count) of prompt-logprob rows
 
 
-def num_kv_blocks(lm: LoadedModel, settings: EngineSettings) -> int:
+def memory_limit_bytes() -> int | None:
+    """What this process may use: the cgroup's memory limit when there is one, else the machine's memory."""
+    for path, unlimited in (("/sys/fs/cgroup/memory.max", "max"),
+                            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", None)):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if text != unlimited and text.isdigit() and int(text) < 2 ** 60:
+            return int(text)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@dataclass
+class KVSizing:
+    blocks: int
+    bytes_per_block: int
+    reason: str  # which rule decided
+    wanted_blocks: int | None = None  # max_num_seqs full contexts
+    cap_bytes: int | None = None
+
+
+def size_kv_cache(lm: LoadedModel, settings: EngineSettings, max_model_len: int) -> KVSizing:
+    """How many KV blocks to allocate, and why. CPU default: room for `max_num_seqs` sequences of the full context
+    (layers x 2 x KV heads x head dim x dtype bytes per token), capped by `kv_cache_memory_fraction` of the memory
+    this process may use; `--kv-cache-memory` (GiB) or `--num-kv-blocks` override it. GPU: what is left of
+    `gpu_memory_utilization` after the weights and the profiled activations."""
     cfg = lm.config
     per_block = KVCache.bytes_per_block(cfg.num_layers, settings.block_size, cfg.num_kv_heads, cfg.head_dim, lm.dtype)
     if settings.num_kv_blocks:
-        return settings.num_kv_blocks
+        return KVSizing(settings.num_kv_blocks, per_block, "num_kv_blocks")
     if lm.device.type == "cuda":
         free, total = torch.cuda.mem_get_info(lm.device)
         used_by_others = total - free  # weights and activations were profiled before this call
         budget = total * settings.gpu_memory_utilization - used_by_others
-        return max(int(budget // per_block), 1)
-    return max(int(settings.kv_cache_memory * 2 ** 30 // per_block), 1)
+        return KVSizing(max(int(budget // per_block), 1), per_block, "gpu_memory_utilization")
+    if settings.kv_cache_memory is not None:
+        return KVSizing(max(int(settings.kv_cache_memory * 2 ** 30 // per_block), 1), per_block, "kv_cache_memory")
+    wanted = settings.max_num_seqs * -(-max_model_len // settings.block_size)
+    limit = memory_limit_bytes()
+    if limit is None:
+        return KVSizing(wanted, per_block, "max_num_seqs x max_model_len (memory size unknown)", wanted)
+    cap = int(limit * settings.kv_cache_memory_fraction)
+    if wanted * per_block <= cap:
+        return KVSizing(wanted, per_block, "max_num_seqs x max_model_len", wanted, cap)
+    return KVSizing(max(cap // per_block, 1), per_block, "kv_cache_memory_fraction of memory", wanted, cap)
 
 
 class ModelRunner:
@@ -42,12 +81,19 @@ class ModelRunner:
         self.block_size = settings.block_size
         if lm.device.type == "cuda":
             self._profile(settings)
-        self.num_blocks = num_kv_blocks(lm, settings)
+        sizing = size_kv_cache(lm, settings, max_model_len)
+        self.num_blocks = sizing.blocks
         cfg = lm.config
         self.kv_cache = KVCache.allocate(cfg.num_layers, self.num_blocks, self.block_size, cfg.num_kv_heads,
                                          cfg.head_dim, lm.dtype, lm.device)
-        log.info("kv cache allocated", extra={"blocks": self.num_blocks, "block_size": self.block_size,
-                                              "tokens": self.num_blocks * self.block_size})
+        mib = 2 ** 20
+        log.info("kv cache allocated", extra={
+            "blocks": self.num_blocks, "block_size": self.block_size, "tokens": self.num_blocks * self.block_size,
+            "mib": round(self.num_blocks * sizing.bytes_per_block / mib, 1), "bytes_per_token":
+            sizing.bytes_per_block // self.block_size, "reason": sizing.reason,
+            **({"wanted_mib": round(sizing.wanted_blocks * sizing.bytes_per_block / mib, 1)}
+               if sizing.wanted_blocks else {}),
+            **({"cap_mib": round(sizing.cap_bytes / mib, 1)} if sizing.cap_bytes else {})})
         enable_stack = getattr(self.model, "enable_decode_stack", None)  # Llama family on CPU (model/cpu_stack.py)
         if lm.device.type == "cpu" and enable_stack is not None and enable_stack(self.kv_cache):
             log.info("decode steps run as one C++ call per step")

@@ -7,7 +7,10 @@ class EngineSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOOM_", extra="ignore")
 
     block_size: int = Field(16, ge=1, le=256, description="tokens per KV-cache block")
-    kv_cache_memory: float = Field(2.0, gt=0, description="GiB of KV cache on CPU")
+    kv_cache_memory: float | None = Field(None, gt=0, description="GiB of KV cache on CPU; None: sized from the model "
+                                                                "(max_num_seqs full contexts, capped by the fraction)")
+    kv_cache_memory_fraction: float = Field(0.1, gt=0, le=0.9, description="CPU: the most of the machine's (or the "
+                                                                          "cgroup's) memory a model-sized KV cache takes")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="fraction of GPU memory Loom may use")
     num_kv_blocks: int | None = Field(None, ge=1, description="exact number of KV blocks (overrides the budgets)")
     max_num_seqs: int = Field(64, ge=1, description="most sequences in one step")

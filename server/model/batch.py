@@ -6,6 +6,7 @@ one row per decoding sequence.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,17 @@ class FlatBatch:
                    logits_indices=torch.tensor(last if logits_rows is None else logits_rows, dtype=torch.long))
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, align: int = 64) -> torch.Tensor:
+    """A zero-filled CPU tensor whose pages are only committed when first written: calloc (numpy's zeros) maps fresh
+    zero pages for a large block instead of writing zeros through it as torch.zeros does, so a KV pool costs resident
+    memory for the blocks that have held tokens, not for its whole size at start. 64-byte aligned for the kernels."""
+    import numpy as np
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros(nbytes + align, dtype=np.uint8)
+    start = -raw.ctypes.data % align
+    return torch.from_numpy(raw[start:start + nbytes]).view(dtype).view(shape)
+
+
 @dataclass
 class KVCache:
     """Per-layer K and V caches, each `[num_blocks, block_size, num_kv_heads, head_dim]`, views of one tensor."""
@@ -78,7 +90,11 @@ class KVCache:
     @classmethod
     def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu") -> KVCache:
-        data = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+        if torch.device(device).type == "cpu":
+            data = lazy_zeros(shape, dtype)
+        else:
+            data = torch.zeros(shape, dtype=dtype, device=device)
         return cls(k=[data[i, 0] for i in range(num_layers)], v=[data[i, 1] for i in range(num_layers)],
                    num_blocks=num_blocks, block_size=block_size)
 

@@ -1,10 +1,27 @@
 """Tokenizer facade over Hugging Face tokenizers: encoding, the model's own chat template, incremental decoding."""
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 REPLACEMENT = "\ufffd"
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback
+
+
+@lru_cache(maxsize=1)
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character each byte is spelled with in the vocabulary."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 class Tokenizer:
@@ -14,6 +31,8 @@ class Tokenizer:
         if hf_tokenizer.eos_token_id is not None:
             ids.add(hf_tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(ids)
+        self._special_ids = frozenset(getattr(hf_tokenizer, "all_special_ids", ()) or ())
+        self._bytes_cache = None
 
     @classmethod
     def from_pretrained(cls, path: str, eos_token_ids: Sequence[int] = ()) -> Tokenizer:
@@ -26,6 +45,32 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return len(self.hf)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, even when it holds only part of a UTF-8 character (decoding it alone
+        gives U+FFFD): byte-fallback pieces (`<0xF0>`) are that byte, byte-level BPE pieces (GPT-2's `Ġ`-spelled
+        alphabet) are mapped back to their bytes, special tokens are their text."""
+        if self._bytes_cache is None:
+            self._bytes_cache = lru_cache(maxsize=65536)(self._token_bytes)
+        return self._bytes_cache(token_id)
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        text = self.decode([token_id], skip_special_tokens=False)
+        if REPLACEMENT not in text or token_id in self._special_ids:
+            return text.encode()
+        piece = self.hf.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str):
+            if m := _BYTE_PIECE.fullmatch(piece):
+                return bytes([int(m.group(1), 16)])
+            alphabet = byte_level_alphabet()
+            if self._byte_level and all(c in alphabet for c in piece):
+                return bytes(alphabet[c] for c in piece)
+        return text.encode()  # a real U+FFFD, or a scheme this facade does not know
+
+    @property
+    def _byte_level(self) -> bool:
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        return backend is not None and type(backend.decoder).__name__ == "ByteLevel"
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)

@@ -1,0 +1,78 @@
+"""The default KV pool is sized from the model (issue 16, item 9): `max_num_seqs` full contexts at the model's bytes
+per token, capped by a fraction of the memory the process may use; explicit settings win; the CPU pool's pages are
+only committed once written."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from server.engine import EngineCore, EngineSettings, model_runner
+from server.engine.model_runner import size_kv_cache
+from server.model.batch import KVCache, lazy_zeros
+
+
+def per_token(lm) -> int:
+    c = lm.config
+    return c.num_layers * 2 * c.num_kv_heads * c.head_dim * torch.empty((), dtype=lm.dtype).element_size()
+
+
+def test_default_pool_holds_max_num_seqs_full_contexts(dummy_lm, monkeypatch):
+    monkeypatch.setattr(model_runner, "memory_limit_bytes", lambda: 64 * 2 ** 30)
+    s = size_kv_cache(dummy_lm, EngineSettings(max_num_seqs=8, block_size=16), max_model_len=500)
+    assert s.blocks == 8 * 32 and s.reason == "max_num_seqs x max_model_len"
+    assert s.bytes_per_block == 16 * per_token(dummy_lm)
+
+
+def test_default_pool_is_capped_by_the_memory_fraction(dummy_lm, monkeypatch):
+    monkeypatch.setattr(model_runner, "memory_limit_bytes", lambda: 2 ** 30)
+    s = size_kv_cache(dummy_lm, EngineSettings(max_num_seqs=4096, kv_cache_memory_fraction=0.05), 2048)
+    assert s.reason == "kv_cache_memory_fraction of memory"
+    assert s.blocks * s.bytes_per_block <= 0.05 * 2 ** 30 < (s.blocks + 1) * s.bytes_per_block
+    assert s.wanted_blocks == 4096 * 128
+
+
+def test_explicit_settings_win(dummy_lm):
+    assert size_kv_cache(dummy_lm, EngineSettings(num_kv_blocks=77), 512).blocks == 77
+    s = size_kv_cache(dummy_lm, EngineSettings(kv_cache_memory=0.01), 512)
+    assert s.reason == "kv_cache_memory" and s.blocks == int(0.01 * 2 ** 30 // s.bytes_per_block)
+
+
+def test_the_log_says_what_it_took_and_why(dummy_lm, caplog):
+    with caplog.at_level(logging.INFO, logger="loom.engine"):
+        core = EngineCore(dummy_lm, EngineSettings(max_num_seqs=2, max_model_len=256))
+    rec = next(r for r in caplog.records if r.getMessage() == "kv cache allocated")
+    assert rec.blocks == core.block_manager.num_blocks == 2 * 16
+    assert rec.reason == "max_num_seqs x max_model_len" and rec.bytes_per_token == per_token(dummy_lm)
+    assert rec.mib > 0
+
+
+def test_cpu_pool_is_zero_and_committed_lazily():
+    def rss() -> int:
+        return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) * 1024
+
+    before = rss()
+    cache = KVCache.allocate(8, 4096, 16, 8, 64, torch.bfloat16)  # 1 GiB
+    assert rss() - before < 64 * 2 ** 20, "the pool's pages are not touched at allocation"
+    assert cache.k[0].data_ptr() % 64 == 0 and not cache.k[3][100].any() and not cache.v[7][-1].any()
+    t = lazy_zeros((3, 5), torch.float32)
+    assert t.shape == (3, 5) and not t.any()
+
+
+def test_cpu_pool_reuses_freed_blocks_before_touching_fresh_ones():
+    """Resident memory follows the most blocks in use at once: 50 requests of 3 blocks one after another touch 3
+    blocks, not 150 (with the LRU order alone every never-used block would be handed out once first)."""
+    from server.engine.block_manager import BlockManager
+    from tests.support.models import make_seq
+
+    bm = BlockManager(num_blocks=200, block_size=4, touch_fresh_last=True)
+    touched = set()
+    for i in range(50):
+        seq = make_seq(list(range(i * 100, i * 100 + 12)), seq_id=i)
+        assert bm.allocate(seq, 12)
+        touched |= set(seq.block_table)
+        bm.free_sequence(seq)
+    assert len(touched) == 3 and bm.num_free_blocks == 200 and bm.usage == 0.0
+    held = [make_seq(list(range(1000 * j, 1000 * j + 40)), seq_id=100 + j) for j in range(20)]
+    assert all(bm.allocate(s, 40) for s in held)  # the whole pool is still there when needed
+    assert bm.num_free_blocks == 0 and not bm.allocate(make_seq([1, 2, 3], seq_id=999), 3)
