@@ -28,11 +28,14 @@ def exported_metric_names() -> set[str]:
 
     stats = EngineStats(running=0, waiting=0, kv_usage=0.0, num_blocks=1, free_blocks=1, preemptions=0,
                         prefix_hit_tokens=0, prefix_query_tokens=0, prompt_tokens=0, generation_tokens=0, steps=0)
-    class Engine:  # stands in for AsyncEngine: stats at scrape time, step observers
+    class Engine:  # stands in for AsyncEngine: stats at scrape time, step and encoder-batch observers
         def stats(self) -> EngineStats:
             return stats
 
         def add_step_observer(self, observer) -> None:
+            pass
+
+        def add_encode_observer(self, observer) -> None:
             pass
 
     metrics = Metrics()
