@@ -9,7 +9,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.support.servers import make_app, make_engine, wait_ready, wait_until
+from tests.support.servers import engine_idle, make_app, make_engine, wait_ready, wait_until
 
 PROMPT = " ".join(["threads"] * 300)  # ~300 tokens: 19 prefill chunks of 16 tokens for each sequence
 
@@ -33,11 +33,6 @@ def prefill_engine(dummy_lm, monkeypatch):
     engine.shutdown()
 
 
-def idle(engine) -> bool:
-    s = engine.stats()
-    return s.running == 0 and s.waiting == 0 and s.free_blocks == s.num_blocks
-
-
 def no_decode_ran(engine) -> bool:
     return all(decodes == 0 for _, decodes in engine.steps)
 
@@ -58,7 +53,7 @@ def test_n2_deadline_during_prefill_is_504_and_frees_both(prefill_engine, path, 
         assert r.json()["error"]["code"] == "request_timeout"
         assert time.monotonic() - started < 2.0
         assert prefill_engine.steps and no_decode_ran(prefill_engine), "the deadline came during prefill"
-        assert wait_until(lambda: idle(prefill_engine)), "both sequences of n=2 freed every block"
+        assert wait_until(lambda: engine_idle(prefill_engine)), "both sequences of n=2 freed every block"
 
 
 @pytest.mark.parametrize("path, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
@@ -73,7 +68,7 @@ def test_n2_streamed_deadline_during_prefill_is_504_and_frees_both(prefill_engin
         assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text
         assert r.json()["error"]["type"] == "timeout_error"
         assert prefill_engine.steps and no_decode_ran(prefill_engine), "the deadline came during prefill"
-        assert wait_until(lambda: idle(prefill_engine)), "both sequences of n=2 freed every block"
+        assert wait_until(lambda: engine_idle(prefill_engine)), "both sequences of n=2 freed every block"
 
 
 def test_n2_stream_deadline_after_the_first_tokens_is_an_error_event(prefill_engine):
@@ -90,7 +85,7 @@ def test_n2_stream_deadline_after_the_first_tokens_is_an_error_event(prefill_eng
         assert json.loads(lines[-2][6:])["error"]["code"] == "request_timeout"
         indexes = {c["index"] for line in lines[:-2] for c in json.loads(line[6:]).get("choices", [])}
         assert indexes == {0, 1}
-        assert wait_until(lambda: idle(prefill_engine))
+        assert wait_until(lambda: engine_idle(prefill_engine))
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -118,4 +113,4 @@ def test_summarize_of_several_chunks_times_out_during_prefill_and_frees_every_ch
             prefill_engine.generate = real_generate
         assert chunks is not None and len(submitted) >= 2, f"the document went out in several chunks: {submitted}"
         assert no_decode_ran(prefill_engine), "the deadline came while the chunks were prefilling"
-        assert wait_until(lambda: idle(prefill_engine)), "every chunk's sequence was aborted and freed"
+        assert wait_until(lambda: engine_idle(prefill_engine)), "every chunk's sequence was aborted and freed"

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.api import ServerSettings, create_app
-from tests.support.servers import make_app, make_engine, wait_ready, wait_until
+from tests.support.servers import engine_idle, make_app, make_engine, wait_ready, wait_until
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -295,11 +295,6 @@ def slow_engine(dummy_lm, monkeypatch):
     engine.shutdown()
 
 
-def idle(engine) -> bool:
-    s = engine.stats()
-    return s.running == 0 and s.waiting == 0 and s.free_blocks == s.num_blocks
-
-
 LONG = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
 
 
@@ -310,7 +305,7 @@ def test_timeout_is_504_and_frees_everything(slow_engine):
         err = error_of(c.post("/v1/completions", json={**LONG, "timeout": 0.3}), 504)
         assert 0.3 <= time.monotonic() - started < 1.5
         assert err["type"] == "timeout_error" and err["code"] == "request_timeout"
-        assert wait_until(lambda: idle(slow_engine))
+        assert wait_until(lambda: engine_idle(slow_engine))
         chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 400, "ignore_eos": True,
                 "timeout": 0.2}
         assert error_of(c.post("/v1/chat/completions", json=chat), 504)["code"] == "request_timeout"
@@ -318,7 +313,7 @@ def test_timeout_is_504_and_frees_everything(slow_engine):
         assert error_of(c.post("/v1/summarize", json=summarize), 504)["code"] == "request_timeout"
         classify = {"input": ["good", "bad", "fine"], "labels": ["positive", "negative", "neutral"], "timeout": 0.02}
         assert error_of(c.post("/v1/classify", json=classify), 504)["code"] == "request_timeout"
-        assert wait_until(lambda: idle(slow_engine)), "every sub-request of summarize and classify was aborted"
+        assert wait_until(lambda: engine_idle(slow_engine)), "every sub-request of summarize and classify was aborted"
         metrics = c.get("/metrics").text
         for endpoint in ("completions", "chat", "summarize", "classify"):
             assert f'loom_requests_total{{endpoint="{endpoint}",finish_reason="timeout"}}' in metrics, endpoint
@@ -335,7 +330,7 @@ def test_streamed_timeout_is_an_error_event_then_done(slow_engine):
         error = json.loads(lines[-2][6:])["error"]
         assert error["type"] == "timeout_error" and error["code"] == "request_timeout"
         assert len(lines) > 3, "tokens streamed before the deadline"
-        assert wait_until(lambda: idle(slow_engine))
+        assert wait_until(lambda: engine_idle(slow_engine))
 
 
 def test_server_default_timeout_and_queue_time_counts(slow_engine):
@@ -356,7 +351,7 @@ def test_server_default_timeout_and_queue_time_counts(slow_engine):
         assert results["queued"] == 504 and time.monotonic() - started < 1.5
         hog.join(30)
         assert results["hog"] == 200
-        assert wait_until(lambda: idle(slow_engine))
+        assert wait_until(lambda: engine_idle(slow_engine))
 
 
 def test_summarize_inputs_are_checked_before_any_work(dummy_engine):

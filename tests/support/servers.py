@@ -26,6 +26,12 @@ def make_engine(lm, encoders=None, **overrides) -> AsyncEngine:
     return AsyncEngine(EngineCore(lm, EngineSettings(**settings)), encoders=encoders)
 
 
+def engine_idle(engine: AsyncEngine) -> bool:
+    """Nothing running or waiting, and every KV block back in the pool."""
+    s = engine.stats()
+    return s.running == 0 and s.waiting == 0 and s.free_blocks == s.num_blocks
+
+
 def make_app(engine: AsyncEngine, **settings):
     """An app over `engine`; `settings` are ServerSettings or TaskSettings fields (each goes where it belongs)."""
     unknown = set(settings) - set(ServerSettings.model_fields) - set(TaskSettings.model_fields)
