@@ -41,8 +41,9 @@ class StackLinear:
         elif self.kind == "q8":
             out = q8_linear(x, self.weight)
         elif self.kind == "mkldnn":
-            out = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.weight, None, "none", [], "")
-            out = out.to(x.dtype)
+            flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, None, "none", [], "")
+            out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         else:
             out = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
         return out if self.bias is None else out + self.bias.to(out.dtype)

@@ -18,14 +18,10 @@ from server.model.quant import QuantLinear
 
 log = logging.getLogger("loom.model")
 
-FORM_OF_BACKEND = {"q4": "q4", "q8": "q8", "bf16": "dense", "f32": "dense", "bf16_packed": "mkldnn"}
-
-
 def stack_linear(module: nn.Module, m: int) -> StackLinear:
     """`module`'s weight in the form the Python path runs at batch size `m`."""
     if isinstance(module, QuantLinear):
-        backend = module.pick(m)
-        return StackLinear(FORM_OF_BACKEND[backend], module.forms[backend], module.bias, module.out_features)
+        return module.form(module.pick(m))
     if isinstance(module, PackedLinear):
         return StackLinear("mkldnn", module.packed_weight, module.bias, module.out_features)
     if isinstance(module, nn.Linear):

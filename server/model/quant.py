@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.quant import pack_q4, pack_q8, q4_linear, q8_linear, quantize_q8
+from kernels.fused_cpu.decode_stack import StackLinear
+from kernels.quant import pack_q4, pack_q8, quantize_q8
 from server.model.gguf_tensors import QTensor
 
 BACKENDS = ("q4", "q8", "bf16", "bf16_packed", "f32")
+FORM_OF_BACKEND = {"q4": "q4", "q8": "q8", "bf16": "dense", "f32": "dense", "bf16_packed": "mkldnn"}
 
 
 def backends_for(source: QTensor, native_bf16: bool, fast_int8: bool) -> list[str]:
@@ -59,21 +61,12 @@ class QuantLinear(nn.Module):
         self.forms = {b: f for b, f in self.forms.items() if any(b == p for _, p in plan)}
         self.source = None
 
+    def form(self, backend: str) -> StackLinear:
+        """The weight in `backend`'s form, as the kernels run it (here and in the one-call CPU decode step)."""
+        return StackLinear(FORM_OF_BACKEND[backend], self.forms[backend], self.bias, self.out_features)
+
     def run(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        w = self.forms[backend]
-        if backend == "q4":
-            out = q4_linear(x, w)
-        elif backend == "q8":
-            out = q8_linear(x, w)
-        elif backend == "bf16_packed":
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            out = torch.ops.mkldnn._linear_pointwise(flat, w, None, "none", [], "")
-            out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        elif x.dtype == w.dtype:
-            out = F.linear(x, w)
-        else:
-            out = F.linear(x.to(w.dtype), w).to(x.dtype)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+        return self.form(backend)(x)
 
     def pick(self, m: int) -> str:
         if m <= self.plan[0][0]:  # the common decode case: one comparison
