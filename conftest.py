@@ -1,4 +1,4 @@
-"""Fixtures shared by the server tests (tests/) and the kernel tests (kernels/)."""
+"""Fixtures shared by the server tests (tests/) and the kernel tests (loom_kernels/)."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ import pytest
 def kernel_env(monkeypatch):
     """Switch the kernels' backend (`LOOM_KERNELS`: "torch", "triton" or None) for one test; the choice is resolved
     once per process, so it is reset on every switch and again when the test ends."""
-    from kernels.backend import reset
+    from loom_kernels.backend import reset
 
     def switch(mode: str | None) -> None:
         if mode is None:

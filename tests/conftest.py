@@ -9,7 +9,7 @@ import pytest
 import torch
 
 # Triton reads this when its kernels are defined, so it must be set before any is imported. CPU tensors still take
-# the PyTorch reference unless a test also sets LOOM_KERNELS=triton (see kernels/backend.py).
+# the PyTorch reference unless a test also sets LOOM_KERNELS=triton (see loom_kernels/backend.py).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

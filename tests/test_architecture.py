@@ -1,5 +1,5 @@
 """The layering rules of shared/design.md, checked on the source: each layer imports only the ones below it, no
-import cycle among the modules of server/ and kernels/, nothing there imports loadtests/ or tests/, and no file
+import cycle among the modules of server/ and loom_kernels/, nothing there imports loadtests/ or tests/, and no file
 there is over 400 lines."""
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"kernels": 0, "server.logs": 0, "server.model": 1, "server.engine": 2, "server.tasks": 3, "server.api": 4,
+LAYERS = {"loom_kernels": 0, "server.logs": 0, "server.model": 1, "server.engine": 2, "server.tasks": 3, "server.api": 4,
           "server.cli": 5}
 
 
 def modules() -> dict[str, Path]:
     found = {}
-    for path in [*ROOT.glob("server/**/*.py"), *ROOT.glob("kernels/**/*.py")]:
+    for path in [*ROOT.glob("server/**/*.py"), *ROOT.glob("loom_kernels/**/*.py")]:
         if path.name.startswith("test_") or path.name == "conftest.py":
             continue
         name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")

@@ -3,9 +3,10 @@ the metrics and remembers it while in flight (the graceful drain waits for, then
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from server.api.errors import APIError
 from server.api.metrics import Metrics
@@ -25,6 +26,15 @@ class RequestTracker:
         """The `time.monotonic()` deadline of a request that arrives now with this `timeout` (or the default)."""
         timeout = timeout or self.default_timeout
         return None if timeout is None else time.monotonic() + timeout
+
+    @contextlib.contextmanager
+    def task(self) -> Iterator[None]:
+        """Admit a task request (summarize, zero-shot classify) against the queue caps once, as one request: the
+        engine requests it sends from inside the block are part of it (server/engine/admission.py)."""
+        if self.engine is None or not self.accepting:
+            raise APIError(503, "the server is shutting down", code="not_ready", headers={"Retry-After": "5"})
+        with self.engine.admission.task():
+            yield
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, endpoint: str = "other",
                        request_id: str | None = None, priority: int = 0,

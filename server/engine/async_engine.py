@@ -12,18 +12,17 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
-import math
 import queue
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from server.engine.admission import Admission
 from server.engine.encoder import EncodeBatchStats, EncodeJob, EncoderBatcher
 from server.engine.engine_core import EngineCore
-from server.engine.errors import EngineDeadError, EngineError, QueueFullError, RequestTimeoutError
+from server.engine.errors import EngineDeadError, EngineError, RequestTimeoutError
 from server.engine.grammar import Grammar, GrammarCompiler, GrammarSpec
 from server.engine.outputs import EngineStats, RequestOutput, StepStats
 from server.engine.sampling_params import SamplingParams
@@ -43,32 +42,6 @@ class _Submit:
     priority: int
     deadline: float | None  # time.monotonic() by which the request must be done, else it is aborted
     sink: Sink
-
-
-class DrainRate:
-    """How fast the queue drains: sequences admitted and prompt tokens prefilled per second, over the last
-    `window` seconds of steps."""
-
-    def __init__(self, window: float = 10.0):
-        self.window = window
-        self.samples: deque[tuple[float, int, int]] = deque()
-
-    def record(self, now: float, admitted: int, prefilled: int) -> None:
-        self.samples.append((now, admitted, prefilled))
-        while len(self.samples) > 2 and now - self.samples[1][0] > self.window:
-            self.samples.popleft()
-
-    def seconds_to_drain(self, seqs: int, tokens: int) -> int | None:
-        """Seconds until `seqs` more sequences and `tokens` more prompt tokens have left the queue (None: no
-        estimate, nothing drained yet)."""
-        if len(self.samples) < 2 or self.samples[-1][0] <= self.samples[0][0]:
-            return None
-        (t0, a0, p0), (t1, a1, p1) = self.samples[0], self.samples[-1]
-        seq_rate, token_rate = (a1 - a0) / (t1 - t0), (p1 - p0) / (t1 - t0)
-        if (seqs > 0 and seq_rate <= 0) or (tokens > 0 and token_rate <= 0):
-            return None
-        wait = max(seqs / seq_rate if seqs > 0 else 0.0, tokens / token_rate if tokens > 0 else 0.0)
-        return min(max(math.ceil(wait), 1), 300)
 
 
 def trim_heap() -> None:
@@ -97,20 +70,14 @@ class AsyncEngine:
         self.limits = core.limits
         self.tokenizer = core.tokenizer
         self.max_model_len = core.max_model_len
-        self.max_waiting = core.settings.max_waiting if max_waiting is None else max_waiting
-        self.max_waiting_tokens = core.settings.max_waiting_tokens
+        self.admission = Admission(core.settings.max_waiting if max_waiting is None else max_waiting,
+                                   core.settings.max_waiting_tokens)
         self._observers: list[StepObserver] = []
         self.grammars = GrammarCompiler(core.tokenizer, core.lm.config.vocab_size,
                                         cache_size=core.settings.grammar_cache_size,
                                         timeout=core.settings.grammar_compile_timeout)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        # Admission: sequences accepted but not yet running (and their prompt tokens not yet prefilled), in the inbox
-        # or in the scheduler, counted under one lock by both threads, so that concurrent submissions can never
-        # overshoot `max_waiting` / `max_waiting_tokens`.
-        self._admission = threading.Lock()
-        self._inbox_seqs = self._core_waiting = self._inbox_tokens = self._core_tokens = 0
-        self._drain = DrainRate()
         self._sinks: dict[str, Sink] = {}
         self._unfinished: dict[str, int] = {}  # request id -> sequences (of n) not yet finished
         self._deadlines: dict[str, float] = {}  # request id -> time.monotonic() deadline
@@ -183,7 +150,7 @@ class AsyncEngine:
         if not self.healthy:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
         max_tokens = self.limits.check(prompt_token_ids, params)
-        self._admit(params.n, params.n * len(prompt_token_ids))
+        self.admission.admit(params.n, params.n * len(prompt_token_ids))
         request_id = request_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
@@ -213,22 +180,6 @@ class AsyncEngine:
         """Compile (or fetch from the cache) the grammar of a structured-output request, off the event loop and the
         engine thread; InvalidRequestError naming `param` if it is invalid or takes too long to compile."""
         return await self.grammars.compile_async(spec, param)
-
-    def _admit(self, seqs: int, tokens: int) -> None:
-        """Count a request as waiting, or refuse it with QueueFullError if that would pass a cap."""
-        with self._admission:
-            waiting, queued_tokens = self._inbox_seqs + self._core_waiting, self._inbox_tokens + self._core_tokens
-            over_seqs = waiting + seqs - self.max_waiting if self.max_waiting else 0
-            # a prompt larger than the token cap is still admitted into an empty queue, or it could never run
-            over_tokens = queued_tokens + tokens - self.max_waiting_tokens \
-                if self.max_waiting_tokens and queued_tokens else 0
-            if over_seqs > 0 or over_tokens > 0:
-                limit = (f"{waiting} sequences waiting, limit {self.max_waiting}" if over_seqs > 0 else
-                         f"{queued_tokens} prompt tokens waiting, limit {self.max_waiting_tokens}")
-                raise QueueFullError(f"the queue is full ({limit})",
-                                     self._drain.seconds_to_drain(max(over_seqs, 0), max(over_tokens, 0)))
-            self._inbox_seqs += seqs
-            self._inbox_tokens += tokens
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
@@ -260,17 +211,13 @@ class AsyncEngine:
                 self.encoder_batcher.add(message)
             elif isinstance(message, _Submit):
                 seqs, tokens = message.params.n, message.params.n * len(message.prompt_token_ids)
-                with self._admission:  # inbox -> scheduler: the new sequences wait there, their prompts unprefilled
-                    self._inbox_seqs -= seqs
-                    self._inbox_tokens -= tokens
-                    try:
+                try:  # inbox -> scheduler: the new sequences wait there, their prompts unprefilled
+                    with self.admission.entering_scheduler(seqs, tokens):
                         self.core.add_request(message.request_id, message.prompt_token_ids, message.params,
                                               message.priority, message.max_tokens)
-                    except EngineError as exc:
-                        message.sink(exc)
-                        continue
-                    self._core_waiting += seqs
-                    self._core_tokens += tokens
+                except EngineError as exc:
+                    message.sink(exc)
+                    continue
                 self._sinks[message.request_id] = message.sink
                 self._unfinished[message.request_id] = message.params.n
                 if message.deadline is not None:
@@ -307,10 +254,9 @@ class AsyncEngine:
         """After the scheduler moved sequences (admitted, preempted, finished), count what still waits there. The
         token count walks every waiting and running sequence, so it is only taken when a token cap needs it."""
         waiting = self.core.num_waiting_seqs()
-        tokens = self.core.num_unprefilled_tokens() if self.max_waiting_tokens else 0
-        with self._admission:
-            self._core_waiting, self._core_tokens = waiting, tokens
-        self._drain.record(time.monotonic(), self.core.scheduler.num_admitted, self.core.prefilled_tokens)
+        tokens = self.core.num_unprefilled_tokens() if self.admission.max_waiting_tokens else 0
+        self.admission.count_scheduler(waiting, tokens, time.monotonic(), self.core.scheduler.num_admitted,
+                                       self.core.prefilled_tokens)
 
     def _deliver(self, out: RequestOutput) -> None:
         sink = self._sinks.get(out.request_id)

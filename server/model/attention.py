@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from kernels import paged_attention_decode, paged_attention_prefill, write_kv
+from loom_kernels import paged_attention_decode, paged_attention_prefill, write_kv
 from server.model.batch import FlatBatch
 
 

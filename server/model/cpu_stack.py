@@ -1,4 +1,4 @@
-"""The one-call C++ decode step (kernels/fused_cpu/decode_stack.py) for a Llama-family model on CPU.
+"""The one-call C++ decode step (loom_kernels/fused_cpu/decode_stack.py) for a Llama-family model on CPU.
 
 The stack runs each linear in the form the Python path would pick for the same batch size (a `QuantLinear`'s
 calibrated plan, a oneDNN-packed or a plain weight), so the two paths differ only in dispatch. One compiled stack per
@@ -11,7 +11,7 @@ import logging
 import torch
 from torch import nn
 
-from kernels.fused_cpu.decode_stack import DecodeStack, StackLayer, StackLinear, StackShape, decode_stack_available
+from loom_kernels.fused_cpu.decode_stack import DecodeStack, StackLayer, StackLinear, StackShape, decode_stack_available
 from server.model.batch import FlatBatch, KVCache
 from server.model.linear import PackedLinear
 from server.model.quant import QuantLinear

@@ -1,5 +1,5 @@
 """A GGUF's tensors as they are stored: Q4_0 / Q4_1 blocks as 4-bit codes with per-32 scale and zero (int4pack's
-convention, see kernels/quant/reference.py), Q8_0 as int8 codes with per-32 scales, anything else de-quantized to
+convention, see loom_kernels/quant/reference.py), Q8_0 as int8 codes with per-32 scales, anything else de-quantized to
 float32 by the `gguf` package. Names are mapped to Hugging Face's and llama.cpp's q/k row permutation is undone, so
 `QTensor.dequantize()` equals what transformers' GGUF loader produces."""
 from __future__ import annotations

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from kernels import rms_norm, rotary, silu_and_mul
+from loom_kernels import rms_norm, rotary, silu_and_mul
 from server.model.attention import PagedAttention
 from server.model.batch import FlatBatch, KVCache
 from server.model.config import ModelConfig

@@ -1,4 +1,4 @@
-"""Quantized CPU linears and embedding that run a checkpoint's own blocks (kernels/quant).
+"""Quantized CPU linears and embedding that run a checkpoint's own blocks (loom_kernels/quant).
 
 A `QuantLinear` can hold a weight in several forms ("backends") and picks one per call from its `plan`, a list of
 (largest M, backend) chosen by calibration (server/model/calibrate.py): 4-bit int4pack or 8-bit int8pack with bf16
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.fused_cpu.decode_stack import StackLinear
-from kernels.quant import pack_q4, pack_q8, quantize_q8
+from loom_kernels.fused_cpu.decode_stack import StackLinear
+from loom_kernels.quant import pack_q4, pack_q8, quantize_q8
 from server.model.gguf_tensors import QTensor
 
 BACKENDS = ("q4", "q8", "bf16", "bf16_packed", "f32")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kernels.quant import quantize_q4, quantize_q8
+from loom_kernels.quant import quantize_q4, quantize_q8
 from server.model.config import ModelConfig
 from server.model.gguf_tensors import QTensor, cat_rows, read_gguf
 from server.model.quant import QuantEmbedding, QuantLinear

@@ -190,6 +190,36 @@ def test_queue_full_is_429_with_retry_after(dummy_lm):
         engine.shutdown()
 
 
+def test_a_task_is_admitted_whole_under_the_queue_cap(dummy_lm):
+    """A zero-shot classify is one request to the cap although it sends dozens of scoring requests: accepted whole
+    while the queue has room (before, its third scoring request hit the cap and failed it), and while its scoring
+    requests wait, a plain request and a second classify are refused with 429 and nothing of them runs."""
+    engine = make_engine(dummy_lm, max_num_seqs=1, max_waiting=2)
+    app = make_app(engine)
+    classify = {"input": "The match ended 2-1.", "labels": ["sports", "politics", "cooking"]}
+
+    async def scenario():
+        await app.state.lifecycle.warmup()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
+            first = asyncio.create_task(c.post("/v1/classify", json=classify))
+            assert await asyncio.to_thread(wait_until, lambda: engine.stats().waiting > 2)
+            plain = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+            second = await c.post("/v1/classify", json=classify)
+            return await first, plain, second
+
+    try:
+        first, plain, second = asyncio.run(scenario())
+        assert first.status_code == 200, first.text
+        assert set(first.json()["data"][0]["scores"]) == {"sports", "politics", "cooking"}
+        for r in (plain, second):
+            assert error_of(r, 429)["code"] == "rate_limit_exceeded"
+        assert wait_until(lambda: engine.stats().free_blocks == engine.stats().num_blocks)
+        assert engine.stats().waiting == 0 and engine.admission.queued() == (0, 0)
+    finally:
+        engine.shutdown()
+
+
 def test_retry_after_falls_back_to_the_setting_without_an_estimate():
     from server.api.errors import from_engine_error
     from server.engine import QueueFullError

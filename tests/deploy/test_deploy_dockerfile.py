@@ -210,7 +210,7 @@ def test_dockerignore_allows_only_the_package():
     allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
     find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     top_level = {pattern.rstrip("*").rstrip(".") for pattern in find["include"]}
-    assert top_level == {"server", "kernels"}, "the wheel ships the product only (no loadtests, no tests)"
+    assert top_level == {"server", "loom_kernels"}, "the wheel ships the product only (no loadtests, no tests)"
     assert allowed == top_level | {"pyproject.toml", "README.md"}, allowed
 
 

@@ -1,6 +1,7 @@
 """AsyncEngine on a tiny random model: streaming deltas, abort frees blocks at once, a failing step fails only its
 requests, a dead engine fails callers instead of hanging them, the waiting queue is bounded."""
 import asyncio
+import contextvars
 import time
 
 import pytest
@@ -198,7 +199,7 @@ def test_deadlines_abort_running_and_waiting_requests(tiny_lm, monkeypatch):
 
 
 def test_drain_rate_estimates_retry_after():
-    from server.engine.async_engine import DrainRate
+    from server.engine.admission import DrainRate
     rate = DrainRate(window=10.0)
     assert rate.seconds_to_drain(1, 0) is None  # nothing measured yet
     rate.record(100.0, admitted=0, prefilled=0)
@@ -303,3 +304,25 @@ def test_a_short_request_finishes_while_a_long_prompt_prefills(tiny_lm):
         assert all_blocks_free(eng)
     finally:
         eng.shutdown()
+
+
+def test_a_task_takes_one_slot_and_its_requests_skip_the_cap():
+    from server.engine.admission import Admission
+    admission = Admission(max_waiting=2, max_waiting_tokens=0)
+    outside = contextvars.Context()  # a plain request from another client: not part of the task
+    with admission.task():
+        assert admission.queued() == (1, 0)
+        for _ in range(3):  # the first takes over the task's slot, the rest are past the cap but part of the task
+            admission.admit(1, 10)
+        assert admission.queued() == (3, 30)
+        with pytest.raises(QueueFullError, match="3 sequences waiting, limit 2"):
+            outside.run(admission.admit, 1, 5)
+        with pytest.raises(QueueFullError):  # a second task is refused whole
+            outside.run(lambda: admission.task().__enter__())
+    assert admission.queued() == (3, 30)  # its requests still wait; the slot was handed over, not freed twice
+    with admission.entering_scheduler(3, 30):
+        pass
+    admission.count_scheduler(0, 0, now=1.0, admitted=3, prefilled=30)
+    with admission.task():  # a task that never sends a request gives its slot back
+        assert admission.queued() == (1, 0)
+    assert admission.queued() == (0, 0)

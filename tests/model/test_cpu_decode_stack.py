@@ -3,7 +3,7 @@ next tokens as the Python layer loop on identical histories, every KV block back
 import pytest
 import torch
 
-from kernels.fused_cpu.decode_stack import decode_stack_available
+from loom_kernels.fused_cpu.decode_stack import decode_stack_available
 from server.engine import EngineCore, EngineSettings
 from server.model import FlatBatch, KVCache, ModelSettings, load_model
 from tests.support.models import loom_greedy, random_prompts

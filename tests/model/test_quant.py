@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.quant import quantize_q4
+from loom_kernels.quant import quantize_q4
 from server.model import ModelSettings, load_model
 from server.model.calibrate import cpu_info, group_linears, plan_kernels
 from server.model.gguf_tensors import QTensor

@@ -22,7 +22,7 @@ def test_greedy_tokens_match_reference_path(model, tiny_checkpoints, monkeypatch
     kwargs = dict(block_size=16, max_num_batched_tokens=32)  # the longest prompt takes two chunks
     calls = {"decode": 0, "prefill": 0}
     for kind in calls:
-        module = importlib.import_module(f"kernels.attention.{kind}_triton")
+        module = importlib.import_module(f"loom_kernels.attention.{kind}_triton")
         original = getattr(module, f"paged_attention_{kind}_triton")
 
         def counting(*args, _kind=kind, _original=original, **kw):

@@ -47,8 +47,9 @@ async def classify(body: ClassifyRequest, served: ReadyModel, tracker: Tracker, 
                            examples=[(e.text, e.label) for e in body.examples or []],
                            descriptions=dict(body.label_descriptions or {}),
                            permutations=permutations)
-    results, usage = await until_disconnect(request, served.classifier.classify(texts, body.labels, opts,
-                                                                                 tracker.deadline(body.timeout)))
+    with tracker.task():
+        results, usage = await until_disconnect(request, served.classifier.classify(texts, body.labels, opts,
+                                                                                     tracker.deadline(body.timeout)))
     data = [ClassifyResult(index=i, label=r.label, scores=r.scores, labels=r.labels) for i, r in enumerate(results)]
     return ClassifyResponse(id=new_id("cls"), created=now(), model=served.name, data=data,
                             usage=Usage.of(usage, cached=False))

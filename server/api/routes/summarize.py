@@ -29,8 +29,9 @@ async def summarize(body: SummarizeRequest, served: ReadyModel, tracker: Tracker
         s.check_input(text, "input" if isinstance(body.input, str) else f"input.{i}")
     request_id, created, deadline = new_id("sum"), now(), tracker.deadline(body.timeout)
     if not body.stream:
-        finals = await until_disconnect(request, gather_all(
-            s.summarize(text, body.style, body.max_tokens, body.chunk_tokens, deadline) for text in inputs))
+        with tracker.task():
+            finals = await until_disconnect(request, gather_all(
+                s.summarize(text, body.style, body.max_tokens, body.chunk_tokens, deadline) for text in inputs))
         usage = TokenUsage()
         for f in finals:
             usage.merge(f.usage)
@@ -38,7 +39,9 @@ async def summarize(body: SummarizeRequest, served: ReadyModel, tracker: Tracker
         return SummarizeResponse(id=request_id, created=created, model=served.name,
                                  summary=summaries[0] if isinstance(body.input, str) else summaries,
                                  usage=Usage.of(usage, cached=False))
-    streams = await prime([s.stream(text, body.style, body.max_tokens, body.chunk_tokens, deadline) for text in inputs])
+    with tracker.task():  # priming sends every engine request the summaries make (the map calls, then the reduce)
+        streams = await prime([s.stream(text, body.style, body.max_tokens, body.chunk_tokens, deadline)
+                               for text in inputs])
 
     async def chunks() -> AsyncIterator[dict]:
         base = {"id": request_id, "object": "summary.chunk", "created": created, "model": served.name}

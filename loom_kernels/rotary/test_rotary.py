@@ -3,8 +3,8 @@ strided views of a fused QKV tensor (rotated in place, V untouched), dtypes."""
 import pytest
 import torch
 
-from kernels.rotary.reference import rotary_ref
-from kernels.rotary.triton_kernel import rotary_triton
+from loom_kernels.rotary.reference import rotary_ref
+from loom_kernels.rotary.triton_kernel import rotary_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 math on both sides, then one rounding to the activation dtype: differences are fp32 noise (a fused multiply-

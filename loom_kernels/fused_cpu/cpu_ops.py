@@ -2,7 +2,7 @@
 ~10 and ~20 small torch ops (at batch 1 a decode step is ~600 such ops: dispatch, not arithmetic, is the cost).
 Same roundings as the references (fp32 math, rounded to the tensor's dtype where they round); used for bf16/fp16
 tensors, so float32 runs keep the reference and stay bit-identical to Hugging Face. Compiled once with torch's
-cpp_extension (cached on disk) like kernels/attention/cpu_decode.py; without a compiler the references serve."""
+cpp_extension (cached on disk) like loom_kernels/attention/cpu_decode.py; without a compiler the references serve."""
 from __future__ import annotations
 
 import functools
@@ -10,12 +10,12 @@ import logging
 
 import torch
 
-from kernels.backend import kernel_backend
-from kernels.cpu_source import PRELUDE, build_cpu_extension
+from loom_kernels.backend import kernel_backend
+from loom_kernels.cpu_source import PRELUDE, build_cpu_extension
 
 log = logging.getLogger("loom.kernels")
 
-# Kept apart from PRELUDE so kernels/fused_cpu/decode_stack.py can compile the same functions into its own build.
+# Kept apart from PRELUDE so loom_kernels/fused_cpu/decode_stack.py can compile the same functions into its own build.
 SOURCE = r"""
 template <typename T> static inline T narrow(float f) { return static_cast<T>(f); }
 

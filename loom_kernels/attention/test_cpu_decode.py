@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from kernels.attention.cpu_decode import cpu_decode_available, paged_attention_decode_cpu
-from kernels.attention.reference import paged_attention_decode_ref
-from kernels.attention.test_attention import edge_lens, make_paged
+from loom_kernels.attention.cpu_decode import cpu_decode_available, paged_attention_decode_cpu
+from loom_kernels.attention.reference import paged_attention_decode_ref
+from loom_kernels.attention.test_attention import edge_lens, make_paged
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available() or not cpu_decode_available(),
                                 reason="CPU kernel needs a C++ compiler; GPU hosts use Triton")

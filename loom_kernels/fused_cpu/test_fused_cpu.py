@@ -3,10 +3,10 @@ strided rows (q/k are views of the fused qkv output), bf16 / fp16 / fp32."""
 import pytest
 import torch
 
-from kernels.fused_cpu.cpu_ops import fused_cpu_available, rms_norm_cpu, rotary_cpu
-from kernels.rms_norm.reference import rms_norm_ref
-from kernels.rotary.reference import rotary_ref
-from kernels.rotary.test_rotary import cos_sin_cache
+from loom_kernels.fused_cpu.cpu_ops import fused_cpu_available, rms_norm_cpu, rotary_cpu
+from loom_kernels.rms_norm.reference import rms_norm_ref
+from loom_kernels.rotary.reference import rotary_ref
+from loom_kernels.rotary.test_rotary import cos_sin_cache
 
 pytestmark = pytest.mark.skipif(not fused_cpu_available(torch.zeros(1, dtype=torch.bfloat16)),
                                 reason="no C++ compiler for the CPU kernels")

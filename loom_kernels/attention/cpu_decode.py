@@ -13,12 +13,12 @@ import logging
 
 import torch
 
-from kernels.backend import kernel_backend
-from kernels.cpu_source import PRELUDE, build_cpu_extension
+from loom_kernels.backend import kernel_backend
+from loom_kernels.cpu_source import PRELUDE, build_cpu_extension
 
 log = logging.getLogger("loom.kernels")
 
-# Kept apart from PRELUDE so kernels/fused_cpu/decode_stack.py can compile the same kernel into its own build.
+# Kept apart from PRELUDE so loom_kernels/fused_cpu/decode_stack.py can compile the same kernel into its own build.
 SOURCE = r"""
 // Rows of one head are strided through the paged cache (other heads and blocks between them): the hardware
 // prefetcher does not follow, and without this the loops wait on memory (4.6 GB/s of a ~30 GB/s core, measured).

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention.decode_triton import LOG2E, dot_config
+from loom_kernels.attention.decode_triton import LOG2E, dot_config
 
 
 @triton.jit

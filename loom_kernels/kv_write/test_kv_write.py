@@ -3,8 +3,8 @@ from a fused QKV tensor, and a dtype conversion into the cache."""
 import pytest
 import torch
 
-from kernels.kv_write.reference import write_kv_ref
-from kernels.kv_write.triton_kernel import write_kv_triton
+from loom_kernels.kv_write.reference import write_kv_ref
+from loom_kernels.kv_write.triton_kernel import write_kv_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # A same-dtype scatter is a copy: bit exact. Converting fp32 into a bf16 cache may differ by one bf16 ulp (2^-8

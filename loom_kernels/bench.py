@@ -5,8 +5,8 @@ the time) as a fraction of the device's peak; prefill is compute bound, so it re
 visible half of QK^T and PV counts). The elementwise kernels report GB/s against the torch reference. Each
 attention row also shows its max |difference| from torch SDPA on the same data, a quick GPU correctness check.
 
-    python -m kernels.bench                      # everything, bf16, Llama-8B-like heads (32 q / 8 kv, d=128)
-    python -m kernels.bench --only decode --peak-bw 3.35 --graphs
+    python -m loom_kernels.bench                      # everything, bf16, Llama-8B-like heads (32 q / 8 kv, d=128)
+    python -m loom_kernels.bench --only decode --peak-bw 3.35 --graphs
 """
 import argparse
 import sys
@@ -69,8 +69,8 @@ def sdpa_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 
 
 def bench_decode(args, device: str, peak: float | None) -> list[dict]:
-    from kernels.attention.decode_triton import choose_num_splits
-    from kernels.attention.decode_triton import paged_attention_decode_triton as decode
+    from loom_kernels.attention.decode_triton import choose_num_splits
+    from loom_kernels.attention.decode_triton import paged_attention_decode_triton as decode
     rows, scale = [], args.head_dim ** -0.5
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     for batch, length in DECODE_SHAPES:
@@ -97,7 +97,7 @@ def bench_decode(args, device: str, peak: float | None) -> list[dict]:
 
 
 def bench_prefill(args, device: str) -> list[dict]:
-    from kernels.attention.prefill_triton import paged_attention_prefill_triton as prefill
+    from loom_kernels.attention.prefill_triton import paged_attention_prefill_triton as prefill
     rows, scale = [], args.head_dim ** -0.5
     for batch, length in PREFILL_SHAPES:
         k_cache, v_cache, table, lens, (k, v) = paged(batch, length, args, device)
@@ -122,14 +122,14 @@ def bench_prefill(args, device: str) -> list[dict]:
 
 
 def bench_elementwise(args, device: str) -> list[dict]:
-    from kernels.activation.reference import silu_and_mul_ref
-    from kernels.activation.triton_kernel import silu_and_mul_triton
-    from kernels.kv_write.reference import write_kv_ref
-    from kernels.kv_write.triton_kernel import write_kv_triton
-    from kernels.rms_norm.reference import rms_norm_ref
-    from kernels.rms_norm.triton_kernel import rms_norm_triton
-    from kernels.rotary.reference import rotary_ref
-    from kernels.rotary.triton_kernel import rotary_triton
+    from loom_kernels.activation.reference import silu_and_mul_ref
+    from loom_kernels.activation.triton_kernel import silu_and_mul_triton
+    from loom_kernels.kv_write.reference import write_kv_ref
+    from loom_kernels.kv_write.triton_kernel import write_kv_triton
+    from loom_kernels.rms_norm.reference import rms_norm_ref
+    from loom_kernels.rms_norm.triton_kernel import rms_norm_triton
+    from loom_kernels.rotary.reference import rotary_ref
+    from loom_kernels.rotary.triton_kernel import rotary_triton
     dtype, tokens, hidden, d = DTYPES[args.dtype], args.tokens, args.heads * args.head_dim, args.head_dim
     elt = torch.finfo(dtype).bits // 8
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graphs", action="store_true", help="time decode replayed from CUDA graphs")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("kernels.bench: no CUDA device; these benchmarks only mean something on a GPU. Nothing to do.")
+        print("loom_kernels.bench: no CUDA device; these benchmarks only mean something on a GPU. Nothing to do.")
         return 0
     device, name = "cuda", torch.cuda.get_device_name()
     peak = peak_bandwidth(name, args.peak_bw)

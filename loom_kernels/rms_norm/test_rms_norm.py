@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kernels.rms_norm.reference import rms_norm_ref
-from kernels.rms_norm.triton_kernel import rms_norm_triton
+from loom_kernels.rms_norm.reference import rms_norm_ref
+from loom_kernels.rms_norm.triton_kernel import rms_norm_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Both sides compute in fp32 and round at the same places; they differ by rsqrt / summation-order noise, which can

@@ -3,7 +3,7 @@ multiples of the group (K) or of int4pack's 16 output rows (N)."""
 import pytest
 import torch
 
-from kernels.quant import (
+from loom_kernels.quant import (
     dequantize_q4_ref,
     pack_q4,
     pack_q8,

@@ -3,8 +3,8 @@ several column blocks, strided rows, dtypes."""
 import pytest
 import torch
 
-from kernels.activation.reference import silu_and_mul_ref
-from kernels.activation.triton_kernel import silu_and_mul_triton
+from loom_kernels.activation.reference import silu_and_mul_ref
+from loom_kernels.activation.triton_kernel import silu_and_mul_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Same roundings on both sides (silu rounded to the dtype, then the product); exp differences can flip a rounding

@@ -3,14 +3,14 @@ when both TRITON_INTERPRET=1 and LOOM_KERNELS=triton are set, see backend.py) an
 Shapes are the contract (see shared/design.md)."""
 import torch
 
-from kernels.activation.reference import silu_and_mul_ref
-from kernels.attention.cpu_decode import cpu_decode_available, paged_attention_decode_cpu
-from kernels.attention.reference import paged_attention_decode_ref, paged_attention_prefill_ref
-from kernels.backend import use_triton
-from kernels.fused_cpu.cpu_ops import fused_cpu_available, rms_norm_cpu, rotary_cpu
-from kernels.kv_write.reference import write_kv_ref
-from kernels.rms_norm.reference import rms_norm_ref
-from kernels.rotary.reference import rotary_ref
+from loom_kernels.activation.reference import silu_and_mul_ref
+from loom_kernels.attention.cpu_decode import cpu_decode_available, paged_attention_decode_cpu
+from loom_kernels.attention.reference import paged_attention_decode_ref, paged_attention_prefill_ref
+from loom_kernels.backend import use_triton
+from loom_kernels.fused_cpu.cpu_ops import fused_cpu_available, rms_norm_cpu, rotary_cpu
+from loom_kernels.kv_write.reference import write_kv_ref
+from loom_kernels.rms_norm.reference import rms_norm_ref
+from loom_kernels.rotary.reference import rotary_ref
 
 __all__ = ["paged_attention_decode", "paged_attention_prefill", "rms_norm", "rotary", "silu_and_mul", "write_kv"]
 
@@ -19,7 +19,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q `[B, H, D]` -> `[B, H, D]`: one query per sequence over its first `seq_lens[b]` cached tokens."""
     if use_triton(q):
-        from kernels.attention.decode_triton import paged_attention_decode_triton
+        from loom_kernels.attention.decode_triton import paged_attention_decode_triton
         return paged_attention_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale)
     if q.device.type == "cpu" and cpu_decode_available():
         return paged_attention_decode_cpu(q, k_cache, v_cache, block_tables, seq_lens, scale)
@@ -30,7 +30,7 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q `[T, H, D]` -> `[T, H, D]`: varlen causal attention of each sequence's newest tokens over its cache."""
     if use_triton(q):
-        from kernels.attention.prefill_triton import paged_attention_prefill_triton
+        from loom_kernels.attention.prefill_triton import paged_attention_prefill_triton
         return paged_attention_prefill_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale)
     return paged_attention_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale)
 
@@ -39,7 +39,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
              slot_mapping: torch.Tensor) -> None:
     """Scatter k/v `[T, Hkv, D]` into the caches at `slot_mapping[T]`; slot -1 skips the token."""
     if use_triton(k):
-        from kernels.kv_write.triton_kernel import write_kv_triton
+        from loom_kernels.kv_write.triton_kernel import write_kv_triton
         return write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     return write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
@@ -48,7 +48,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim; with `residual`, returns `(norm(x + residual), x + residual)`."""
     if use_triton(x):
-        from kernels.rms_norm.triton_kernel import rms_norm_triton
+        from loom_kernels.rms_norm.triton_kernel import rms_norm_triton
         return rms_norm_triton(x, weight, eps, residual)
     if fused_cpu_available(x):
         return rms_norm_cpu(x, weight, eps, residual)
@@ -58,7 +58,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
     """Neox-style rotary embedding applied in place to q `[T, H, D]` and k `[T, Hkv, D]`."""
     if use_triton(q):
-        from kernels.rotary.triton_kernel import rotary_triton
+        from loom_kernels.rotary.triton_kernel import rotary_triton
         return rotary_triton(q, k, positions, cos_sin_cache)
     if fused_cpu_available(q):
         return rotary_cpu(q, k, positions, cos_sin_cache)
@@ -68,6 +68,6 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_ca
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """`silu(x[..., :I]) * x[..., I:]`."""
     if use_triton(x):
-        from kernels.activation.triton_kernel import silu_and_mul_triton
+        from loom_kernels.activation.triton_kernel import silu_and_mul_triton
         return silu_and_mul_triton(x)
     return silu_and_mul_ref(x)

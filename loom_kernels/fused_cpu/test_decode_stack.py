@@ -3,7 +3,7 @@ widths that are not multiples of the 4-bit group or of 16, a qkv bias, a skipped
 import pytest
 import torch
 
-from kernels.fused_cpu.decode_stack import (
+from loom_kernels.fused_cpu.decode_stack import (
     DecodeStack,
     StackLayer,
     StackLinear,
@@ -11,8 +11,8 @@ from kernels.fused_cpu.decode_stack import (
     decode_stack_available,
     decode_stack_ref,
 )
-from kernels.quant import pack_q4, pack_q8, quantize_q4, quantize_q8
-from kernels.rotary.test_rotary import cos_sin_cache
+from loom_kernels.quant import pack_q4, pack_q8, quantize_q4, quantize_q8
+from loom_kernels.rotary.test_rotary import cos_sin_cache
 
 pytestmark = pytest.mark.skipif(not decode_stack_available(), reason="no C++ compiler for the CPU kernels")
 

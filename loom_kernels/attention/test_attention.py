@@ -5,9 +5,9 @@ Shapes are small: on a machine without a GPU these run in the Triton interpreter
 import pytest
 import torch
 
-from kernels.attention.decode_triton import choose_num_splits, paged_attention_decode_triton
-from kernels.attention.prefill_triton import paged_attention_prefill_triton
-from kernels.attention.reference import paged_attention_decode_ref, paged_attention_prefill_ref
+from loom_kernels.attention.decode_triton import choose_num_splits, paged_attention_decode_triton
+from loom_kernels.attention.prefill_triton import paged_attention_prefill_triton
+from loom_kernels.attention.reference import paged_attention_decode_ref, paged_attention_prefill_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Max elementwise |triton - reference| (atol + rtol * |ref|). Outputs are convex mixes of V rows, so |out| <~ 1.
@@ -139,8 +139,8 @@ def test_prefill_dtypes_head_dims(head_dim, dtype):
 
 def test_public_ops_dispatch(monkeypatch, kernel_env):
     """On CPU the public ops take Triton only with LOOM_KERNELS=triton (and the interpreter on)."""
-    import kernels
-    from kernels.backend import use_triton
+    import loom_kernels
+    from loom_kernels.backend import use_triton
     torch.manual_seed(1)
     k_cache, v_cache, table, seq_lens = make_paged([9, 20], 8, 2, 64, torch.float32)
     q = torch.randn(2, 4, 64, device=DEVICE)
@@ -151,7 +151,7 @@ def test_public_ops_dispatch(monkeypatch, kernel_env):
     assert not use_triton(q) or q.is_cuda  # resolved once per process: the environment alone changes nothing
     kernel_env("triton")
     assert use_triton(q)  # conftest.py turned the interpreter on where there is no GPU
-    check(kernels.paged_attention_decode(q, k_cache, v_cache, table, seq_lens, 0.125), ref)
+    check(loom_kernels.paged_attention_decode(q, k_cache, v_cache, table, seq_lens, 0.125), ref)
     if not q.is_cuda:
         kernel_env(None)
         assert not use_triton(q)  # TRITON_INTERPRET=1 alone keeps the CPU serving path on the reference

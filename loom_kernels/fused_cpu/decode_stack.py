@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.attention.cpu_decode import SOURCE as PAGED_DECODE_SOURCE
-from kernels.backend import kernel_backend
-from kernels.cpu_source import PRELUDE, build_cpu_extension
-from kernels.fused_cpu.cpu_ops import SOURCE as RMS_ROTARY_SOURCE
-from kernels.quant import Q4Packed, Q8Packed, q4_linear, q8_linear
+from loom_kernels.attention.cpu_decode import SOURCE as PAGED_DECODE_SOURCE
+from loom_kernels.backend import kernel_backend
+from loom_kernels.cpu_source import PRELUDE, build_cpu_extension
+from loom_kernels.fused_cpu.cpu_ops import SOURCE as RMS_ROTARY_SOURCE
+from loom_kernels.quant import Q4Packed, Q8Packed, q4_linear, q8_linear
 
 log = logging.getLogger("loom.kernels")
 
@@ -227,7 +227,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
 @functools.cache
 def _compiled():
-    try:  # fast math for the attention's vectorized exp, as kernels/attention/cpu_decode.py builds it
+    try:  # fast math for the attention's vectorized exp, as loom_kernels/attention/cpu_decode.py builds it
         return build_cpu_extension("loom_cpu_decode_stack", PRELUDE + RMS_ROTARY_SOURCE + PAGED_DECODE_SOURCE + _STACK,
                                    None, fast_math=True)
     except Exception as exc:  # noqa: BLE001 - no compiler / headers: the Python layer loop serves instead
@@ -280,7 +280,7 @@ def decode_stack_ref(x: torch.Tensor, layers: list[StackLayer], final_norm: torc
                      shape: StackShape, positions: torch.Tensor, slot_mapping: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
     """The same step through the public ops, as the Python layer loop of server/model/llama.py runs it."""
-    from kernels import paged_attention_decode, rms_norm, rotary, silu_and_mul, write_kv
+    from loom_kernels import paged_attention_decode, rms_norm, rotary, silu_and_mul, write_kv
     s = shape
     residual = None
     for i, layer in enumerate(layers):
