@@ -25,6 +25,8 @@ import time
 
 import httpx
 
+from loadtests.rawhttp import RawConnection
+
 
 def one_token_words(tokenizer, n: int = 2000) -> list[str]:
     words = [w for w, i in tokenizer.get_vocab().items() if w.isalpha() and w.islower() and len(w) > 2]
@@ -37,30 +39,50 @@ def make_texts(words: list[str], tokens: int, count: int, seed: int) -> list[str
     return [" ".join(rng.choice(words) for _ in range(tokens - 2)) for _ in range(count)]  # + [CLS] and [SEP]
 
 
-async def embed_load(url: str, model: str, texts: list[str], clients: int, seconds: float) -> dict:
+async def embed_load(url: str, model: str, texts: list[str], clients: int, seconds: float,
+                     client: str = "raw") -> dict:
+    """`clients` closed-loop clients, one text per request, for `seconds`: texts/s and latency percentiles.
+    `client`: "raw" (loadtests/rawhttp.py, a lean keep-alive client) or "httpx"."""
     done, latencies, errors = 0, [], 0
     stop = time.perf_counter() + seconds
+    bodies = [json.dumps({"model": model, "input": t}).encode() for t in texts]
 
-    async def client(k: int, http: httpx.AsyncClient) -> None:
+    async def closed_loop(k: int, post) -> None:
         nonlocal done, errors
         i = k
         while time.perf_counter() < stop:
             started = time.perf_counter()
-            r = await http.post(f"{url}/v1/embeddings", json={"model": model, "input": texts[i % len(texts)]})
-            if r.status_code == 200:
+            status = await post(bodies[i % len(bodies)])
+            if status == 200:
                 done += 1
                 latencies.append(time.perf_counter() - started)
             else:
                 errors += 1
             i += clients
 
-    limits = httpx.Limits(max_connections=clients + 8)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(k, http) for k in range(clients)))
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if client == "raw":
+        connections = [RawConnection(url) for _ in range(clients)]
+
+        def raw_post(conn: RawConnection):
+            async def post(body: bytes) -> int:
+                return (await conn.post("/v1/embeddings", body))[0]
+            return post
+        try:
+            await asyncio.gather(*(closed_loop(k, raw_post(c)) for k, c in enumerate(connections)))
+        finally:
+            await asyncio.gather(*(c.close() for c in connections))
+    else:
+        limits = httpx.Limits(max_connections=clients + 8)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+            async def httpx_post(body: bytes) -> int:
+                r = await http.post(f"{url}/v1/embeddings", content=body, headers={"content-type": "application/json"})
+                return r.status_code
+            t0 = time.perf_counter()
+            await asyncio.gather(*(closed_loop(k, httpx_post) for k in range(clients)))
+    wall = time.perf_counter() - t0
     latencies.sort()
-    return {"clients": clients, "texts_per_s": round(done / wall, 1), "errors": errors,
+    return {"clients": clients, "client": client, "texts_per_s": round(done / wall, 1), "errors": errors,
             "latency_p50_ms": round(1000 * latencies[len(latencies) // 2], 1) if latencies else None,
             "latency_p99_ms": round(1000 * latencies[int(len(latencies) * 0.99)], 1) if latencies else None}
 
@@ -116,7 +138,7 @@ def pct(gaps: list[float], q: float) -> float:
 
 async def itl_under_burst(url: str, model: str, embed_model: str, texts: list[str], args) -> dict:
     alone = await chat_itl(url, model, args.streams, args.chat_tokens)
-    burst = asyncio.ensure_future(embed_load(url, embed_model, texts, 64, 1e9))
+    burst = asyncio.ensure_future(embed_load(url, embed_model, texts, 64, 1e9, args.client))
     await asyncio.sleep(1.0)  # the burst is running
     loaded = await chat_itl(url, model, args.streams, args.chat_tokens)
     burst.cancel()
@@ -163,7 +185,8 @@ async def amain(args) -> dict:
         for length in args.lengths:
             texts = make_texts(words, length, 512, seed=length)
             for clients in args.clients:
-                row = {"tokens": length, **await embed_load(url, embed_model, texts, clients, args.seconds)}
+                row = {"tokens": length, **await embed_load(url, embed_model, texts, clients, args.seconds,
+                                                              args.client)}
                 report["loom"].append(row)
                 print(json.dumps(row), flush=True)
         report["itl"] = await itl_under_burst(url, chat_model, embed_model, make_texts(words, 256, 512, 7), args)
@@ -189,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lengths", type=int, nargs="+", default=[32, 256])
     p.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--seconds", type=float, default=10.0, help="per measured level")
+    p.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                   help="the load generator's HTTP client (raw: loadtests/rawhttp.py, a tenth of httpx's CPU)")
     p.add_argument("--hf-batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the transformers run")
     p.add_argument("--streams", type=int, default=4)

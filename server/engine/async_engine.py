@@ -84,6 +84,7 @@ class AsyncEngine:
         self._stopping = False
         self.error: BaseException | None = None
         self.last_step_time = time.monotonic()
+        self._step_seconds = 0.0  # moving average of the engine steps' wall time
         self._running = True  # without its own thread, the owner is about to call run()
         self._thread = threading.Thread(target=self._loop, name="loom-engine", daemon=True) if own_thread else None
         if self._thread is not None:
@@ -280,8 +281,10 @@ class AsyncEngine:
             while not self._stopping:
                 self._drain_inbox()
                 self._expire()
-                if self.encoder_batcher.has_work():  # one encoder batch between two decode steps
-                    self.encoder_batcher.step()
+                if self.encoder_batcher.has_work():  # one encoder batch between two decode steps, about as long
+                    batcher = self.encoder_batcher
+                    decoding = self.core.has_unfinished() and self._step_seconds
+                    batcher.step(batcher.budget_for(self._step_seconds) if decoding else None)
                     self.last_step_time = time.monotonic()
                 if not self.core.has_unfinished():
                     if self.encoder_batcher.has_work():
@@ -296,6 +299,8 @@ class AsyncEngine:
                 started, busy = time.perf_counter(), True
                 result = self.core.step()
                 self.last_step_time = time.monotonic()
+                took = time.perf_counter() - started  # a moving average: the encoder batches' time bound
+                self._step_seconds = took if not self._step_seconds else 0.8 * self._step_seconds + 0.2 * took
                 self._count_waiting()
                 if self.core.last_step_seqs and self._observers:
                     stats = StepStats(self.core.last_step_seqs, self.core.last_step_tokens,

@@ -4,7 +4,9 @@ thread between decode steps (so all torch work stays on one thread).
 Each request is a list of token-id sequences for one encoder model. Sequences wait in one FIFO per model; a batch
 takes the oldest model's sequences in arrival order until `max_batch_tokens` (real tokens; at least one sequence)
 or `max_batch_seqs`. A request is answered when all its sequences have run. The engine alternates one decode step
-with one encoder batch, so the token budget bounds how much an embedding burst delays running streams."""
+with one encoder batch; while sequences decode, a batch is also held to about one decode step's time (from the
+encoder's measured tokens/s), so an embedding burst at most about doubles running streams' inter-token latency
+instead of adding a whole `max_batch_tokens` batch to every token."""
 from __future__ import annotations
 
 import itertools
@@ -54,6 +56,7 @@ class EncoderBatcher:
         self.queues: dict[str, deque[tuple[EncodeJob, int]]] = {name: deque() for name in encoders}
         self.observers: list[Callable[[EncodeBatchStats], None]] = []
         self._arrivals = itertools.count()
+        self.tokens_per_second: dict[str, float] = {}  # per model, a moving average over its batches
 
     def check(self, model: str, inputs: list[list[int]]) -> None:
         """Refuse what the model cannot run (caller's thread): unknown model, empty or over-long inputs, ids out of
@@ -97,7 +100,14 @@ class EncoderBatcher:
     def num_waiting(self) -> int:
         return sum(len(q) for q in self.queues.values())
 
-    def _next_batch(self) -> tuple[str, list[tuple[EncodeJob, int]]]:
+    def budget_for(self, seconds: float) -> int:
+        """Tokens of a batch that takes about `seconds` (the slowest model's rate; the whole budget until a rate is
+        measured). A batch always takes at least one sequence."""
+        if not self.tokens_per_second:
+            return self.max_batch_tokens
+        return max(1, min(self.max_batch_tokens, int(min(self.tokens_per_second.values()) * seconds)))
+
+    def _next_batch(self, max_tokens: int) -> tuple[str, list[tuple[EncodeJob, int]]]:
         for queue in self.queues.values():  # aborted requests' sequences are dropped here
             while queue and queue[0][0].request_id not in self.jobs:
                 queue.popleft()
@@ -112,17 +122,18 @@ class EncoderBatcher:
                 queue.popleft()
                 continue
             n = len(job.inputs[index])
-            if batch and tokens + n > self.max_batch_tokens:
+            if batch and tokens + n > max_tokens:
                 break
             batch.append(queue.popleft())
             tokens += n
         return model, batch
 
-    def step(self) -> None:
-        """Run one batch and answer the requests it completes."""
+    def step(self, max_tokens: int | None = None) -> None:
+        """Run one batch (at most `max_tokens` real tokens, default `max_batch_tokens`, but at least one sequence)
+        and answer the requests it completes."""
         if not any(self.queues.values()) or not self.jobs:
             return
-        model, batch = self._next_batch()
+        model, batch = self._next_batch(max_tokens or self.max_batch_tokens)
         if not batch:
             return
         enc = self.encoders[model]
@@ -138,6 +149,9 @@ class EncoderBatcher:
             return
         tokens = sum(len(job.inputs[index]) for job, index in batch)
         stats = EncodeBatchStats(model, len(batch), tokens, time.perf_counter() - started)
+        rate = tokens / max(stats.seconds, 1e-6)
+        old = self.tokens_per_second.get(model)
+        self.tokens_per_second[model] = rate if old is None else 0.8 * old + 0.2 * rate
         for observer in self.observers:
             observer(stats)
         for (job, index), row in zip(batch, rows):

@@ -64,3 +64,21 @@ def test_refusals_and_deadline(engine):
         assert await engine.encode("mini", [[101, 2000, 102]])  # the engine carries on
 
     asyncio.run(main())
+
+
+def test_a_batch_while_decoding_is_held_to_about_one_step(minilm_fp32):
+    """While sequences decode, the engine asks for a batch that takes about one decode step: the token budget comes
+    from the encoder's measured tokens/s, and a batch still takes at least one sequence."""
+    from server.engine.encoder import EncodeJob
+    batcher = EncoderBatcher({"mini": minilm_fp32}, max_batch_tokens=64)
+    assert batcher.budget_for(0.01) == 64  # no rate measured yet: the whole budget
+    batcher.tokens_per_second["mini"] = 2000.0
+    assert (batcher.budget_for(0.01), batcher.budget_for(1.0), batcher.budget_for(0.0)) == (20, 64, 1)
+    sizes, answers = [], []
+    batcher.observers.append(lambda b: sizes.append((b.num_seqs, b.num_tokens)))
+    batcher.add(EncodeJob("r", "mini", [[101] + [2000 + i] * 6 + [102] for i in range(5)], None, answers.append))
+    for budget in (20, 1, None):
+        batcher.step(budget)
+    assert sizes == [(2, 16), (1, 8), (2, 16)]
+    assert len(answers) == 1 and len(answers[0]) == 5 and not batcher.has_work()
+    assert batcher.tokens_per_second["mini"] != 2000.0  # each batch updates the moving average

@@ -414,3 +414,46 @@ def test_peer_registry_commands():
         cmd = peers.SERVERS[name].command(ctx)
         assert cmd[cmd.index("--model") + 1] == "/hf" and cmd[cmd.index("--max-batch") + 1] == "16"
     assert set(peers.available()) == set(peers.SERVERS)
+
+
+def test_raw_client_keeps_the_connection_and_reconnects_after_close():
+    """loadtests/rawhttp.py: bodies go out whole, responses come back by Content-Length, one connection is reused
+    until the server says `Connection: close`, then a new one is opened."""
+    from loadtests.rawhttp import RawConnection
+
+    async def scenario():
+        connections, seen = [], []
+
+        async def handle(reader, writer):
+            connections.append(writer)
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    break
+                length = int(next(v for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")[1:])
+                                  if k.lower() == b"content-length"))
+                body = await reader.readexactly(length)
+                seen.append(json.loads(body))
+                close = len(seen) == 2
+                reply = json.dumps({"n": len(seen)}).encode()
+                writer.write(b"HTTP/1.1 %d OK\r\ncontent-length: %d\r\n%s\r\n%s"
+                             % (200 if len(seen) < 3 else 429, len(reply), b"connection: close\r\n" if close else b"",
+                                reply))
+                await writer.drain()
+                if close:
+                    writer.close()
+                    break
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        conn = RawConnection(f"http://127.0.0.1:{port}")
+        replies = [await conn.post("/v1/embeddings", json.dumps({"input": "é" * i}).encode()) for i in range(3)]
+        await conn.close()
+        server.close()
+        return replies, seen, len(connections)
+
+    replies, seen, opened = asyncio.run(scenario())
+    assert replies == [(200, b'{"n": 1}'), (200, b'{"n": 2}'), (429, b'{"n": 3}')]
+    assert seen == [{"input": "é" * i} for i in range(3)]
+    assert opened == 2  # the first two requests shared a connection; the server closed it; the third reconnected
