@@ -2,6 +2,7 @@
 empty, too many and over-long inputs with OpenAI-style errors), and cosine similarity."""
 from __future__ import annotations
 
+import asyncio
 import math
 
 from server.api.errors import APIError
@@ -10,6 +11,7 @@ from server.api.params import check_text_length
 from server.model import LoadedEncoder
 
 MAX_INPUTS = 2048  # OpenAI's limit of inputs per embeddings request
+OFF_LOOP_CHARS = 8192  # texts this long in all are tokenized on a worker thread (a hop costs ~50 us)
 FLAGS = {"embed": "--embedding-model default|DIR", "classify": "--classifier-model DIR"}
 WHAT = {"embed": "embedding", "classify": "classifier"}
 
@@ -44,9 +46,19 @@ def truncation(enc: LoadedEncoder, truncate: int | None) -> int | None:
     return truncate
 
 
-def token_inputs(enc: LoadedEncoder, value, truncate: int | None, param: str = "input",
-                 allow_empty_text: bool = False) -> list[list[int]]:
-    """Token ids of each input: texts are tokenized with the model's special tokens, token ids taken as they are."""
+async def token_inputs(enc: LoadedEncoder, value, truncate: int | None, param: str = "input",
+                       allow_empty_text: bool = False) -> list[list[int]]:
+    """Token ids of each input: texts are tokenized with the model's special tokens, token ids taken as they are.
+    Big inputs are tokenized off the event loop (2,048 long texts take tens of ms: /health must not wait on them)."""
+    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    chars = sum(len(t) for t in texts if isinstance(t, str))
+    if chars < OFF_LOOP_CHARS:
+        return _token_inputs(enc, value, truncate, param, allow_empty_text)
+    return await asyncio.to_thread(_token_inputs, enc, value, truncate, param, allow_empty_text)
+
+
+def _token_inputs(enc: LoadedEncoder, value, truncate: int | None, param: str,
+                  allow_empty_text: bool) -> list[list[int]]:
     if isinstance(value, str):
         value = [value]
     if not value:

@@ -16,11 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.model.config import UnsupportedModelError
+from server.model.linear import POST_OPS, PackedLinear
 
 FAMILIES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta"}
 POOLING = ("mean", "cls", "lasttoken")
 ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+FUSED_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
 @dataclass
@@ -105,7 +111,16 @@ class EncoderLayer(nn.Module):
         self.intermediate = nn.Linear(h, cfg.intermediate_size)
         self.out = nn.Linear(cfg.intermediate_size, h)
         self.out_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.hidden_act, self.act = cfg.hidden_act, ACTIVATIONS[cfg.hidden_act]
+
+    def fuse_activation(self) -> bool:
+        """Run the activation inside the intermediate linear's GEMM where it is oneDNN-prepacked (one pass over the
+        [T, intermediate] activations less); False where it is not."""
+        if not isinstance(self.intermediate, PackedLinear):
+            return False
+        self.intermediate.post_op = POST_OPS[FUSED_ACTIVATIONS[self.hidden_act]]
+        self.act = _identity
+        return True
 
     def forward(self, x: torch.Tensor, shape: tuple[int, int], rows: torch.Tensor | None,
                 mask: torch.Tensor | None) -> torch.Tensor:

@@ -154,6 +154,8 @@ def load_encoder(spec: str, cache_dir: Path, dtype: str = "float32", task: str =
         model.load_weights(iter_safetensors(directory, progress=False))
     model = model.to(torch_dtype).eval().requires_grad_(False)
     prepack_linears(model)
+    for layer in model.layers:
+        layer.fuse_activation()
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     name = served_name or (DEFAULT_ENCODER if spec == "default" else directory.name)
     log.info("encoder loaded", extra={"model": name, "task": task, "dtype": str(torch_dtype),

@@ -14,17 +14,26 @@ from torch import nn
 log = logging.getLogger("loom.model")
 
 
+# activation -> oneDNN post-op (attr, scalars, algorithm), applied in the GEMM's epilogue instead of another pass
+POST_OPS = {"none": ("none", [], ""), "relu": ("relu", [], ""), "gelu": ("gelu", [], "none"),
+            "gelu_tanh": ("gelu", [], "tanh")}
+
+
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    """`activation` (a POST_OPS key) is fused into the product: oneDNN applies it to the fp32 accumulator before the
+    one rounding to bf16."""
+
+    def __init__(self, linear: nn.Linear, activation: str = "none"):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.post_op = POST_OPS[activation]
         self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach()),
                              persistent=False)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight, self.bias, "none", [], "")
+        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight, self.bias, *self.post_op)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 

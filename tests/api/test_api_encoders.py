@@ -205,3 +205,23 @@ def test_concurrent_requests_share_batches_and_metrics_count_them(enc_client, en
 def test_timeout_answers_504(enc_client):
     err = error(enc_client.post("/v1/embeddings", json={"input": ["x"] * 64, "timeout": 1e-6}), 504)
     assert err["code"] == "request_timeout"
+
+
+def test_big_inputs_are_tokenized_off_the_event_loop(enc_client, encoder_engine, monkeypatch):
+    """A request with many long texts is tokenized on a worker thread (the event loop keeps answering /health);
+    a small one stays on the loop, where a thread hop would cost more than the work."""
+    import threading
+    enc = encoder_engine.encoders["all-MiniLM-L6-v2"]
+    threads = []
+    original = enc.encode_texts
+
+    def spy(texts, truncate=None):
+        threads.append(threading.current_thread().name)
+        return original(texts, truncate)
+
+    monkeypatch.setattr(enc, "encode_texts", spy)
+    loop_thread = enc_client.portal.call(lambda: threading.current_thread().name)
+    assert enc_client.post("/v1/embeddings", json={"input": "short"}).status_code == 200
+    big = enc_client.post("/v1/embeddings", json={"input": ["word " * 400] * 8, "truncate_prompt_tokens": -1})
+    assert big.status_code == 200 and len(big.json()["data"]) == 8
+    assert threads[0] == loop_thread and threads[1] != loop_thread

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from server.model import ModelSettings, UnsupportedModelError, load_encoder
+from server.model.bert import ACTIVATIONS
 from server.model.encoder_loader import read_pooling
+from server.model.linear import POST_OPS, PackedLinear
 
 TEXTS = ["Hello, world!", "😀🎉🔥🚀", "The loom weaves threads of warp and weft into cloth.",
          " ".join(f"token{i}" for i in range(300)), "a", "Ünïcödé façade — naïve café"]
@@ -99,7 +101,17 @@ def test_pooling_read_from_sentence_transformers_files(tmp_path):
 
 
 def test_bf16_auto_stays_close_to_float32(minilm_fp32):
+    """bf16 on oneDNN-prepacked weights, GELU fused into the intermediate GEMM where the CPU has native bf16: the
+    vectors stay within cosine 0.9995 of float32 (measured 0.99991 on Zen 4), and no worse than with the GELU run
+    apart (the fused one rounds once, from the fp32 accumulator)."""
     enc = load_encoder("default", ModelSettings().cache_dir, "bfloat16")
     inputs = minilm_fp32.encode_texts(TEXTS[:3])
-    cos = F.cosine_similarity(run(enc, inputs).float(), run(minilm_fp32, inputs), dim=-1)
-    assert cos.min() > 0.99
+    reference = run(minilm_fp32, inputs)
+    fused = F.cosine_similarity(run(enc, inputs).float(), reference, dim=-1)
+    assert fused.min() > 0.9995
+    if isinstance(enc.model.layers[0].intermediate, PackedLinear):  # a CPU with native bf16
+        assert all(layer.act is not ACTIVATIONS["gelu"] for layer in enc.model.layers)  # fused
+        for layer in enc.model.layers:
+            layer.intermediate.post_op, layer.act = POST_OPS["none"], ACTIVATIONS["gelu"]
+        apart = F.cosine_similarity(run(enc, inputs).float(), reference, dim=-1)
+        assert fused.min() >= apart.min() - 1e-5

@@ -71,7 +71,7 @@ async def classify_with_head(body: ClassifyRequest, served: ServedModel, tracker
                        param="labels")
     if len(set(wanted)) != len(wanted):
         raise APIError(400, "labels must not repeat", param="labels")
-    inputs = token_inputs(enc, body.input, None, allow_empty_text=True)
+    inputs = await token_inputs(enc, body.input, None, allow_empty_text=True)
     rows = await until_disconnect(request, tracker.encode(enc.name, inputs, "classify",
                                                           tracker.deadline(body.timeout)))
     data = []

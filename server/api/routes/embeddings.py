@@ -30,7 +30,7 @@ async def embeddings(body: EmbeddingRequest, served: ReadyModel, tracker: Tracke
     if body.dimensions is not None and body.dimensions != enc.dim:
         raise APIError(400, f"the model {enc.name!r} does not support `dimensions` other than its own ({enc.dim})",
                        param="dimensions")
-    inputs = token_inputs(enc, body.input, body.truncate_prompt_tokens)
+    inputs = await token_inputs(enc, body.input, body.truncate_prompt_tokens)
     rows = await until_disconnect(request, tracker.encode(enc.name, inputs, "embeddings",
                                                           tracker.deadline(body.timeout)))
     encode = as_base64 if body.encoding_format == "base64" else (lambda row: row)

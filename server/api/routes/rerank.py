@@ -31,7 +31,7 @@ async def embed_texts(served: ServedModel, tracker: RequestTracker, request: Req
     """(model name, text -> embedding for each distinct text, tokens)."""
     enc = pick_encoder(served, body.model, "embed")
     distinct = list(dict.fromkeys(texts))
-    inputs = token_inputs(enc, distinct, body.truncate_prompt_tokens, param=param, allow_empty_text=True)
+    inputs = await token_inputs(enc, distinct, body.truncate_prompt_tokens, param=param, allow_empty_text=True)
     rows = await until_disconnect(request, tracker.encode(enc.name, inputs, endpoint, tracker.deadline(body.timeout)))
     return enc.name, dict(zip(distinct, rows)), sum(map(len, inputs))
 
