@@ -4,7 +4,8 @@ does to running chat streams.
 1. Loom: C concurrent clients (closed loop, one text per request) for `--seconds` each, texts of exactly 32 and 256
    tokens (all-MiniLM-L6-v2 tokens, [CLS]/[SEP] included) -> texts/s.
 2. transformers `AutoModel` in this process on static batches (tokenize + forward + mean pool + normalize), float32
-   and bfloat16; the faster counts.
+   and bfloat16; the faster counts. Then Loom's encoder in this process on the same static batches: the ceiling
+   that serving one text per request can approach.
 3. Chat inter-token latency of `--streams` streaming completions, alone and while 64 clients send 256-token
    embedding requests.
 
@@ -112,6 +113,27 @@ def hf_static(directory: str, texts: list[str], batch: int, seconds: float) -> d
     return {"batch": batch, **best, "fastest": max(best, key=best.get)}
 
 
+def loom_static(texts: list[str], batch: int, seconds: float, dtype: str) -> dict:
+    """Loom's encoder in this process on the same static batches as `hf_static` (tokenize + forward, pooled and
+    normalized inside): the ceiling that serving, with its HTTP and one text per request, can approach."""
+    from server.engine.encoder import EncoderBatcher
+    from server.model import ModelSettings
+    from server.model.encoder_loader import load_encoder
+
+    enc = load_encoder("default", ModelSettings().cache_dir, dtype=dtype)
+
+    def run(chunk: list[str]) -> None:
+        EncoderBatcher.run_batch(enc, enc.encode_texts(chunk))
+
+    run(texts[:batch])
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        run(texts[n % len(texts):][:batch] or texts[:batch])
+        n += batch
+    return {"batch": batch, "dtype": str(enc.dtype).removeprefix("torch."),
+            "texts_per_s": round(n / (time.perf_counter() - t0), 1)}
+
+
 async def chat_itl(url: str, model: str, streams: int, tokens: int) -> list[float]:
     gaps: list[float] = []
 
@@ -202,6 +224,9 @@ async def amain(args) -> dict:
         row = {"tokens": length, **hf_static(directory, texts, args.hf_batch, args.seconds)}
         report["transformers"].append(row)
         print(json.dumps(row), flush=True)
+        row = {"tokens": length, **loom_static(texts, args.hf_batch, args.seconds, args.encoder_dtype)}
+        report.setdefault("loom_static", []).append(row)
+        print(json.dumps({"loom_static": row}), flush=True)
     return report
 
 
@@ -215,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--client", choices=["raw", "httpx"], default="raw",
                    help="the load generator's HTTP client (raw: loadtests/rawhttp.py, a tenth of httpx's CPU)")
     p.add_argument("--hf-batch", type=int, default=64)
+    p.add_argument("--encoder-dtype", default="auto", help="dtype of the in-process Loom static-batch row")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the transformers run")
     p.add_argument("--streams", type=int, default=4)
     p.add_argument("--chat-tokens", type=int, default=64)

@@ -139,7 +139,7 @@ class EncoderBatcher:
         enc = self.encoders[model]
         started = time.perf_counter()
         try:
-            rows = self._run(enc, [job.inputs[index] for job, index in batch])
+            rows = self.run_batch(enc, [job.inputs[index] for job, index in batch])
         except Exception as exc:  # a failing forward pass fails its requests, not the engine
             log.exception("encoder batch failed; failing its requests")
             error = InternalEngineError(f"internal error: {type(exc).__name__}: {exc}")
@@ -161,11 +161,10 @@ class EncoderBatcher:
                 job.sink(job.results)
 
     @staticmethod
-    def _run(enc: LoadedEncoder, inputs: list[list[int]]) -> list[list[float]]:
-        length = max(len(ids) for ids in inputs)
-        ids = torch.full((len(inputs), length), enc.model.cfg.pad_token_id, dtype=torch.long)
-        for row, seq in enumerate(inputs):
-            ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+    def run_batch(enc: LoadedEncoder, inputs: list[list[int]]) -> list[list[float]]:
+        """One forward pass over token-id sequences (padded to the longest): one output row each."""
+        length, pad = max(len(ids) for ids in inputs), enc.model.cfg.pad_token_id
+        ids = torch.tensor([seq + [pad] * (length - len(seq)) for seq in inputs], dtype=torch.long)
         lengths = torch.tensor([len(seq) for seq in inputs], dtype=torch.long)
         with torch.inference_mode():
             out = enc.model(ids.to(enc.device), lengths.to(enc.device))
