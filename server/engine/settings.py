@@ -25,7 +25,8 @@ class EngineSettings(BaseSettings):
     priority_step_seconds: float = Field(10.0, gt=0, description="waiting time one priority level is worth: lower "
                                                                  "priorities go first, none starves")
     encoder_batch_tokens: int = Field(1024, ge=1, description="most real tokens in one encoder batch (embeddings, "
-                                                               "classifier heads), run between two decode steps")
+                                                               "classifier heads); while streams decode, a batch "
+                                                               "is also held to about one decode step's time")
     enable_prefix_caching: bool = True
     seed: int | None = Field(None, description="seed of the engine's sampler for unseeded requests")
     grammar_compile_timeout: float = Field(10.0, gt=0, description="seconds a request waits for its grammar (JSON "
