@@ -112,8 +112,8 @@ class EngineCore:
         for item in items:
             seq = item.seq
             if seq.seq_id in step.prompt_rows:
-                first, count = step.prompt_rows[seq.seq_id]
-                self.processor.record_prompt_logprobs(seq, step.logits[first:first + count])
+                row, count, position = step.prompt_rows[seq.seq_id]
+                self.processor.record_prompt_logprobs(seq, step.logits[row:row + count], position)
             self.prefilled_tokens += max(min(item.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens), 0)
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_full_blocks(seq)

@@ -19,7 +19,7 @@ log = logging.getLogger("loom.engine")
 class StepLogits:
     logits: torch.Tensor  # [N, V] float32 on CPU
     sample_rows: dict[int, int]  # seq_id -> row of `logits` to sample from
-    prompt_rows: dict[int, tuple[int, int]]  # seq_id -> (first row, count) of prompt-logprob rows
+    prompt_rows: dict[int, tuple[int, int, int]]  # seq_id -> (first row, count, prompt position of the first row)
 
 
 def memory_limit_bytes() -> int | None:
@@ -119,7 +119,8 @@ class ModelRunner:
 
     def build_batch(self, sched: SchedulerOutput) -> tuple[FlatBatch, StepLogits]:
         """Lay the step out with `FlatBatch.build` and pick the logits rows: the last row of every sequence whose
-        tokens all have K/V after this step (it samples), and every prompt row of prompt-logprob requests."""
+        tokens all have K/V after this step (it samples), and the prompt rows of prompt-logprob requests that predict
+        a token from their `prompt_logprobs_start` on."""
         logits_rows, sample_rows, prompt_rows = [], {}, {}
         parts: tuple[list, list] = ([], [])
         row = 0
@@ -129,10 +130,13 @@ class ModelRunner:
                 start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
                 tokens = seq.token_ids[start:end]
                 parts[is_decode].append((tokens[0] if is_decode else tokens, start, seq.block_table))
-                if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
-                    count = min(end, seq.num_prompt_tokens) - start
-                    prompt_rows[seq.seq_id] = (len(logits_rows), count)
-                    logits_rows.extend(range(row, row + count))
+                if seq.params.prompt_logprobs is not None:
+                    # the row at position p predicts token p + 1: none before `prompt_logprobs_start` is wanted, so
+                    # their rows take no logits (a classify's shared context would cost [T, vocab] for nothing)
+                    first, stop = max(start, seq.params.prompt_logprobs_start - 1), min(end, seq.num_prompt_tokens)
+                    if first < stop:
+                        prompt_rows[seq.seq_id] = (len(logits_rows), stop - first, first)
+                        logits_rows.extend(range(row + first - start, row + stop - start))
                 row += len(tokens)
                 if end == seq.num_tokens:
                     if not logits_rows or logits_rows[-1] != row - 1:

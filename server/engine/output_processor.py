@@ -33,18 +33,18 @@ class OutputProcessor:
         self.states[seq.seq_id] = SequenceText(
             IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params.skip_special_tokens))
 
-    def record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """`logits` are this step's rows for `seq`'s prompt chunk, which starts at `seq.num_computed_tokens`: row i
-        predicts prompt token start + i + 1. Tokens served by the prefix cache (and the first token, which nothing
-        predicts) get None; rows recorded before a preemption are not recorded twice."""
-        state, start = self.states[seq.seq_id], seq.num_computed_tokens
-        if not state.prompt_logprobs:
-            state.prompt_logprobs.extend([None] * (start + 1))
-        lo = len(state.prompt_logprobs) - 1 - start
-        hi = min(len(logits), seq.num_prompt_tokens - 1 - start)  # the last prompt row predicts a generated token
+    def record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, position: int) -> None:
+        """`logits` are this step's rows for `seq`'s prompt from `position` on: row i predicts prompt token
+        position + i + 1. Tokens without a row (served by the prefix cache, before `prompt_logprobs_start`, and the
+        first token, which nothing predicts) get None; rows recorded before a preemption are not recorded twice."""
+        state = self.states[seq.seq_id]
+        if len(state.prompt_logprobs) < position + 1:
+            state.prompt_logprobs.extend([None] * (position + 1 - len(state.prompt_logprobs)))
+        lo = len(state.prompt_logprobs) - 1 - position
+        hi = min(len(logits), seq.num_prompt_tokens - 1 - position)  # the last prompt row predicts a generated token
         if hi <= lo:
             return
-        targets = torch.tensor(seq.token_ids[start + 1 + lo:start + 1 + hi])
+        targets = torch.tensor(seq.token_ids[position + 1 + lo:position + 1 + hi])
         logprobs = logits[lo:hi].log_softmax(-1)
         state.prompt_logprobs.extend(gather_logprobs(logprobs, targets, [seq.params.prompt_logprobs] * (hi - lo)))
 

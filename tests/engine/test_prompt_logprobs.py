@@ -54,6 +54,22 @@ def test_prefix_cache_serves_tokens_before_start(llama):
                                    atol=2e-4, rtol=0)
 
 
+def test_rows_before_start_take_no_logits(llama, monkeypatch):
+    """Cold cache: the whole context is prefilled, but only the rows that predict a token from
+    `prompt_logprobs_start` on go through the LM head (a classify's context would cost [T, vocab] logits)."""
+    lm, hf = llama
+    context, answer = random_prompts(1, 40, 40, seed=8)[0], [11, 12, 13]
+    core = EngineCore(lm, EngineSettings(kv_cache_memory=0.01, block_size=8, enable_prefix_caching=False))
+    rows, real = [], lm.model.compute_logits
+    monkeypatch.setattr(lm.model, "compute_logits", lambda hidden: (rows.append(len(hidden)), real(hidden))[1])
+    got = score(core, [context + answer], start=len(context))[0]
+    assert rows == [len(answer) + 1]  # positions 39..42: three answer tokens, and the last row samples
+    assert len(got) == len(context) + len(answer) and all(lp is None for lp in got[:len(context)])
+    want = hf_prompt_logprobs(hf, context + answer)[len(context) - 1:]
+    torch.testing.assert_close(torch.tensor([lp.logprob for lp in got[len(context):]]), torch.tensor(want),
+                               atol=2e-4, rtol=0)
+
+
 def test_preempted_scoring_request_records_each_token_once(llama):
     lm, _ = llama
     prompts = random_prompts(6, 30, 40, seed=7)
