@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--seconds", type=float, default=10.0, help="per measured level")
     p.add_argument("--client", choices=["raw", "httpx"], default="raw",
-                   help="the load generator's HTTP client (raw: loadtests/rawhttp.py, a tenth of httpx's CPU)")
+                   help="the load generator's HTTP client (raw: loadtests/rawhttp.py, ~1%% of httpx's CPU per request)")
     p.add_argument("--hf-batch", type=int, default=64)
     p.add_argument("--encoder-dtype", default="auto", help="dtype of the in-process Loom static-batch row")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the transformers run")
