@@ -11,7 +11,7 @@ from server.cli.serve import add_serve_command
 from server.logs import setup_logging
 
 # oneDNN keeps one compiled primitive per GEMM shape, up to 1,024 by default at ~240 KB each: every new prefill
-# length adds one, so a long-running server's RSS crept by ~250 MB until the cache was full (issue 14's soak). 256
+# length adds one, so that cache alone can take ~250 MB of a long-running server (issue 14's soak). 256
 # entries (LRU) keep the decode shapes hot and bound the cache at ~60 MB; a mixed workload ran no slower (Zen 4).
 # Read by oneDNN when it builds its first primitive, so set before any model loads; an explicit setting wins.
 ONEDNN_CACHE_ENTRIES = "256"
