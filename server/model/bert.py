@@ -22,11 +22,12 @@ FAMILIES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "cam
 POOLING = ("mean", "cls", "lasttoken")
 ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+# the activations oneDNN can fuse into a prepacked GEMM (server/model/linear.POST_OPS)
+FUSED_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+
+
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
-
-
-FUSED_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
 @dataclass
