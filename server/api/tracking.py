@@ -27,12 +27,15 @@ class RequestTracker:
         timeout = timeout or self.default_timeout
         return None if timeout is None else time.monotonic() + timeout
 
+    def _require_accepting(self) -> None:
+        if self.engine is None or not self.accepting:
+            raise APIError(503, "the server is shutting down", code="not_ready", headers={"Retry-After": "5"})
+
     @contextlib.contextmanager
     def task(self) -> Iterator[None]:
         """Admit a task request (summarize, zero-shot classify) against the queue caps once, as one request: the
         engine requests it sends from inside the block are part of it (server/engine/admission.py)."""
-        if self.engine is None or not self.accepting:
-            raise APIError(503, "the server is shutting down", code="not_ready", headers={"Retry-After": "5"})
+        self._require_accepting()
         with self.engine.admission.task():
             yield
 
@@ -40,8 +43,7 @@ class RequestTracker:
                        request_id: str | None = None, priority: int = 0,
                        deadline: float | None = None) -> AsyncIterator[RequestOutput]:
         """AsyncEngine.generate, tracked: leaving early (client gone, task cancelled) aborts the request."""
-        if self.engine is None or not self.accepting:
-            raise APIError(503, "the server is shutting down", code="not_ready", headers={"Retry-After": "5"})
+        self._require_accepting()
         request_id = request_id or f"{endpoint}-{next(self._ids)}"
         timer = self.metrics.timer(endpoint)
         stream = self.engine.generate(prompt_token_ids, params, request_id=request_id, priority=priority,
@@ -65,8 +67,7 @@ class RequestTracker:
     async def encode(self, model: str, inputs: list[list[int]], endpoint: str,
                      deadline: float | None = None) -> list[list[float]]:
         """AsyncEngine.encode, tracked and counted per model (requests by outcome, tokens, latency)."""
-        if self.engine is None or not self.accepting:
-            raise APIError(503, "the server is shutting down", code="not_ready", headers={"Retry-After": "5"})
+        self._require_accepting()
         request_id = f"{endpoint}-{next(self._ids)}"
         started, outcome = time.perf_counter(), "error"
         self.active.add(request_id)

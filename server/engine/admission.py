@@ -49,7 +49,6 @@ class DrainRate:
 
 @dataclass
 class _TaskTicket:
-    tokens: int
     held: bool = True  # still holds the one waiting slot `task()` reserved (no engine request of it sent yet)
 
 
@@ -74,7 +73,6 @@ class Admission:
             elif ticket.held:
                 ticket.held = False
                 self._inbox_seqs -= 1
-                self._inbox_tokens -= ticket.tokens
             self._inbox_seqs += seqs
             self._inbox_tokens += tokens
 
@@ -96,14 +94,14 @@ class Admission:
                                  self.drain.seconds_to_drain(max(over_seqs, 0), max(over_tokens, 0)))
 
     @contextlib.contextmanager
-    def task(self, tokens: int = 0) -> Iterator[None]:
-        """Admit a task request as one sequence with `tokens` prompt tokens (QueueFullError if the queue is full);
-        the engine requests sent from inside the block (and from asyncio tasks it starts) are part of it."""
+    def task(self) -> Iterator[None]:
+        """Admit a task request as one sequence (QueueFullError if the queue is full; its prompt tokens are counted
+        as its engine requests send them); the engine requests sent from inside the block (and from asyncio tasks it
+        starts) are part of it."""
         with self._lock:
-            self._check(1, tokens)
+            self._check(1, 0)
             self._inbox_seqs += 1
-            self._inbox_tokens += tokens
-        ticket = _TaskTicket(tokens)
+        ticket = _TaskTicket()
         reset = _current_task.set(ticket)
         try:
             yield
@@ -113,7 +111,6 @@ class Admission:
                 if ticket.held:  # it never sent a request (refused, or failed before)
                     ticket.held = False
                     self._inbox_seqs -= 1
-                    self._inbox_tokens -= tokens
 
     @contextlib.contextmanager
     def entering_scheduler(self, seqs: int, tokens: int) -> Iterator[None]:

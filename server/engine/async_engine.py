@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from server.engine.admission import Admission
-from server.engine.encoder import EncodeBatchStats, EncodeJob, EncoderBatcher
+from server.engine.encoder import EncodeBatchStats, EncodeJob, EncoderBatcher, moving_average
 from server.engine.engine_core import EngineCore
 from server.engine.errors import EngineDeadError, EngineError, RequestTimeoutError
 from server.engine.grammar import Grammar, GrammarCompiler, GrammarSpec
@@ -84,7 +84,7 @@ class AsyncEngine:
         self._stopping = False
         self.error: BaseException | None = None
         self.last_step_time = time.monotonic()
-        self._step_seconds = 0.0  # moving average of the engine steps' wall time
+        self._step_seconds: float | None = None  # moving average of the engine steps' wall time
         self._running = True  # without its own thread, the owner is about to call run()
         self._thread = threading.Thread(target=self._loop, name="loom-engine", daemon=True) if own_thread else None
         if self._thread is not None:
@@ -283,7 +283,7 @@ class AsyncEngine:
                 self._expire()
                 if self.encoder_batcher.has_work():  # one encoder batch between two decode steps, about as long
                     batcher = self.encoder_batcher
-                    decoding = self.core.has_unfinished() and self._step_seconds
+                    decoding = self.core.has_unfinished() and self._step_seconds is not None
                     batcher.step(batcher.budget_for(self._step_seconds) if decoding else None)
                     self.last_step_time = time.monotonic()
                 if not self.core.has_unfinished():
@@ -299,8 +299,8 @@ class AsyncEngine:
                 started, busy = time.perf_counter(), True
                 result = self.core.step()
                 self.last_step_time = time.monotonic()
-                took = time.perf_counter() - started  # a moving average: the encoder batches' time bound
-                self._step_seconds = took if not self._step_seconds else 0.8 * self._step_seconds + 0.2 * took
+                # the encoder batches' time bound while streams decode
+                self._step_seconds = moving_average(self._step_seconds, time.perf_counter() - started)
                 self._count_waiting()
                 if self.core.last_step_seqs and self._observers:
                     stats = StepStats(self.core.last_step_seqs, self.core.last_step_tokens,

@@ -24,6 +24,11 @@ from server.model.encoder_loader import LoadedEncoder
 log = logging.getLogger("loom.engine")
 
 
+def moving_average(old: float | None, new: float, weight: float = 0.2) -> float:
+    """An exponential moving average that starts at its first sample (`old` None)."""
+    return new if old is None else (1 - weight) * old + weight * new
+
+
 @dataclass
 class EncodeBatchStats:
     """One encoder batch, for metrics: its model, sequences, real tokens and wall time."""
@@ -149,9 +154,8 @@ class EncoderBatcher:
             return
         tokens = sum(len(job.inputs[index]) for job, index in batch)
         stats = EncodeBatchStats(model, len(batch), tokens, time.perf_counter() - started)
-        rate = tokens / max(stats.seconds, 1e-6)
-        old = self.tokens_per_second.get(model)
-        self.tokens_per_second[model] = rate if old is None else 0.8 * old + 0.2 * rate
+        self.tokens_per_second[model] = moving_average(self.tokens_per_second.get(model),
+                                                       tokens / max(stats.seconds, 1e-6))
         for observer in self.observers:
             observer(stats)
         for (job, index), row in zip(batch, rows):
