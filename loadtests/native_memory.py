@@ -70,7 +70,7 @@ async def amain(args) -> None:
     try:
         for r in range(args.rounds):
             started = time.perf_counter()
-            await one_round(engine, classifier, lm.tokenizer, r)
+            await one_round(engine, classifier, lm.tokenizer, 0 if args.same_texts else r)
             took = time.perf_counter() - started
             await asyncio.sleep(0.7)  # idle: the engine trims the heap
             gc.collect()
@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--same-texts", action="store_true",
+                   help="every round the same texts (same shapes): growth that remains is not a per-shape cache")
     asyncio.run(amain(p.parse_args(argv)))
 
 
