@@ -13,7 +13,8 @@ from server.api.webui import STATIC
 from tests.support.servers import make_app, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
-HOOKS = ("prompt-input", "send-button", "stop-button", "status-strip", "tab-chat", "tab-summarize", "tab-classify")
+HOOKS = ("prompt-input", "send-button", "stop-button", "status-strip", "tab-chat", "tab-summarize", "tab-classify",
+         "schema-input", "tab-embeddings", "embed-input", "embed-button", "rerank-query", "rerank-button")
 
 
 @pytest.fixture(scope="module")
