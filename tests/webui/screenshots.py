@@ -39,11 +39,13 @@ SCHEMA = """{
   "type": "object",
   "properties": {
     "city": {"type": "string"},
-    "temperature_c": {"type": "integer", "minimum": -30, "maximum": 45},
-    "sky": {"enum": ["sunny", "cloudy", "rainy", "snowy"]}
+    "temperature_c": {
+      "type": "integer",
+      "minimum": -30, "maximum": 45},
+    "sky": {"enum": ["sunny", "cloudy",
+                     "rainy", "snowy"]}
   },
-  "required": ["city", "temperature_c", "sky"],
-  "additionalProperties": false
+  "required": ["city", "temperature_c", "sky"]
 }"""
 EMBED_TEXTS = ["The weaver threads the warp onto the loom.", "A loom interlaces warp and weft into cloth.",
                "Punched cards stored the pattern of each row.", "The stock market closed higher on Friday.",
@@ -128,6 +130,8 @@ def capture(url: str, out: Path) -> list[Path]:
         fill(by_testid(d, "prompt-input"), SCHEMA_PROMPT)
         by_testid(d, "send-button").click()
         wait_for(lambda: answer_done(d), timeout=180, message="the JSON answer never finished")
+        d.execute_script("const box = document.getElementById('schema-input'); box.scrollTop = box.scrollLeft = 0")
+        time.sleep(2.5)  # the status poll after the answer
         shots.append(shoot(d, out, "chat-schema-desktop-light", DESKTOP))
 
         if by_testid(d, "tab-embeddings").is_displayed():

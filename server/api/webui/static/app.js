@@ -651,9 +651,8 @@
     try {
       const body = await (await call(path, request)).json();
       const seconds = (performance.now() - t0) / 1000;
-      const facts = draw(body, result);
-      meta.textContent = [...facts, `${body.usage.prompt_tokens} tokens`, body.model, `${fmt(seconds, 2)} s`]
-        .join(' · ');
+      const facts = [...draw(body, result), `${body.usage.prompt_tokens} tokens`, body.model, `${fmt(seconds, 2)} s`];
+      meta.textContent = facts.map((f) => f.replace(/ /g, '\u00a0')).join(' · '); // wraps between facts only
     } catch (err) {
       meta.textContent = '';
       result.append(el('p', { class: 'error', role: 'alert', 'data-testid': 'error-message', text: describe(err) }));
