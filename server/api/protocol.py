@@ -377,6 +377,7 @@ class StatusResponse(Body):
     ready: bool
     reason: str | None = Field(None, description="why not ready (loading, warming up, draining, engine stopped)")
     model: str | None = None
+    embedding_model: str | None = Field(None, description="the encoder serving /v1/embeddings and /v1/rerank, if any")
     max_model_len: int | None = None
     running: int = Field(0, description="sequences in the running batch")
     waiting: int = Field(0, description="sequences waiting to be scheduled")

@@ -1,5 +1,5 @@
-"""Fixtures for the playground's tests: a real server (uvicorn in a thread) over the `dummy:tiny` model, and headless
-Chromium. The engine is paced (a short sleep after each step, which costs no CPU) so an answer takes a few seconds
+"""Fixtures for the playground's tests: a real server (uvicorn in a thread) over the `dummy:tiny` model, one with
+all-MiniLM-L6-v2 beside it (the Embeddings tab), and headless Chromium. The engine is paced (a short sleep after each step, which costs no CPU) so an answer takes a few seconds
 to stream: long enough to watch it grow and to stop it midway, on any machine.
 
 Without Debian's chromium and chromium-driver the browser tests skip, naming the install command; with
@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from server.engine import EncoderBatcher
 from tests.support.browser import chromium_missing, start_chromium
 from tests.support.servers import ThreadServer, make_app, make_engine
 
@@ -50,3 +51,12 @@ def keyed_server(paced_engine):
     """(url, key) of a server that wants an API key on /v1."""
     with ThreadServer(make_app(paced_engine, api_key=API_KEY, classify_permutations=1)) as s:
         yield s.url, API_KEY
+
+
+@pytest.fixture(scope="module")
+def encoder_server(dummy_lm, minilm_fp32):
+    """A server with an embedding model (all-MiniLM-L6-v2, as `--embedding-model default` serves it)."""
+    engine = make_engine(dummy_lm, encoders=EncoderBatcher({minilm_fp32.name: minilm_fp32}))
+    with ThreadServer(make_app(engine)) as s:
+        yield s.url
+    engine.shutdown()

@@ -1,5 +1,6 @@
 """Screenshots of the playground, for the README and reviews: every tab at desktop (1280x800) and phone (390x844)
-width, chat also in dark mode, against a real `loom serve --model default` (started here unless --url is given).
+width, chat also in dark mode and with a JSON schema, against a real `loom serve --model default --embedding-model
+default` (started here unless --url is given; without an embedding model the Embeddings tab is left out).
 
     python -m tests.webui.screenshots [--url http://127.0.0.1:8000] [--out docs/screenshots]
 
@@ -33,6 +34,28 @@ DOCUMENT = (
     "census, which is why the loom is often called an ancestor of the computer.")
 CLASSIFY_TEXT = "The app crashes every time I press Pay, and support has not answered my emails for three days."
 CLASSIFY_LABELS = ["bug report", "billing question", "praise", "feature request"]
+SCHEMA_PROMPT = "Describe the weather in Lyon today."
+SCHEMA = """{
+  "type": "object",
+  "properties": {
+    "city": {"type": "string"},
+    "temperature_c": {
+      "type": "integer",
+      "minimum": -30, "maximum": 45},
+    "sky": {"enum": ["sunny", "cloudy",
+                     "rainy", "snowy"]}
+  },
+  "required": ["city", "temperature_c", "sky"]
+}"""
+EMBED_TEXTS = ["The weaver threads the warp onto the loom.", "A loom interlaces warp and weft into cloth.",
+               "Punched cards stored the pattern of each row.", "The stock market closed higher on Friday.",
+               "Shares rallied as investors cheered the earnings."]
+RERANK_QUERY = "How did looms store their patterns?"
+RERANK_DOCUMENTS = ["Jacquard's loom read each row of the design from a punched card.",
+                    "Silk worms spin their cocoons from a single thread.",
+                    "Herman Hollerith's tabulator counted the 1890 census on punched cards.",
+                    "A draw boy lifted the warp threads by hand, row after row.",
+                    "The recipe needs two cups of flour and a pinch of salt."]
 
 
 def shoot(driver, out: Path, name: str, size: tuple[int, int], dark: bool = False) -> Path:
@@ -97,8 +120,46 @@ def capture(url: str, out: Path) -> list[Path]:
         for size, width in ((DESKTOP, "desktop"), (PHONE, "phone")):
             shots.append(shoot(d, out, f"classify-{width}-light", size))
         shots.append(shoot(d, out, "classify-desktop-dark", DESKTOP, dark=True))
+
+        set_viewport(d, *DESKTOP)
+        by_testid(d, "tab-chat").click()
+        by_testid(d, "clear-button").click()
+        d.find_element("css selector", "#schema-details summary").click()
+        fill(by_testid(d, "schema-input"), SCHEMA)
+        fill(by_testid(d, "max-tokens"), "120")
+        fill(by_testid(d, "prompt-input"), SCHEMA_PROMPT)
+        by_testid(d, "send-button").click()
+        wait_for(lambda: answer_done(d), timeout=180, message="the JSON answer never finished")
+        d.execute_script("const box = document.getElementById('schema-input'); box.scrollTop = box.scrollLeft = 0")
+        time.sleep(2.5)  # the status poll after the answer
+        shots.append(shoot(d, out, "chat-schema-desktop-light", DESKTOP))
+
+        if by_testid(d, "tab-embeddings").is_displayed():
+            shots += capture_embeddings(d, out)
     finally:
         d.quit()
+    return shots
+
+
+def capture_embeddings(d, out: Path) -> list[Path]:
+    shots = []
+    set_viewport(d, *DESKTOP)
+    by_testid(d, "tab-embeddings").click()
+    fill(by_testid(d, "embed-input"), "\n".join(EMBED_TEXTS))
+    by_testid(d, "embed-button").click()
+    wait_for(lambda: by_testid(d, "similarity-matrix", many=True), timeout=60, message="no similarity matrix")
+    for size, width in ((DESKTOP, "desktop"), (PHONE, "phone")):
+        shots.append(shoot(d, out, f"embeddings-{width}-light", size))
+    shots.append(shoot(d, out, "embeddings-desktop-dark", DESKTOP, dark=True))
+
+    set_viewport(d, *DESKTOP)
+    by_testid(d, "mode-rerank").click()
+    fill(by_testid(d, "rerank-query"), RERANK_QUERY)
+    fill(by_testid(d, "rerank-documents"), "\n".join(RERANK_DOCUMENTS))
+    by_testid(d, "rerank-button").click()
+    wait_for(lambda: by_testid(d, "rerank-row", many=True), timeout=60, message="no ranking")
+    for size, width in ((DESKTOP, "desktop"), (PHONE, "phone")):
+        shots.append(shoot(d, out, f"rerank-{width}-light", size))
     return shots
 
 
@@ -114,7 +175,7 @@ def main() -> None:
     log = Path(tempfile.mkdtemp()) / "loom-serve.log"
     with log.open("wb") as sink:  # this checkout's server (python -m), whatever `loom` on the PATH points at
         proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", "default", "--port", str(port),
-                                 "--kv-cache-memory", "0.5"], cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+                                 "--embedding-model", "default", "--kv-cache-memory", "0.5"], cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"
     try:

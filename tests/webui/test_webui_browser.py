@@ -1,11 +1,14 @@
 """The playground in a real browser (headless Chromium via selenium) against a real server over `dummy:tiny`: chat
-streams in and can be stopped (the server frees the sequence), markup in answers stays text, summarize and classify
-show results, the API-key prompt works, and nothing overflows a phone's width."""
+streams in and can be stopped (the server frees the sequence), markup in answers stays text, a JSON schema holds the
+answer to it (and a bad one is refused before or by the server), summarize and classify show results, the API-key
+prompt works, and nothing overflows a phone's width."""
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
+import jsonschema
 from selenium.webdriver.common.keys import Keys
 
 from tests.support.browser import by_testid, console_errors, fill, open_playground, server_status, wait_for
@@ -170,6 +173,86 @@ def test_markdown_renderer_builds_only_safe_elements(chromium, server):
                     '<ul><li>one</li><li>two</li></ul><ol><li>first</li><li>second</li></ol>'
                     '<pre><code data-lang="py">x = 1 &lt; 2</code></pre>')
     assert d.execute_script("return window.__pwned") is None
+
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                          "rainy": {"type": "boolean"},
+                                          "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+          "required": ["city", "rainy", "days"], "additionalProperties": False}
+
+SPY_ON_CHAT = """
+    window.__chatBodies = [];
+    const realFetch = window.fetch;
+    window.fetch = (url, init) => {
+      if (String(url).includes('chat/completions')) window.__chatBodies.push(JSON.parse(init.body));
+      return realFetch(url, init);
+    };
+"""
+
+
+def fill_schema(driver, text: str) -> None:
+    """Open the (folded) JSON-schema box and put `text` in it, as a paste does."""
+    if not driver.find_element("id", "schema-details").get_attribute("open"):
+        driver.find_element("css selector", "#schema-details summary").click()
+    driver.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'))",
+                          by_testid(driver, "schema-input"), text)
+
+
+def test_a_json_schema_holds_the_answer_to_it(chromium, server):
+    d = chromium
+    open_playground(d, server)
+    settings(d, max_tokens=200)
+    d.execute_script(SPY_ON_CHAT)
+    fill_schema(d, json.dumps(SCHEMA, indent=2))
+    assert by_testid(d, "schema-error").text == ""
+    by_testid(d, "prompt-input").send_keys("What is the weather in Lyon?", Keys.ENTER)
+    stats = wait_for(lambda: last_answer_done(d), timeout=60, message="the constrained answer never finished")
+    assert "stop" in stats and "JSON schema" in stats, stats
+    (sent,) = d.execute_script("return window.__chatBodies")
+    assert sent["response_format"] == {"type": "json_schema",
+                                       "json_schema": {"name": "playground", "schema": SCHEMA, "strict": True}}
+    shown = by_testid(d, "assistant-text")
+    assert shown.find_element("css selector", "pre code").get_attribute("data-lang") == "json"
+    jsonschema.validate(json.loads(shown.text), SCHEMA)  # what the page shows is the JSON the schema asked for
+    assert not console_errors(d)
+
+    # A schema the server cannot enforce: its 400 is the answer's error, and the conversation goes on.
+    fill_schema(d, '{"type": "array", "uniqueItems": true}')
+    by_testid(d, "prompt-input").send_keys("A list, please.", Keys.ENTER)
+    error = wait_for(lambda: by_testid(d, "error-message", many=True), timeout=30, message="no error shown")[0]
+    assert error.text.startswith("400: unsupported JSON schema") and "uniqueItems" in error.text, error.text
+    assert by_testid(d, "send-button").is_enabled()
+    assert [e for e in console_errors(d) if "status of 400" not in e] == []  # the browser logs the refusal itself
+
+
+def test_a_schema_that_is_not_json_is_refused_in_the_page(chromium, server):
+    d = chromium
+    open_playground(d, server)
+    settings(d, max_tokens=3)
+    d.execute_script(SPY_ON_CHAT)
+    error = by_testid(d, "schema-error")
+    prompt = by_testid(d, "prompt-input")
+    fill_schema(d, '{"type": "object",')
+    assert not error.is_displayed()  # no error while the schema is being written...
+    prompt.send_keys("hello", Keys.ENTER)
+    assert error.is_displayed() and error.text.startswith("Not valid JSON"), error.text  # ...but on sending it
+    assert by_testid(d, "schema-input").get_attribute("aria-invalid") == "true"
+    assert d.switch_to.active_element == by_testid(d, "schema-input")
+    assert prompt.get_attribute("value") == "hello"  # kept, to send once the schema is fixed
+    fill_schema(d, '["a", "b"]')  # valid JSON, yet no schema: the shown error follows the edit
+    assert "is an object" in error.text, error.text
+    prompt.send_keys(Keys.ENTER)
+    assert "is an object" in error.text, error.text
+    assert not by_testid(d, "user-message", many=True) and not answers(d)
+    assert d.execute_script("return window.__chatBodies") == []
+
+    # Emptying the box clears the error, and the chat is free text again.
+    fill_schema(d, "")
+    assert not error.is_displayed() and by_testid(d, "schema-input").get_attribute("aria-invalid") == "false"
+    prompt.send_keys(Keys.ENTER)
+    wait_for(lambda: last_answer_done(d), timeout=30, message="the answer never finished")
+    (sent,) = d.execute_script("return window.__chatBodies")
+    assert "response_format" not in sent
 
 
 def test_summarize_and_classify_tabs_show_results(chromium, server):

@@ -13,7 +13,8 @@ from server.api.webui import STATIC
 from tests.support.servers import make_app, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
-HOOKS = ("prompt-input", "send-button", "stop-button", "status-strip", "tab-chat", "tab-summarize", "tab-classify")
+HOOKS = ("prompt-input", "send-button", "stop-button", "status-strip", "tab-chat", "tab-summarize", "tab-classify",
+         "schema-input", "tab-embeddings", "embed-input", "embed-button", "rerank-query", "rerank-button")
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +78,18 @@ def test_the_page_stays_public_under_an_api_key(dummy_engine):
 def test_status_reports_the_model_and_the_load(client):
     s = client.get("/v1/status").json()
     assert s["ready"] is True and s["reason"] is None
-    assert s["model"] == "dummy:tiny" and s["max_model_len"] == 512
+    assert s["model"] == "dummy:tiny" and s["max_model_len"] == 512 and s["embedding_model"] is None
     assert s["running"] == 0 and s["waiting"] == 0 and 0 <= s["kv_cache_usage"] <= 1 and s["kv_cache_blocks"] == 256
     before = s["generation_tokens"]
     client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "ignore_eos": True})
     assert client.get("/v1/status").json()["generation_tokens"] == before + 3
+
+
+def test_status_names_the_embedding_model(encoder_engine):
+    """The encoder that /v1/embeddings and /v1/rerank use (the playground shows its tab for it), not a classifier."""
+    with TestClient(make_app(encoder_engine)) as c:
+        wait_ready(c.get)
+        assert c.get("/v1/status").json()["embedding_model"] == "all-MiniLM-L6-v2"
 
 
 def test_status_while_the_model_loads():

@@ -16,7 +16,8 @@ async def status(lifecycle: LifecycleDep) -> StatusResponse:
     if served is None:
         return StatusResponse(ready=False, reason=reason)
     s = served.engine.stats()
-    return StatusResponse(ready=reason is None, reason=reason, model=served.name, max_model_len=served.max_model_len,
-                          running=s.running, waiting=s.waiting, kv_cache_usage=s.kv_usage,
-                          kv_cache_blocks=s.num_blocks, block_size=s.block_size, prompt_tokens=s.prompt_tokens,
-                          generation_tokens=s.generation_tokens)
+    embedder = next((e.name for e in served.encoders.values() if e.task == "embed"), None)  # the one routes default to
+    return StatusResponse(ready=reason is None, reason=reason, model=served.name, embedding_model=embedder,
+                          max_model_len=served.max_model_len, running=s.running, waiting=s.waiting,
+                          kv_cache_usage=s.kv_usage, kv_cache_blocks=s.num_blocks, block_size=s.block_size,
+                          prompt_tokens=s.prompt_tokens, generation_tokens=s.generation_tokens)

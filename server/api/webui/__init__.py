@@ -1,6 +1,7 @@
 """The browser playground: `GET /` serves a single page (plain HTML, CSS and JavaScript shipped in this package under
-`static/`, no build step, nothing fetched from other hosts) that talks to the server's own API: chat over SSE,
-summarize, classify, and a status strip polling `/v1/status`. `--no-webui` / `LOOM_WEBUI=false` leaves it out (then
+`static/`, no build step, nothing fetched from other hosts) that talks to the server's own API: chat over SSE (free or
+held to a JSON schema), summarize, classify, embeddings and rerank (a tab shown while `/v1/status` names an
+embedding model), and a status strip polling `/v1/status`. `--no-webui` / `LOOM_WEBUI=false` leaves it out (then
 `/` answers 404).
 
 The page is public even when an API key is set (it holds no data); it asks for the key and sends it as a bearer

@@ -1,4 +1,5 @@
-// Loom playground: chat (streamed over SSE), summarize, classify, and a status strip, on the server's own API.
+// Loom playground: chat (streamed over SSE, optionally held to a JSON schema), summarize, classify, embeddings and
+// rerank (when the server has an encoder), and a status strip, on the server's own API.
 // Plain JavaScript, no dependencies. Model and user text only ever reach the page as text nodes (textContent,
 // append(string)): nothing is parsed as HTML, so no answer can inject markup or script.
 'use strict';
@@ -234,6 +235,7 @@
         const kv = Math.round((s.kv_cache_usage || 0) * 1000) / 10;
         $('status-kv').textContent = `${kv}%`;
         $('status-kv-fill').style.width = `${Math.min(100, kv)}%`;
+        showEncoder(s.embedding_model || null);
         $('status-running').textContent = s.running;
         $('status-waiting').textContent = s.waiting;
         const now = performance.now();
@@ -262,16 +264,26 @@
     }
   }
 
-  tabs.forEach((tab, i) => {
+  tabs.forEach((tab) => {
     tab.addEventListener('click', () => selectTab(tab));
     tab.addEventListener('keydown', (e) => {
       const step = { ArrowRight: 1, ArrowLeft: -1 }[e.key];
       if (!step) return;
-      const next = tabs[(i + step + tabs.length) % tabs.length];
+      const shown = tabs.filter((t) => !t.hidden); // a hidden tab (no encoder) is skipped
+      const next = shown[(shown.indexOf(tab) + step + shown.length) % shown.length];
       selectTab(next);
       next.focus();
     });
   });
+
+  // The Embeddings tab exists only while the server has an embedding model (`--embedding-model`).
+  function showEncoder(name) {
+    const tab = $('tab-embeddings');
+    $('status-encoder-stat').hidden = !name;
+    $('status-encoder').textContent = name || '';
+    if (!name && tab.getAttribute('aria-selected') === 'true') selectTab($('tab-chat'));
+    tab.hidden = !name;
+  }
 
   // ---- chat -------------------------------------------------------------------------------------------------------
   const history = []; // {role, content} of the finished turns; each entry's view is in `views`
@@ -294,6 +306,46 @@
       stop: stop.length ? stop : undefined,
     };
     return Object.fromEntries(Object.entries(params).filter(([, v]) => v !== undefined));
+  }
+
+  // The JSON-schema box: {schema} (undefined when empty) or {problem}, why it holds no schema.
+  function schemaBox() {
+    const raw = $('schema-input').value.trim();
+    if (!raw) return {};
+    try {
+      const schema = JSON.parse(raw);
+      const object = schema !== null && typeof schema === 'object' && !Array.isArray(schema);
+      return object ? { schema } : { problem: 'A JSON schema is an object: { "type": … }.' };
+    } catch (e) {
+      return { problem: `Not valid JSON: ${e.message}` };
+    }
+  }
+
+  function showSchemaState({ schema, problem = '' }) {
+    $('schema-error').textContent = problem;
+    $('schema-input').setAttribute('aria-invalid', String(!!problem));
+    $('schema-on').hidden = !schema;
+  }
+
+  // The request's `response_format`: undefined without a schema; null when the box holds no valid one (it then says
+  // why, opened and focused, and nothing is sent).
+  function responseFormat() {
+    const box = schemaBox();
+    showSchemaState(box);
+    if (box.problem) {
+      $('chat-settings').open = $('schema-details').open = true;
+      $('schema-input').focus();
+      return null;
+    }
+    return box.schema && { type: 'json_schema', json_schema: { name: 'playground', schema: box.schema, strict: true } };
+  }
+
+  // A schema-held answer: its text in a code block, indented once it parses (the history keeps the model's text).
+  function renderJson(text, root) {
+    let shown = text;
+    try { shown = JSON.stringify(JSON.parse(text), null, 2); } catch (e) { /* still streaming: as it came */ }
+    root.replaceChildren(el('pre', {}, el('code', { 'data-lang': 'json', text: shown })));
+    return root;
   }
 
   function addMessage(role) {
@@ -332,7 +384,7 @@
     view.meta.before(el('p', { class: 'error', role: 'alert', 'data-testid': 'error-message', text: describe(error) }));
   }
 
-  async function answer() {
+  async function answer(format) {
     const system = $('system-prompt').value.trim();
     const messages = [...(system ? [{ role: 'system', content: system }] : []), ...history];
     const view = addMessage('assistant');
@@ -341,10 +393,12 @@
     setBusy(true);
     const t0 = performance.now();
     let first = null, text = '', usage = null, finish = null, frame = 0;
-    const paint = () => { frame = 0; renderMarkdown(text, view.body); scrollDown(); };
+    const render = format ? renderJson : renderMarkdown;
+    const paint = () => { frame = 0; render(text, view.body); scrollDown(); };
     try {
       const response = await call('v1/chat/completions', {
         messages, stream: true, stream_options: { include_usage: true }, ...samplingParams(),
+        response_format: format, // undefined (no schema): JSON.stringify leaves it out
       }, controller.signal);
       for await (const event of sseEvents(response)) {
         if (event.usage) usage = event.usage;
@@ -379,6 +433,7 @@
         parts.push(`${usage.prompt_tokens} prompt + ${n} completion tokens`);
       }
       if (finish) parts.push(finish === 'length' ? 'stopped at max tokens' : finish);
+      if (format && text) parts.push('JSON schema');
       view.meta.textContent = parts.join(' · ');
       setBusy(false);
       scrollDown();
@@ -388,12 +443,14 @@
   function send() {
     const text = $('prompt').value;
     if (!text.trim() || chatAbort) return;
+    const format = responseFormat();
+    if (format === null) return;
     $('prompt').value = '';
     const view = addMessage('user');
     view.body.textContent = text; // the user's words, as typed: text, never markup
     history.push({ role: 'user', content: text });
     views.push(view);
-    answer();
+    answer(format);
   }
 
   $('chat-form').addEventListener('submit', (e) => { e.preventDefault(); send(); });
@@ -406,14 +463,22 @@
   $('stop-button').addEventListener('click', () => chatAbort && chatAbort.abort());
   $('regenerate-button').addEventListener('click', () => {
     if (chatAbort) return;
+    const format = responseFormat();
+    if (format === null) return;
     while (history.length && history[history.length - 1].role === 'assistant') {
       history.pop();
       views.pop().node.remove();
     }
     const lastUser = views.length ? views[views.length - 1].node : null;
     while (lastUser && lastUser.nextElementSibling) lastUser.nextElementSibling.remove(); // failed answers
-    if (history.length) answer();
+    if (history.length) answer(format);
   });
+  $('schema-input').addEventListener('input', () => { // an error already shown follows the edits; none appears yet
+    const box = schemaBox();
+    if (!$('schema-error').textContent) delete box.problem;
+    showSchemaState(box);
+  });
+  $('schema-input').addEventListener('change', () => showSchemaState(schemaBox())); // left the box: say what is wrong
   $('clear-button').addEventListener('click', () => {
     if (chatAbort) return;
     history.length = 0;
@@ -550,6 +615,101 @@
     } finally {
       $('classify-button').disabled = false;
     }
+  });
+
+  // ---- embeddings and rerank (the encoder) ------------------------------------------------------------------------
+  const lines = (id) => $(id).value.split('\n').map((s) => s.trim()).filter(Boolean);
+
+  function cosine(a, b) {
+    let dot = 0, aa = 0, bb = 0;
+    for (let i = 0; i < a.length; i++) {
+      dot += a[i] * b[i];
+      aa += a[i] * a[i];
+      bb += b[i] * b[i];
+    }
+    return dot / (Math.sqrt(aa * bb) || 1);
+  }
+
+  for (const radio of document.querySelectorAll('input[name=encoder-mode]')) {
+    radio.addEventListener('change', () => {
+      $('embed-form').hidden = radio.value !== 'embed';
+      $('rerank-form').hidden = radio.value !== 'rerank';
+      $('encoder-card').hidden = true;
+    });
+  }
+
+  // Runs one encoder request: shows the result card, `draw(body)` fills it, errors are shown in it.
+  async function encode(button, title, path, request, draw) {
+    const result = $('encoder-result');
+    const meta = $('encoder-meta');
+    $('encoder-card').hidden = false;
+    $('encoder-title').textContent = title;
+    result.replaceChildren();
+    meta.textContent = 'encoding…';
+    button.disabled = true;
+    const t0 = performance.now();
+    try {
+      const body = await (await call(path, request)).json();
+      const seconds = (performance.now() - t0) / 1000;
+      const facts = [...draw(body, result), `${body.usage.prompt_tokens} tokens`, body.model, `${fmt(seconds, 2)} s`];
+      meta.textContent = facts.map((f) => f.replace(/ /g, '\u00a0')).join(' · '); // wraps between facts only
+    } catch (err) {
+      meta.textContent = '';
+      result.append(el('p', { class: 'error', role: 'alert', 'data-testid': 'error-message', text: describe(err) }));
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  // The cosine similarity of every two texts, as a table whose cells are shaded by it.
+  function drawSimilarity(texts, vectors, root) {
+    const n = texts.length;
+    const head = el('tr', {}, el('th', { scope: 'col' }, el('span', { class: 'visually-hidden', text: 'text' })),
+      ...texts.map((text, j) => el('th', { scope: 'col', title: text, text: String(j + 1) })));
+    const rows = texts.map((text, i) => el('tr', {},
+      el('th', { scope: 'row', title: text }, el('span', { class: 'n', text: `${i + 1}` }), ' ',
+        el('span', { class: 'text', text })),
+      ...vectors.map((v, j) => {
+        const sim = cosine(vectors[i], v);
+        const cell = el('td', { text: sim.toFixed(2), title: `${i + 1} · ${j + 1}: ${sim.toFixed(4)}` });
+        cell.style.setProperty('--shade', `${Math.round(Math.abs(sim) * 55)}%`);
+        if (sim < 0) cell.classList.add('negative');
+        return cell;
+      })));
+    root.append(el('div', { class: 'matrix-scroll' }, el('table', {
+      class: 'matrix', 'data-testid': 'similarity-matrix', 'aria-label': `cosine similarity of ${n} texts`,
+    }, el('thead', {}, head), el('tbody', {}, ...rows))));
+  }
+
+  $('embed-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const texts = lines('embed-input');
+    if (!texts.length) return;
+    encode($('embed-button'), 'Similarity', 'v1/embeddings', { input: texts }, (body, result) => {
+      const vectors = [...body.data].sort((a, b) => a.index - b.index).map((d) => d.embedding);
+      drawSimilarity(texts, vectors, result);
+      return [`${texts.length} text${texts.length === 1 ? '' : 's'}`, `${vectors[0].length} dims`];
+    });
+  });
+
+  $('rerank-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const documents = lines('rerank-documents');
+    const query = $('rerank-query').value.trim();
+    if (!query || !documents.length) return;
+    encode($('rerank-button'), 'Ranked by relevance', 'v1/rerank', { query, documents }, (body, result) => {
+      const ranked = [...body.results].sort((a, b) => b.relevance_score - a.relevance_score);
+      ranked.forEach(({ index, relevance_score: score }, rank) => {
+        const fill = el('span', { class: 'fill' });
+        fill.style.width = `${Math.max(0, Math.min(100, score * 100))}%`;
+        result.append(el('div', { class: `score document${rank === 0 ? ' chosen' : ''}`, 'data-testid': 'rerank-row' },
+          el('span', { class: 'label', text: documents[index] }),
+          el('span', { class: 'bar', role: 'progressbar', 'aria-label': `relevance of document ${index + 1}`,
+            'aria-valuemin': '-1', 'aria-valuemax': '1', 'aria-valuenow': score.toFixed(4) }, fill),
+          el('span', { class: 'pct', text: score.toFixed(3) })));
+      });
+      return [`${documents.length} document${documents.length === 1 ? '' : 's'}`, 'cosine similarity'];
+    });
   });
 
   // ---- start ------------------------------------------------------------------------------------------------------
