@@ -10,15 +10,22 @@ from server.cli.generate import add_generate_command
 from server.cli.serve import add_serve_command
 from server.logs import setup_logging
 
-# oneDNN keeps one compiled primitive per GEMM shape, up to 1,024 by default at ~240 KB each: every new prefill
-# length adds one, so that cache alone can take ~250 MB of a long-running server (issue 14's soak). 256
-# entries (LRU) keep the decode shapes hot and bound the cache at ~60 MB; a mixed workload ran no slower (Zen 4).
-# Read by oneDNN when it builds its first primitive, so set before any model loads; an explicit setting wins.
-ONEDNN_CACHE_ENTRIES = "256"
+# Two shape-keyed caches of compiled GEMM primitives sit under torch's oneDNN ops: oneDNN's own
+# (ONEDNN_PRIMITIVE_CACHE_CAPACITY, default 1,024) and ideep's in front of it (LRU_CACHE_CAPACITY, default 1,024),
+# ~0.25-0.3 MB an entry. Every new prefill length adds an entry to each, so together they let a long-running
+# server's RSS creep by ~500 MB over hours (issue 14's soak). 256 entries each (LRU) keep the decode shapes hot and
+# bound both at ~150 MB; a miss costs ~1 ms per linear. Read when the first primitive is built, so set before any
+# model runs; an operator's own values win.
+NATIVE_CACHE_BOUNDS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256", "LRU_CACHE_CAPACITY": "256"}
+
+
+def bound_native_caches() -> None:
+    for name, entries in NATIVE_CACHE_BOUNDS.items():
+        os.environ.setdefault(name, entries)
 
 
 def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_ENTRIES)
+    bound_native_caches()
     parser = argparse.ArgumentParser(prog="loom", description="Loom LLM inference server")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_command(sub)
