@@ -326,3 +326,23 @@ def test_a_task_takes_one_slot_and_its_requests_skip_the_cap():
     with admission.task():  # a task that never sends a request gives its slot back
         assert admission.queued() == (1, 0)
     assert admission.queued() == (0, 0)
+
+
+def test_heap_is_trimmed_after_big_steps_and_when_idle(tiny_lm, monkeypatch):
+    """A busy server never goes idle, so the freed temporaries of prefill steps would pile up in the heap (issue 14's
+    soak): the loop trims after a step of at least TRIM_STEP_TOKENS (at most once per TRIM_INTERVAL_S), never after
+    decodes, and once on going idle."""
+    import server.engine.async_engine as ae
+    trims: list[int] = []
+    monkeypatch.setattr(ae, "trim_heap", lambda: trims.append(eng.core.last_step_tokens))
+    monkeypatch.setattr(ae, "TRIM_STEP_TOKENS", 64)
+    eng = AsyncEngine(EngineCore(tiny_lm, EngineSettings(kv_cache_memory=0.01, max_num_batched_tokens=256)))
+    try:
+        params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+        asyncio.run(collect(eng, list(range(5, 105)), params))  # one 100-token prefill step, then 19 decodes
+        assert wait_until_sync(lambda: len(trims) == 2)
+        # after the prefill step, none after the 19 one-token decodes, then one on going idle (the last step was one)
+        assert trims == [100, 1]
+    finally:
+        eng.shutdown()
+
