@@ -306,9 +306,6 @@ class AsyncEngine:
                 started, busy = time.perf_counter(), True
                 result = self.core.step()
                 self.last_step_time = time.monotonic()
-                if self.core.last_step_tokens >= TRIM_STEP_TOKENS and started - trimmed >= TRIM_INTERVAL_S:
-                    trimmed = time.perf_counter()
-                    trim_heap()
                 # the encoder batches' time bound while streams decode
                 self._step_seconds = moving_average(self._step_seconds, time.perf_counter() - started)
                 self._count_waiting()
@@ -321,6 +318,9 @@ class AsyncEngine:
                     self._deliver(out)
                 for request_id, error in result.failed.items():
                     self._fail(request_id, error)
+                if self.core.last_step_tokens >= TRIM_STEP_TOKENS and started - trimmed >= TRIM_INTERVAL_S:
+                    trimmed = time.perf_counter()  # after the step's outputs went out: the trim delays no token
+                    trim_heap()
         except BaseException as exc:  # fatal: mark unhealthy and fail every caller instead of leaving them hanging
             log.exception("engine loop died")
             self.error = exc
