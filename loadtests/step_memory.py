@@ -14,7 +14,7 @@ import random
 import threading
 import time
 
-WORDS = "the bank rate market team game cook soup vote party law court film song rain snow".split()
+from loadtests.native_memory import WORDS
 
 
 def rss_mib() -> int:

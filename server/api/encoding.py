@@ -16,9 +16,15 @@ FLAGS = {"embed": "--embedding-model default|DIR", "classify": "--classifier-mod
 WHAT = {"embed": "embedding", "classify": "classifier"}
 
 
+def encoders_for(served: ServedModel, task: str) -> list[LoadedEncoder]:
+    """The encoders serving `task` ("embed" or "classify"), in load order: the first is the one a request that names
+    no model gets."""
+    return [e for e in served.encoders.values() if e.task == task]
+
+
 def pick_encoder(served: ServedModel, model: str | None, task: str) -> LoadedEncoder:
     """The encoder `model` names (omitted: the one serving `task`); 404 when there is none."""
-    fitting = [e for e in served.encoders.values() if e.task == task]
+    fitting = encoders_for(served, task)
     if model is not None and model in served.encoders:
         enc = served.encoders[model]
         if enc.task != task:

@@ -1,6 +1,7 @@
 """Fixtures for the playground's tests: a real server (uvicorn in a thread) over the `dummy:tiny` model, one with
-all-MiniLM-L6-v2 beside it (the Embeddings tab), and headless Chromium. The engine is paced (a short sleep after each step, which costs no CPU) so an answer takes a few seconds
-to stream: long enough to watch it grow and to stop it midway, on any machine.
+all-MiniLM-L6-v2 beside it (the Embeddings tab), and headless Chromium. The engine is paced (a short sleep after each
+step, which costs no CPU) so an answer takes a few seconds to stream: long enough to watch it grow and to stop it
+midway, on any machine.
 
 Without Debian's chromium and chromium-driver the browser tests skip, naming the install command; with
 LOOM_REQUIRE_CHROMIUM=1 (set by .ci/run) they fail instead, so CI can never skip them silently."""

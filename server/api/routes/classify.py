@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from server.api.deps import ReadyModel, Tracker
-from server.api.encoding import pick_encoder, token_inputs
+from server.api.encoding import encoders_for, pick_encoder, token_inputs
 from server.api.errors import APIError
 from server.api.lifecycle import ServedModel
 from server.api.protocol import ClassifyRequest, ClassifyResponse, ClassifyResult, Usage, new_id, now
@@ -22,8 +22,7 @@ MAX_SCORING_REQUESTS = 4096
 @router.post("/v1/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES,
              summary="Classify texts into candidate labels (zero-shot, calibrated label likelihood)")
 async def classify(body: ClassifyRequest, served: ReadyModel, tracker: Tracker, request: Request) -> ClassifyResponse:
-    heads = [e for e in served.encoders.values() if e.task == "classify"]
-    if heads and (body.model is None or body.model != served.name):
+    if encoders_for(served, "classify") and (body.model is None or body.model != served.name):
         return await classify_with_head(body, served, tracker, request)
     served.check_model(body.model)
     texts = [body.input] if isinstance(body.input, str) else list(body.input)

@@ -3,6 +3,7 @@ same numbers /metrics exports, without parsing Prometheus text). Answers while t
 from fastapi import APIRouter
 
 from server.api.deps import LifecycleDep
+from server.api.encoding import encoders_for
 from server.api.protocol import StatusResponse
 from server.api.routes import ERROR_RESPONSES
 
@@ -16,8 +17,9 @@ async def status(lifecycle: LifecycleDep) -> StatusResponse:
     if served is None:
         return StatusResponse(ready=False, reason=reason)
     s = served.engine.stats()
-    embedder = next((e.name for e in served.encoders.values() if e.task == "embed"), None)  # the one routes default to
-    return StatusResponse(ready=reason is None, reason=reason, model=served.name, embedding_model=embedder,
+    embedders = encoders_for(served, "embed")  # the first is the one the encoder routes default to
+    return StatusResponse(ready=reason is None, reason=reason, model=served.name,
+                          embedding_model=embedders[0].name if embedders else None,
                           max_model_len=served.max_model_len, running=s.running, waiting=s.waiting,
                           kv_cache_usage=s.kv_usage, kv_cache_blocks=s.num_blocks, block_size=s.block_size,
                           prompt_tokens=s.prompt_tokens, generation_tokens=s.generation_tokens)

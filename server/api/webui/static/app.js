@@ -172,6 +172,7 @@
   }
 
   const describe = (e) => (e instanceof ApiError && e.status ? `${e.status}: ${e.message}` : e.message || String(e));
+  const errorNote = (e) => el('p', { class: 'error', role: 'alert', 'data-testid': 'error-message', text: describe(e) });
   const fmt = (x, digits = 1) => (Number.isFinite(x) ? x.toFixed(digits) : '–');
 
   // ---- API key dialog ---------------------------------------------------------------------------------------------
@@ -381,7 +382,7 @@
 
   function showError(view, error) {
     view.node.classList.add('failed');
-    view.meta.before(el('p', { class: 'error', role: 'alert', 'data-testid': 'error-message', text: describe(error) }));
+    view.meta.before(errorNote(error));
   }
 
   async function answer(format) {
@@ -527,7 +528,7 @@
     } catch (err) {
       meta.textContent = '';
       if (err.name === 'AbortError') meta.textContent = 'stopped';
-      else result.append(el('p', { class: 'error', role: 'alert', 'data-testid': 'error-message', text: describe(err) }));
+      else result.append(errorNote(err));
     } finally {
       summarizeAbort = null;
       $('summarize-button').disabled = false;
@@ -537,6 +538,15 @@
   $('summarize-stop').addEventListener('click', () => summarizeAbort && summarizeAbort.abort());
 
   // ---- classify ---------------------------------------------------------------------------------------------------
+  // One scored row: a label, a bar filled to `percent` (clamped to 0-100) with its progressbar attributes `bar`, and
+  // the figure as text. Classify's probabilities and rerank's relevance scores both show as these.
+  function scoreRow({ classes, testid, label, percent, figure, bar }) {
+    const fill = el('span', { class: 'fill' });
+    fill.style.width = `${Math.max(0, Math.min(100, percent))}%`;
+    return el('div', { class: classes, 'data-testid': testid }, el('span', { class: 'label', text: label }),
+      el('span', { class: 'bar', role: 'progressbar', ...bar }, fill), el('span', { class: 'pct', text: figure }));
+  }
+
   const labels = [];
   const entry = $('label-entry');
 
@@ -600,18 +610,14 @@
         el('span', { class: 'chip chosen', 'data-testid': 'chosen-label', text: label }))));
       for (const [label, p] of scores) {
         const pct = Math.round(p * 1000) / 10;
-        const fill = el('span', { class: 'fill' });
-        fill.style.width = `${Math.max(0, Math.min(100, pct))}%`;
-        result.append(el('div', { class: `score${chosen.has(label) ? ' chosen' : ''}`, 'data-testid': 'score-row' },
-          el('span', { class: 'label', text: label }),
-          el('span', { class: 'bar', role: 'progressbar', 'aria-label': label, 'aria-valuemin': '0',
-            'aria-valuemax': '100', 'aria-valuenow': String(pct) }, fill),
-          el('span', { class: 'pct', text: `${fmt(pct)}%` })));
+        result.append(scoreRow({ classes: `score${chosen.has(label) ? ' chosen' : ''}`, testid: 'score-row', label,
+          percent: pct, figure: `${fmt(pct)}%`, bar: { 'aria-label': label, 'aria-valuemin': '0',
+            'aria-valuemax': '100', 'aria-valuenow': String(pct) } }));
       }
       meta.textContent = `${fmt((performance.now() - t0) / 1000)} s · ${body.usage.prompt_tokens} prompt tokens scored`;
     } catch (err) {
       meta.textContent = '';
-      result.append(el('p', { class: 'error', role: 'alert', 'data-testid': 'error-message', text: describe(err) }));
+      result.append(errorNote(err));
     } finally {
       $('classify-button').disabled = false;
     }
@@ -655,7 +661,7 @@
       meta.textContent = facts.map((f) => f.replace(/ /g, '\u00a0')).join(' · '); // wraps between facts only
     } catch (err) {
       meta.textContent = '';
-      result.append(el('p', { class: 'error', role: 'alert', 'data-testid': 'error-message', text: describe(err) }));
+      result.append(errorNote(err));
     } finally {
       button.disabled = false;
     }
@@ -700,13 +706,10 @@
     encode($('rerank-button'), 'Ranked by relevance', 'v1/rerank', { query, documents }, (body, result) => {
       const ranked = [...body.results].sort((a, b) => b.relevance_score - a.relevance_score);
       ranked.forEach(({ index, relevance_score: score }, rank) => {
-        const fill = el('span', { class: 'fill' });
-        fill.style.width = `${Math.max(0, Math.min(100, score * 100))}%`;
-        result.append(el('div', { class: `score document${rank === 0 ? ' chosen' : ''}`, 'data-testid': 'rerank-row' },
-          el('span', { class: 'label', text: documents[index] }),
-          el('span', { class: 'bar', role: 'progressbar', 'aria-label': `relevance of document ${index + 1}`,
-            'aria-valuemin': '-1', 'aria-valuemax': '1', 'aria-valuenow': score.toFixed(4) }, fill),
-          el('span', { class: 'pct', text: score.toFixed(3) })));
+        result.append(scoreRow({ classes: `score document${rank === 0 ? ' chosen' : ''}`, testid: 'rerank-row',
+          label: documents[index], percent: score * 100, figure: score.toFixed(3), bar: {
+            'aria-label': `relevance of document ${index + 1}`, 'aria-valuemin': '-1', 'aria-valuemax': '1',
+            'aria-valuenow': score.toFixed(4) } }));
       });
       return [`${documents.length} document${documents.length === 1 ? '' : 's'}`, 'cosine similarity'];
     });
