@@ -7,8 +7,10 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from server.cli import NATIVE_CACHE_BOUNDS, main
+from server.model.linear import can_prepack
 
 # Packed bf16 GEMMs at 400 distinct batch sizes (as 400 prefill lengths would run them), then the RSS kept after
 # glibc gives back its free pages: what the primitive caches hold.
@@ -43,13 +45,7 @@ def test_native_primitive_caches_are_bounded():
     """torch's oneDNN GEMMs cache one compiled primitive per shape twice (oneDNN's cache and ideep's, 1,024 each by
     default): new prefill lengths made a server's RSS creep for hours (issue 14). Under `loom`'s bounds 400 new
     shapes keep far less than with the defaults."""
-    try:
-        torch_has_packed_bf16 = subprocess.run(
-            [sys.executable, "-c", "import torch; torch.ops.mkldnn._reorder_linear_weight("
-             "torch.randn(64, 64).bfloat16(), batch_size=8)"], capture_output=True, timeout=120).returncode == 0
-    except subprocess.TimeoutExpired:
-        torch_has_packed_bf16 = False
-    if not torch_has_packed_bf16:
+    if not can_prepack(torch.zeros(1, dtype=torch.bfloat16)):  # the check the model's loader makes
         pytest.skip("oneDNN's bf16 prepack needs avx512bw or avx_ne_convert on this CPU")
     bounded, default = cache_growth_mib("loom"), cache_growth_mib("default")
     assert default > 100, f"400 shapes under the default caches kept only {default} MiB: the check would not bite"
