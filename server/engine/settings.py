@@ -14,9 +14,10 @@ class EngineSettings(BaseSettings):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="fraction of GPU memory Loom may use")
     num_kv_blocks: int | None = Field(None, ge=1, description="exact number of KV blocks (overrides the budgets)")
     max_num_seqs: int = Field(64, ge=1, description="most sequences in one step")
-    max_num_batched_tokens: int = Field(2048, ge=1, description="most tokens in one step (prefill chunk budget)")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="most tokens in one step (prefill chunk "
+                                                                       "budget); None: 1024 on CPU, 2048 on GPU")
     max_prefill_chunk: int | None = Field(None, ge=1, description="most prompt tokens of one sequence per step; "
-                                                                  "None: 256 on CPU, max_num_batched_tokens on GPU")
+                                                                  "None: 256 on CPU, the whole step budget on GPU")
     max_model_len: int | None = Field(None, ge=1, description="context window; defaults to the model's")
     max_waiting: int = Field(1024, ge=0, description="waiting sequences beyond which new requests are refused (429); "
                                                      "0: no cap")

@@ -76,3 +76,12 @@ def test_cpu_pool_reuses_freed_blocks_before_touching_fresh_ones():
     held = [make_seq(list(range(1000 * j, 1000 * j + 40)), seq_id=100 + j) for j in range(20)]
     assert all(bm.allocate(s, 40) for s in held)  # the whole pool is still there when needed
     assert bm.num_free_blocks == 0 and not bm.allocate(make_seq([1, 2, 3], seq_id=999), 3)
+
+
+def test_cpu_step_budget_defaults_to_1024_and_an_explicit_one_wins(dummy_lm):
+    """Issue 14's soak: a CPU step's RSS peak grows with its tokens, so the CPU default step is 1,024 tokens."""
+    core = EngineCore(dummy_lm, EngineSettings(num_kv_blocks=64))
+    assert core.settings.max_num_batched_tokens == 1024 == core.scheduler.max_num_batched_tokens
+    assert core.scheduler.max_prefill_chunk == 256
+    core = EngineCore(dummy_lm, EngineSettings(num_kv_blocks=64, max_num_batched_tokens=3000))
+    assert core.scheduler.max_num_batched_tokens == 3000
