@@ -7,12 +7,18 @@ from loom_kernels.activation.reference import silu_and_mul_ref
 from loom_kernels.attention.cpu_decode import cpu_decode_available, paged_attention_decode_cpu
 from loom_kernels.attention.reference import paged_attention_decode_ref, paged_attention_prefill_ref
 from loom_kernels.backend import use_triton
-from loom_kernels.fused_cpu.cpu_ops import fused_cpu_available, rms_norm_cpu, rotary_cpu
+from loom_kernels.fused_cpu.cpu_ops import (
+    argmax_rows_available,
+    argmax_rows_cpu,
+    fused_cpu_available,
+    rms_norm_cpu,
+    rotary_cpu,
+)
 from loom_kernels.kv_write.reference import write_kv_ref
 from loom_kernels.rms_norm.reference import rms_norm_ref
 from loom_kernels.rotary.reference import rotary_ref
 
-__all__ = ["paged_attention_decode", "paged_attention_prefill", "rms_norm", "rotary", "silu_and_mul", "write_kv"]
+__all__ = ["argmax_rows", "paged_attention_decode", "paged_attention_prefill", "rms_norm", "rotary", "silu_and_mul", "write_kv"]
 
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -63,6 +69,13 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_ca
     if fused_cpu_available(q):
         return rotary_cpu(q, k, positions, cos_sin_cache)
     return rotary_ref(q, k, positions, cos_sin_cache)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(-1)` of a 2-D tensor (first maximum; first NaN where a row has one)."""
+    if argmax_rows_available(x):
+        return argmax_rows_cpu(x)
+    return x.argmax(-1)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,9 @@ PRELUDE = r"""
 #include <cstring>
 #include <limits>
 #include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 // Widening loads the compiler can vectorize (c10's conversions go through a function call per element).
 static inline float widen(float x) { return x; }
@@ -40,11 +43,30 @@ def cpu_fingerprint() -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:10]
 
 
-def build_cpu_extension(name: str, source: str, functions: list[str] | None, fast_math: bool):
-    """Compile (or load the cached build of) one C++ extension for this CPU. `functions=None`: the source has its
-    own PYBIND11_MODULE. Raises when there is no compiler; callers fall back to the PyTorch references."""
+# Instruction sets a build may be held to below -march=native: "avx2" drops AVX-512 (what `--cpu-isa avx2` forces, and
+# how tests reach the AVX2 paths on an AVX-512 machine), "generic" every vector extension past SSE2.
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"], "generic": ["-mno-avx", "-mno-f16c", "-mno-fma"]}
+_forced_isa = "native"
+
+
+def force_isa(isa: str) -> None:
+    """Hold the extensions built from now on to `isa` (an ISA_FLAGS key; "auto" = native)."""
+    global _forced_isa
+    _forced_isa = "native" if isa == "auto" else isa
+
+
+def current_isa() -> str:
+    return _forced_isa
+
+
+def build_cpu_extension(name: str, source: str, functions: list[str] | None, fast_math: bool, isa: str | None = None):
+    """Compile (or load the cached build of) one C++ extension for this CPU, held to `isa` (default: what
+    `force_isa` set). `functions=None`: the source has its own PYBIND11_MODULE. Raises when there is no compiler;
+    callers fall back to the PyTorch references."""
     from torch.utils.cpp_extension import load_inline
-    flags = ["-O3", "-march=native", "-fopenmp"] + (["-ffast-math"] if fast_math else [])
-    return load_inline(name=f"{name}_{cpu_fingerprint()}", cpp_sources=source, functions=functions,
+    isa = isa or _forced_isa
+    flags = ["-O3", "-march=native", *ISA_FLAGS[isa], "-fopenmp"] + (["-ffast-math"] if fast_math else [])
+    suffix = "" if isa == "native" else f"_{isa}"
+    return load_inline(name=f"{name}_{cpu_fingerprint()}{suffix}", cpp_sources=source, functions=functions,
                        extra_cflags=flags, extra_ldflags=["-fopenmp", "-lmvec"] if fast_math else ["-fopenmp"],
                        verbose=False)

@@ -1,7 +1,8 @@
-"""RMSNorm (+ residual add) and rotary embedding for CPU serving in C++, one call each instead of the reference's
+"""RMSNorm (+ residual add), rotary embedding and the greedy sampler's row argmax for CPU serving in C++, one call each instead of the reference's
 ~10 and ~20 small torch ops (at batch 1 a decode step is ~600 such ops: dispatch, not arithmetic, is the cost).
 Same roundings as the references (fp32 math, rounded to the tensor's dtype where they round); used for bf16/fp16
-tensors, so float32 runs keep the reference and stay bit-identical to Hugging Face. Compiled once with torch's
+tensors, so float32 runs keep the reference and stay bit-identical to Hugging Face. The argmax rounds nothing and
+serves float32 logits (torch's takes 0.68 ms for 32 x 49,152 here, 12x a vectorized max). Compiled once with torch's
 cpp_extension (cached on disk) like loom_kernels/attention/cpu_decode.py; without a compiler the references serve."""
 from __future__ import annotations
 
@@ -105,6 +106,55 @@ void rotary(at::Tensor q, at::Tensor k, at::Tensor positions, at::Tensor cs) {
     }
   }
 }
+
+// torch.argmax(x, -1) for float32 rows: the first index of the row's maximum, or of its first NaN if it has one.
+static int64_t argmax_row(const float* row, int64_t V) {
+  int64_t i = 0;
+  float mx = -std::numeric_limits<float>::infinity();
+  bool nan = false;
+#if defined(__AVX512F__)
+  __m512 vmx = _mm512_set1_ps(mx);
+  __mmask16 unord = 0;
+  for (; i + 16 <= V; i += 16) {
+    const __m512 v = _mm512_loadu_ps(row + i);
+    unord |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    vmx = _mm512_max_ps(vmx, v);
+  }
+  mx = _mm512_reduce_max_ps(vmx);
+  nan = unord != 0;
+#endif
+  for (; i < V; ++i) {
+    nan |= row[i] != row[i];
+    mx = row[i] > mx ? row[i] : mx;
+  }
+  int64_t j = 0;
+  if (nan) {
+    while (row[j] == row[j]) ++j;
+    return j;
+  }
+#if defined(__AVX512F__)
+  const __m512 target = _mm512_set1_ps(mx);
+  for (; j + 16 <= V; j += 16) {
+    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + j), target, _CMP_EQ_OQ);
+    if (hit) return j + __builtin_ctz(hit);
+  }
+#endif
+  while (j < V && row[j] != mx) ++j;
+  return j < V ? j : 0;  // all -inf: index 0, as torch
+}
+
+static at::Tensor argmax_rows(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.size(1) > 0, "argmax_rows: float32 [N, V]");
+  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const int64_t N = x.size(0), V = x.size(1), stride = x.stride(0);
+  at::Tensor out = at::empty({N}, x.options().dtype(at::kLong));
+  const float* p = x.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) o[r] = argmax_row(p + r * stride, V);
+  });
+  return out;
+}
 """
 
 @functools.cache
@@ -112,7 +162,8 @@ def _compiled():
     """The compiled extension (built once per process, cached on disk by torch), or None without a compiler."""
     try:
         # no -ffast-math: it would fuse/reorder the float math and drift from the references' roundings
-        return build_cpu_extension("loom_cpu_fused_ops", PRELUDE + SOURCE, ["rms_norm", "rotary"], fast_math=False)
+        return build_cpu_extension("loom_cpu_fused_ops", PRELUDE + SOURCE, ["rms_norm", "rotary", "argmax_rows"],
+                                   fast_math=False)
     except Exception as exc:  # noqa: BLE001 - no compiler / headers: the references serve instead
         log.warning("CPU fused kernels unavailable, using the PyTorch references", extra={"reason": str(exc)[:200]})
         return None
@@ -137,3 +188,12 @@ def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 def rotary_cpu(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
     _compiled().rotary(q, k, positions, cos_sin_cache)
+
+
+def argmax_rows_available(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] > 0
+            and kernel_backend().mode != "torch" and _compiled() is not None)
+
+
+def argmax_rows_cpu(x: torch.Tensor) -> torch.Tensor:
+    return _compiled().argmax_rows(x)

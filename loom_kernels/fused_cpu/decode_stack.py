@@ -19,24 +19,39 @@ from loom_kernels.attention.cpu_decode import SOURCE as PAGED_DECODE_SOURCE
 from loom_kernels.backend import kernel_backend
 from loom_kernels.cpu_source import PRELUDE, build_cpu_extension
 from loom_kernels.fused_cpu.cpu_ops import SOURCE as RMS_ROTARY_SOURCE
-from loom_kernels.quant import Q4Packed, Q8Packed, q4_linear, q8_linear
+from loom_kernels.quant import (
+    BlockQ4,
+    BlockQ8,
+    Q4Packed,
+    Q8Packed,
+    block_q4_linear,
+    block_q8_linear,
+    q4_linear,
+    q8_linear,
+)
+from loom_kernels.quant.blocks import SOURCE as BLOCKS_SOURCE
 
 log = logging.getLogger("loom.kernels")
 
-KINDS = {"q4": 0, "q8": 1, "dense": 2, "mkldnn": 3}
+KINDS = {"q4": 0, "q8": 1, "dense": 2, "mkldnn": 3, "q4_blocks": 4, "q8_blocks": 5}
 
 
 @dataclass
 class StackLinear:
-    """One linear in the form the step runs it: `q4` (Q4Packed), `q8` (Q8Packed), `dense` (a weight `[N, K]`,
-    any dtype: the input is cast to it) or `mkldnn` (a oneDNN-packed bf16 weight with its `out_features`)."""
+    """One linear in the form the step runs it: `q4` (Q4Packed), `q8` (Q8Packed), `q4_blocks` / `q8_blocks`
+    (BlockQ4 / BlockQ8), `dense` (a weight `[N, K]`, any dtype: the input is cast to it) or `mkldnn` (a
+    oneDNN-packed bf16 weight with its `out_features`)."""
     kind: str
-    weight: Q4Packed | Q8Packed | torch.Tensor
+    weight: Q4Packed | Q8Packed | BlockQ4 | BlockQ8 | torch.Tensor
     bias: torch.Tensor | None = None
     out_features: int = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "q4":
+        if self.kind == "q4_blocks":
+            out = block_q4_linear(x, self.weight)
+        elif self.kind == "q8_blocks":
+            out = block_q8_linear(x, self.weight)
+        elif self.kind == "q4":
             out = q4_linear(x, self.weight)
         elif self.kind == "q8":
             out = q8_linear(x, self.weight)
@@ -71,7 +86,7 @@ class StackShape:
 _STACK = r"""
 #include <ATen/core/dispatch/Dispatcher.h>
 
-struct Lin { int64_t kind = 0, n = 0, k = 0, group = 0; at::Tensor a, b, bias; };
+struct Lin { int64_t kind = 0, n = 0, k = 0, group = 0; at::Tensor a, b, c, bias; };
 
 static at::Tensor packed_bf16_linear(const at::Tensor& x, const at::Tensor& w) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
@@ -94,6 +109,8 @@ static at::Tensor apply_linear(const at::Tensor& x, const Lin& l) {
     at::Tensor f = x.scalar_type() == l.b.scalar_type() ? x : x.to(l.b.scalar_type());
     if (l.a.size(1) != l.k) f = at::constant_pad_nd(f, {0, l.a.size(1) - l.k});
     out = at::_weight_int8pack_mm(f, l.a, l.b);
+  } else if (l.kind == 4 || l.kind == 5) {  // GGUF blocks: a = codes, b = d, c = m (Q4)
+    out = block_linear(x, l.a, l.b, l.kind == 4 ? l.c : l.b, l.kind - 4);
   } else if (l.kind == 2) {
     out = at::linear(x.scalar_type() == l.a.scalar_type() ? x : x.to(l.a.scalar_type()), l.a);
   } else {
@@ -147,14 +164,14 @@ struct DecodeStack {
               int64_t d, double eps_, double scale_)
       : norms(norms_), k_caches(kcs), v_caches(vcs), cos_sin(cs), H(h), Hkv(hkv), D(d), eps(eps_), scale(scale_) {
     const size_t L = kcs.size();
-    TORCH_CHECK(norms.size() == 2 * L + 1 && lin_tensors.size() == 12 * L && meta.size() == 16 * L,
-                "DecodeStack: 2L+1 norms, 4 linears x (3 tensors, 4 ints) per layer");
+    TORCH_CHECK(norms.size() == 2 * L + 1 && lin_tensors.size() == 16 * L && meta.size() == 16 * L,
+                "DecodeStack: 2L+1 norms, 4 linears x (4 tensors, 4 ints) per layer");
     TORCH_CHECK(cs.scalar_type() == at::kFloat && cs.stride(1) == 1, "DecodeStack: float32 cos/sin cache");
     for (size_t i = 0; i < 4 * L; ++i) {
       Lin l;
       l.kind = meta[4 * i]; l.n = meta[4 * i + 1]; l.k = meta[4 * i + 2]; l.group = meta[4 * i + 3];
-      l.a = lin_tensors[3 * i]; l.b = lin_tensors[3 * i + 1];
-      if (lin_tensors[3 * i + 2].numel()) l.bias = lin_tensors[3 * i + 2];
+      l.a = lin_tensors[4 * i]; l.b = lin_tensors[4 * i + 1]; l.c = lin_tensors[4 * i + 2];
+      if (lin_tensors[4 * i + 3].numel()) l.bias = lin_tensors[4 * i + 3];
       lins.push_back(l);
     }
   }
@@ -228,7 +245,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 @functools.cache
 def _compiled():
     try:  # fast math for the attention's vectorized exp, as loom_kernels/attention/cpu_decode.py builds it
-        return build_cpu_extension("loom_cpu_decode_stack", PRELUDE + RMS_ROTARY_SOURCE + PAGED_DECODE_SOURCE + _STACK,
+        return build_cpu_extension("loom_cpu_decode_stack", PRELUDE + RMS_ROTARY_SOURCE + PAGED_DECODE_SOURCE + BLOCKS_SOURCE
+                                   + _STACK,
                                    None, fast_math=True)
     except Exception as exc:  # noqa: BLE001 - no compiler / headers: the Python layer loop serves instead
         log.warning("CPU decode stack unavailable, using the Python layer loop", extra={"reason": str(exc)[:200]})
@@ -240,15 +258,19 @@ def decode_stack_available() -> bool:
 
 
 def _linear_args(lin: StackLinear) -> tuple[list[torch.Tensor], list[int]]:
-    bias = torch.empty(0) if lin.bias is None else lin.bias
+    bias, none = (torch.empty(0) if lin.bias is None else lin.bias), torch.empty(0)
     w = lin.weight
     if lin.kind == "q4":
-        return [w.packed, w.scales_zeros, bias], [KINDS["q4"], w.n, w.k, w.group]
+        return [w.packed, w.scales_zeros, none, bias], [KINDS["q4"], w.n, w.k, w.group]
     if lin.kind == "q8":
-        return [w.codes, w.scale, bias], [KINDS["q8"], w.codes.shape[0], w.k, 0]
+        return [w.codes, w.scale, none, bias], [KINDS["q8"], w.codes.shape[0], w.k, 0]
+    if lin.kind == "q4_blocks":
+        return [w.codes, w.d, w.m, bias], [KINDS["q4_blocks"], w.codes.shape[0], w.k, 32]
+    if lin.kind == "q8_blocks":
+        return [w.codes, w.d, none, bias], [KINDS["q8_blocks"], w.codes.shape[0], w.k, 32]
     if lin.kind == "mkldnn":
-        return [w, torch.empty(0), bias], [KINDS["mkldnn"], lin.out_features, 0, 0]
-    return [w, torch.empty(0), bias], [KINDS["dense"], w.shape[0], w.shape[1], 0]
+        return [w, none, none, bias], [KINDS["mkldnn"], lin.out_features, 0, 0]
+    return [w, none, none, bias], [KINDS["dense"], w.shape[0], w.shape[1], 0]
 
 
 class DecodeStack:

@@ -11,7 +11,7 @@ from loom_kernels.fused_cpu.decode_stack import (
     decode_stack_available,
     decode_stack_ref,
 )
-from loom_kernels.quant import pack_q4, pack_q8, quantize_q4, quantize_q8
+from loom_kernels.quant import pack_block_q4, pack_block_q8, pack_q4, pack_q8, quantize_q4, quantize_q8
 from loom_kernels.rotary.test_rotary import cos_sin_cache
 
 pytestmark = pytest.mark.skipif(not decode_stack_available(), reason="no C++ compiler for the CPU kernels")
@@ -30,6 +30,11 @@ def make_linear(kind: str, n: int, k: int, dtype: torch.dtype, bias: bool = Fals
         return StackLinear("q4", pack_q4(*quantize_q4(w, 32), 32, dtype), b)
     if kind == "q8":
         return StackLinear("q8", pack_q8(*quantize_q8(w), dtype), b)
+    if kind == "q4_blocks":
+        return StackLinear("q4_blocks", pack_block_q4(*quantize_q4(w, 32)), b)
+    if kind == "q8_blocks":  # one scale per row, repeated over its blocks: a valid Q8_0 weight
+        codes, scale = quantize_q8(w)
+        return StackLinear("q8_blocks", pack_block_q8(codes, scale[:, None].expand(n, -(-k // 32))), b)
     if kind == "mkldnn":
         return StackLinear("mkldnn", torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16)), b, n)
     return StackLinear("dense", w.to(dtype), b)
@@ -45,7 +50,7 @@ def make_layers(kinds: list[str], dtype: torch.dtype) -> list[StackLayer]:
             o=make_linear(kind, HIDDEN, H * D, dtype),
             post_norm=(1 + 0.1 * torch.randn(HIDDEN)).to(dtype),
             gate_up=make_linear(kind, 2 * INTER, HIDDEN, dtype),
-            down=make_linear("q8" if kind == "q4" else kind, HIDDEN, INTER, dtype)))
+            down=make_linear({"q4": "q8", "q4_blocks": "q8_blocks"}.get(kind, kind), HIDDEN, INTER, dtype)))
     return layers
 
 
@@ -55,7 +60,8 @@ def mkldnn_ok() -> bool:
 
 @pytest.mark.parametrize("dtype,kinds", [
     (torch.bfloat16, ["q4"]), (torch.bfloat16, ["dense", "q4"]), (torch.bfloat16, ["mkldnn", "q8"]),
-    (torch.float32, ["q4", "dense"])], ids=["bf16-q4q8", "bf16-dense", "bf16-mkldnn", "fp32"])
+    (torch.float32, ["q4", "dense"]), (torch.bfloat16, ["q4_blocks", "q4"]), (torch.float32, ["q4_blocks"])],
+    ids=["bf16-q4q8", "bf16-dense", "bf16-mkldnn", "fp32", "bf16-blocks", "fp32-blocks"])
 def test_decode_stack_matches_the_python_layer_loop(dtype, kinds):
     if "mkldnn" in kinds and not mkldnn_ok():
         pytest.skip("oneDNN bf16 unsupported on this CPU")

@@ -41,3 +41,28 @@ def test_rotary_in_place_on_strided_views(tokens, rot_dim, dtype):
         fn(q.reshape(tokens, 9, 64), k.reshape(tokens, 3, 64), positions, cs)
     # fp32 math on both sides; the compiler may contract a*b - c*d into an FMA: one output rounding apart
     torch.testing.assert_close(got, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("rows,width", [(1, 49152), (32, 49152), (5, 37), (3, 16)])
+def test_argmax_rows_matches_torch(rows, width):
+    from loom_kernels import argmax_rows
+    torch.manual_seed(width)
+    x = torch.randn(rows, width)
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
+    ties = torch.randint(0, 3, (rows, width)).float()  # many equal maxima: the first one wins
+    assert torch.equal(argmax_rows(ties), ties.argmax(-1))
+    masked = torch.full((rows, width), float("-inf"))  # a grammar mask leaving one token, or none at all
+    masked[0, width - 1] = -5.0
+    assert torch.equal(argmax_rows(masked), masked.argmax(-1))
+    strided = torch.randn(width, rows).t()  # columns of another tensor
+    assert torch.equal(argmax_rows(strided), strided.argmax(-1))
+
+
+def test_argmax_rows_nan_and_inf_like_torch():
+    from loom_kernels import argmax_rows
+    x = torch.randn(4, 40)
+    x[0, 30], x[0, 20] = float("nan"), 1e9
+    x[1, 3], x[1, 35] = float("inf"), float("nan")
+    x[2, 39] = float("inf")
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
+    assert argmax_rows(x).tolist()[:3] == [30, 35, 39]

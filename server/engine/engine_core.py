@@ -135,7 +135,10 @@ class EngineCore:
         outputs: list[RequestOutput] = []
         failed: dict[str, InternalEngineError] = {}
         if to_sample:
-            sampled = self._sample(step.logits[[step.sample_rows[s.seq_id] for s in to_sample]], to_sample, failed)
+            rows = [step.sample_rows[s.seq_id] for s in to_sample]
+            # a decode step's rows are all of the logits, in order: no [N, vocab] copy (0.55 ms at 32 x 49,152)
+            logits = step.logits if rows == list(range(len(step.logits))) else step.logits[rows]
+            sampled = self._sample(logits, to_sample, failed)
             for seq, token, logprob in sampled:
                 if seq.num_output_tokens == 0:
                     self.prompt_tokens += seq.num_prompt_tokens

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loom_kernels import argmax_rows
 from server.engine.grammar import apply_grammar_masks
 from server.engine.outputs import TokenLogprob
 from server.engine.sequence import Sequence
@@ -98,7 +99,7 @@ class Sampler:
         if any(s.params.needs_penalties for s in seqs):
             logits = apply_penalties(logits, seqs)
         if all(greedy):
-            chosen = logits.argmax(-1)
+            chosen = argmax_rows(logits)
         else:
             chosen = self._sample(logits, seqs, greedy)
         want = [s.params.logprobs for s in seqs]
@@ -119,4 +120,4 @@ class Sampler:
             if seq.generator is not None:
                 noise[i].exponential_(generator=seq.generator)
         sampled = (probs / noise).argmax(-1)
-        return torch.where(torch.tensor(greedy), logits.argmax(-1), sampled)
+        return torch.where(torch.tensor(greedy), argmax_rows(logits), sampled)

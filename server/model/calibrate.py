@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from server.model.quant import QuantLinear, backends_for
+from loom_kernels.quant import block_kernels_available
+from server.model.quant import QUANTIZED, QuantLinear, backends_for
 
 log = logging.getLogger("loom.model")
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
+KERNELS_VERSION = 2  # bump when the candidate kernels change: cached plans of older sets are measured again
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
 
 
@@ -115,7 +117,7 @@ def measure_group(mods: list[QuantLinear], candidates: list[str], dtype: torch.d
 def heuristic_plan(candidates: list[str]) -> dict[int, str]:
     """Without calibration: the quantized form for small M (bandwidth-bound), the best dense form above."""
     dense = next(b for b in ("bf16_packed", "bf16", "f32") if b in candidates)
-    small = candidates[0] if candidates[0] in ("q4", "q8") else dense
+    small = candidates[0] if candidates[0] in QUANTIZED else dense
     return {m: small if m <= 8 else dense for m in BUCKETS}
 
 
@@ -138,8 +140,9 @@ def plan_kernels(model: nn.Module, dtype: torch.dtype, cache_dir: Path, calibrat
     groups = group_linears(model)
     if not groups:
         return {}
-    fingerprint = json.dumps([info.model, sorted(info.flags), info.capability, info.forced, torch.__version__,
-                              torch.get_num_threads(), str(dtype), sorted(groups), quantized_only])
+    fingerprint = json.dumps([KERNELS_VERSION, block_kernels_available(), info.model, sorted(info.flags),
+                              info.capability, info.forced, torch.__version__, torch.get_num_threads(), str(dtype),
+                              sorted(groups), quantized_only])
     path = cache_dir / "kernels" / f"{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}.json"
     cached = json.loads(path.read_text()) if calibrate and path.is_file() else None
     started = time.perf_counter()
@@ -148,9 +151,9 @@ def plan_kernels(model: nn.Module, dtype: torch.dtype, cache_dir: Path, calibrat
         if cached and key in cached["plans"]:
             choice = {int(m): b for m, b in cached["plans"][key].items()}
         else:
-            candidates = backends_for(mods[0].source, info.native_bf16, info.fast_int8)
-            if quantized_only and candidates[0] in ("q4", "q8"):
-                candidates = candidates[:1]
+            candidates = backends_for(mods[0].source, info.native_bf16, info.fast_int8, block_kernels_available())
+            if quantized_only and candidates[0] in QUANTIZED:
+                candidates = [c for c in candidates if c in QUANTIZED]
             if calibrate:
                 timings[key] = measure_group(mods, candidates, dtype)
                 choice = {m: min(t, key=t.get) for m, t in timings[key].items()}

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from loom_kernels.cpu_source import force_isa
 from server.model.calibrate import cpu_info, plan_kernels
 from server.model.config import ModelConfig, UnsupportedModelError
 from server.model.gguf import converted_dir
@@ -148,6 +149,8 @@ def iter_safetensors(directory: Path, progress: bool = True):
 def load_model(settings: ModelSettings, progress: bool = True) -> LoadedModel:
     started = time.perf_counter()
     device = pick_device(settings.device)
+    if device.type == "cpu":
+        force_isa(settings.cpu_isa)  # Loom's own C++ kernels too, not only the kernel choices
     dtype = pick_dtype(settings.dtype, device, settings.cpu_isa)
     quantization = "none"
     if settings.model.startswith("dummy:"):

@@ -3,7 +3,9 @@
 A `QuantLinear` can hold a weight in several forms ("backends") and picks one per call from its `plan`, a list of
 (largest M, backend) chosen by calibration (server/model/calibrate.py): 4-bit int4pack or 8-bit int8pack with bf16
 activations stream the fewest bytes (small M is bound by weight bandwidth), a dense bf16/fp32 copy is faster where
-the product is compute-bound (large M). `keep_only` drops every form the plan does not use and the source codes."""
+the product is compute-bound (large M). The block forms (`q4_blocks`, `q8_blocks`) are the checkpoint's own 32-weight blocks with their float16
+scales under Loom's kernel (loom_kernels/quant/blocks.py); `q4`/`q8` are torch's int4pack / int8pack. `keep_only`
+drops every form the plan does not use and the source codes."""
 from __future__ import annotations
 
 import torch
@@ -11,19 +13,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom_kernels.fused_cpu.decode_stack import StackLinear
-from loom_kernels.quant import pack_q4, pack_q8, quantize_q8
+from loom_kernels.quant import pack_block_q4, pack_block_q8, pack_q4, pack_q8, quantize_q8
 from server.model.gguf_tensors import QTensor
 
-BACKENDS = ("q4", "q8", "bf16", "bf16_packed", "f32")
-FORM_OF_BACKEND = {"q4": "q4", "q8": "q8", "bf16": "dense", "f32": "dense", "bf16_packed": "mkldnn"}
+BACKENDS = ("q4_blocks", "q8_blocks", "q4", "q8", "bf16", "bf16_packed", "f32")
+QUANTIZED = ("q4_blocks", "q8_blocks", "q4", "q8")
+FORM_OF_BACKEND = {"q4_blocks": "q4_blocks", "q8_blocks": "q8_blocks", "q4": "q4", "q8": "q8", "bf16": "dense",
+                   "f32": "dense", "bf16_packed": "mkldnn"}
 
 
-def backends_for(source: QTensor, native_bf16: bool, fast_int8: bool) -> list[str]:
-    """Candidates worth measuring: the source's own quantized form, then dense copies. int8pack is left out where
-    it is known to be catastrophically slow (AVX2 without AVX-512: 5-400x slower than fp32, issue 11); bf16 ones
-    where bf16 is emulated."""
-    own = {"q4": ["q4"], "q8": ["q8"] if fast_int8 else []}.get(source.kind, [])
-    return own + (["bf16", "bf16_packed"] if native_bf16 else []) + ["f32"]
+def backends_for(source: QTensor, native_bf16: bool, fast_int8: bool, blocks: bool) -> list[str]:
+    """Candidates worth measuring: the source's own quantized forms (the block kernel first where it compiled),
+    then dense copies. int8pack is left out where it is known to be catastrophically slow (AVX2 without AVX-512:
+    5-400x slower than fp32, issue 11); bf16 ones where bf16 is emulated."""
+    own = {"q4": ["q4_blocks"] * blocks + ["q4"], "q8": ["q8_blocks"] * blocks + ["q8"] * fast_int8}
+    return own.get(source.kind, []) + (["bf16", "bf16_packed"] if native_bf16 else []) + ["f32"]
 
 
 class QuantLinear(nn.Module):
@@ -41,7 +45,11 @@ class QuantLinear(nn.Module):
         if backend in self.forms:
             return
         s = self.source
-        if backend == "q4":
+        if backend == "q4_blocks":
+            self.forms["q4_blocks"] = pack_block_q4(s.codes, s.scale, s.zero)
+        elif backend == "q8_blocks":
+            self.forms["q8_blocks"] = pack_block_q8(s.codes, s.scale)
+        elif backend == "q4":
             self.forms["q4"] = pack_q4(s.codes, s.scale, s.zero, 32)
         elif backend == "q8":  # int8pack scales per output row: re-scale the per-32 blocks (exact if they agree)
             self.forms["q8"] = pack_q8(*quantize_q8(s.dequantize()))

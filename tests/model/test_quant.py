@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loom_kernels.quant import quantize_q4
+from loom_kernels.quant import block_kernels_available, quantize_q4
 from server.model import ModelSettings, load_model
 from server.model.calibrate import cpu_info, group_linears, plan_kernels
 from server.model.gguf_tensors import QTensor
 from server.model.loader import default_gguf
-from server.model.quant import BACKENDS, QuantEmbedding, QuantLinear
+from server.model.quant import QuantEmbedding, QuantLinear, backends_for
 from server.model.quant_load import quantized_tensors, resolve_mode
 from tests.support.quant_accuracy import TEXT, agreement, chat_prompts, perplexity
 
@@ -34,20 +34,28 @@ def test_gguf_blocks_decode_to_transformers_weights(default_checkpoint, default_
             assert torch.equal(tensors[name].dequantize(), h.get_tensor(name).float()), name
 
 
-@pytest.mark.parametrize("n,k", [(96, 64), (40, 96)])
-def test_quant_linear_backends_match_reference(n, k):
-    src = q4_source(n, k)
+def q8_source(n: int, k: int, seed: int = 0) -> QTensor:
+    """A Q8_0 weight: int8 codes, one scale per 32-weight block."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    return QTensor("q8", "test", codes=codes, scale=torch.rand(n, -(-k // 32), generator=gen) * 4e-4)
+
+
+@pytest.mark.parametrize("n,k,kind", [(96, 64, "q4"), (40, 96, "q4"), (40, 96, "q8"), (33, 64, "q8")])
+def test_quant_linear_backends_match_reference(n, k, kind):
+    src = (q4_source if kind == "q4" else q8_source)(n, k)
     ref_w = src.dequantize()
     lin = QuantLinear(src, bias=torch.randn(n))
+    backends = backends_for(src, torch.ops.mkldnn._is_mkldnn_bf16_supported(), True, block_kernels_available())
+    assert set(backends) >= {kind, "f32"} and (f"{kind}_blocks" in backends) == block_kernels_available()
     for m in (1, 5, 40):
         x = torch.randn(m, k)
         ref = F.linear(x, ref_w, lin.bias)
-        for backend in BACKENDS:
-            if backend == "bf16_packed" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-                continue
+        for backend in backends + ["bf16"]:
             lin.build(backend)
             got = lin.run(x, backend)
-            # f32 exact up to summation order; bf16 activations/weights: ~2^-8 relative of sqrt(K) * |x| * |w|
+            # f32 exact up to summation order; bf16 activations/weights or float16 block scales: ~2^-8 relative of
+            # sqrt(K) * |x| * |w|
             tol = 1e-5 if backend == "f32" else 0.02 * k ** 0.5 * ref_w.abs().max().item()
             torch.testing.assert_close(got, ref, atol=tol, rtol=0.02, msg=backend)
 
@@ -113,7 +121,7 @@ def default_quantized():
                     progress=False)
     for mod in lm.model.modules():
         if isinstance(mod, QuantLinear) and mod.quant_kind == "q4" or mod is lm.model.lm_head and cpu_info().fast_int8:
-            assert set(mod.forms) == {mod.quant_kind}, mod
+            assert mod.forms and all(f.startswith(mod.quant_kind) for f in mod.forms), mod  # q4 / q4_blocks
     return lm
 
 

@@ -1,0 +1,312 @@
+"""GGUF-style 32-weight blocks on CPU: our own small-M GEMM over a checkpoint's Q4 and Q8_0 blocks as stored.
+
+A decode step at a few sequences is bound by the bytes of weight it streams. torch's `_weight_int4pack_mm_for_cpu`
+and `_weight_int8pack_mm` reach ~15-19 GB/s at M=1 here and int8pack needs per-row scales (a Q8_0 head re-quantized
+once more); this kernel reads the blocks in one pass per row with the fp16 scales the file has, widens the codes to
+float32 in registers and keeps several activation rows in flight per weight load (M <= 8 per pass, larger M in
+passes). x86 builds take AVX-512 or AVX2+F16C paths at compile time (`-march=native`, cached per CPU); other CPUs a
+plain loop.
+
+Formats (`w[n, k]`, group g = k // 32, j = k % 32):
+- `BlockQ4`: codes uint8 `[N, G * 16]`, byte 16 g + i holds weight 32 g + i in its low and 32 g + 16 + i in its
+  high nibble (llama.cpp's Q4 order); d, m float16 `[N, G]`: `w = q * d + m` (Q4_1 as stored; Q4_0 has m = -8 d).
+- `BlockQ8`: codes int8 `[N, G * 32]`, d float16 `[N, G]`: `w = q * d` (Q8_0 as stored).
+K is padded to whole blocks with zero weights; the kernel pads the activations to match."""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from loom_kernels.cpu_source import PRELUDE, build_cpu_extension, current_isa
+
+log = logging.getLogger("loom.kernels")
+
+BLOCK = 32
+
+
+@dataclass
+class BlockQ4:
+    codes: torch.Tensor  # uint8 [N, G * 16]
+    d: torch.Tensor  # float16 [N, G]
+    m: torch.Tensor  # float16 [N, G]
+    k: int
+
+
+@dataclass
+class BlockQ8:
+    codes: torch.Tensor  # int8 [N, G * 32]
+    d: torch.Tensor  # float16 [N, G]
+    k: int
+
+
+def _pad_k(t: torch.Tensor, value: int) -> torch.Tensor:
+    k = t.shape[1]
+    return F.pad(t, (0, -(-k // BLOCK) * BLOCK - k), value=value)
+
+
+def pack_block_q4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> BlockQ4:
+    """codes `[N, K]` in 0..15, scale/zero `[N, ceil(K / 32)]` in int4pack's convention `w = (q - 8) * scale + zero`
+    (a GGUF Q4_1 block is scale = d, zero = m + 8 d): stored as d = scale, m = zero - 8 scale in float16, exact for
+    a GGUF's own blocks."""
+    n, k = codes.shape
+    q = _pad_k(codes.to(torch.uint8), 0).reshape(n, -1, 2, 16)
+    packed = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, -1).contiguous()
+    d = scale.double()
+    return BlockQ4(packed, d.to(torch.float16).contiguous(), (zero.double() - 8 * d).to(torch.float16).contiguous(), k)
+
+
+def pack_block_q8(codes: torch.Tensor, scale: torch.Tensor) -> BlockQ8:
+    """int8 codes `[N, K]`, scale `[N, ceil(K / 32)]` (a Q8_0 block's d): `w = q * d`."""
+    return BlockQ8(_pad_k(codes.to(torch.int8), 0).contiguous(), scale.to(torch.float16).contiguous(), codes.shape[1])
+
+
+SOURCE = r"""
+// Activations for one call: float32 rows padded to whole blocks, and each block's sum (for Q4's m term).
+struct BlockActs {
+  std::vector<float> x, sums;
+  int64_t rows = 0, kp = 0, groups = 0;
+};
+
+template <typename T>
+static BlockActs block_acts(const at::Tensor& x, int64_t groups, bool want_sums) {
+  BlockActs a;
+  a.rows = x.size(0); a.groups = groups; a.kp = groups * 32;
+  a.x.assign(a.rows * a.kp, 0.f);
+  const int64_t k = x.size(1), sx = x.stride(0);
+  const T* p = x.data_ptr<T>();
+  for (int64_t r = 0; r < a.rows; ++r)
+    for (int64_t i = 0; i < k; ++i) a.x[r * a.kp + i] = widen(p[r * sx + i]);
+  if (want_sums) {
+    a.sums.assign(a.rows * groups, 0.f);
+    for (int64_t r = 0; r < a.rows; ++r)
+      for (int64_t g = 0; g < groups; ++g) {
+        float s = 0.f;
+        for (int j = 0; j < 32; ++j) s += a.x[r * a.kp + g * 32 + j];
+        a.sums[r * groups + g] = s;
+      }
+  }
+  return a;
+}
+
+static inline float half_bits_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
+}
+
+// One weight row's fp16 scales as float32 (vectorized where the ISA allows).
+static inline void widen_halves(const uint16_t* h, float* out, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(h + i))));
+#elif defined(__F16C__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + i))));
+#endif
+  for (; i < n; ++i) out[i] = half_bits_to_float(h[i]);
+}
+
+#if defined(__AVX512F__)
+static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__)
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// dot over one weight row for R activation rows: Q4 (kind 0) or Q8 (kind 1). x rows at x + r * kp.
+template <int KIND, int R>
+static inline void row_dot(const uint8_t* q, const float* d, const float* m, const float* x, int64_t kp,
+                           const float* sums, int64_t G, float* res) {
+#if defined(__AVX512F__)
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 w0, w1;
+    if (KIND == 0) {
+      const __m128i b = _mm_loadu_si128((const __m128i*)(q + 16 * g));
+      w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low4)));
+      w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low4)));
+    } else {
+      w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + 32 * g))));
+      w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + 32 * g + 16))));
+    }
+    const __m512 dg = _mm512_set1_ps(d[g]);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * kp + 32 * g;
+      __m512 t = _mm512_mul_ps(w0, _mm512_loadu_ps(xr));
+      t = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), t);
+      acc[r] = _mm512_fmadd_ps(t, dg, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) res[r] = hsum(acc[r]);
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 w[4];
+    if (KIND == 0) {
+      const __m128i b = _mm_loadu_si128((const __m128i*)(q + 16 * g));
+      const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+      w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+      w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+      w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+      w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+    } else {
+      const __m128i b0 = _mm_loadu_si128((const __m128i*)(q + 32 * g));
+      const __m128i b1 = _mm_loadu_si128((const __m128i*)(q + 32 * g + 16));
+      w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b0));
+      w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b0, 8)));
+      w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b1));
+      w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b1, 8)));
+    }
+    const __m256 dg = _mm256_set1_ps(d[g]);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * kp + 32 * g;
+      __m256 t = _mm256_mul_ps(w[0], _mm256_loadu_ps(xr));
+      t = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xr + 8), t);
+      t = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xr + 16), t);
+      t = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xr + 24), t);
+      acc[r] = _mm256_fmadd_ps(t, dg, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) res[r] = hsum(acc[r]);
+#else
+  for (int r = 0; r < R; ++r) res[r] = 0.f;
+  for (int64_t g = 0; g < G; ++g)
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * kp + 32 * g;
+      float t = 0.f;
+      for (int j = 0; j < 16; ++j) {
+        if (KIND == 0) t += float(q[16 * g + j] & 15) * xr[j] + float(q[16 * g + j] >> 4) * xr[16 + j];
+        else t += float(int8_t(q[32 * g + j])) * xr[j] + float(int8_t(q[32 * g + 16 + j])) * xr[16 + j];
+      }
+      res[r] += t * d[g];
+    }
+#endif
+  if (KIND == 0)  // the m term: sum over blocks of m * (sum of the block's activations)
+    for (int r = 0; r < R; ++r) {
+      float s = 0.f;
+      for (int64_t g = 0; g < G; ++g) s += m[g] * sums[r * G + g];
+      res[r] += s;
+    }
+}
+
+template <int KIND, int R, typename T>
+static void rows_pass(const BlockActs& a, int64_t r0, const uint8_t* codes, int64_t row_bytes, const float* d,
+                      const float* m, int64_t n, T* out, int64_t ldo) {
+  float res[R];
+  row_dot<KIND, R>(codes + n * row_bytes, d, m, a.x.data() + r0 * a.kp, a.kp,
+                   KIND == 0 ? a.sums.data() + r0 * a.groups : nullptr, a.groups, res);
+  for (int r = 0; r < R; ++r) out[(r0 + r) * ldo + n] = static_cast<T>(res[r]);  // one rounding, as .to() would
+}
+
+// out[M, N] = x[M, K] . w^T over N rows of blocks, accumulated in float32; kind 0: Q4 (d, m), kind 1: Q8_0 (d).
+template <int KIND, typename T>
+static void block_gemm(const BlockActs& a, const at::Tensor& codes, const at::Tensor& d, const at::Tensor& m,
+                       T* out) {
+  const int64_t N = codes.size(0), G = a.groups, row_bytes = codes.size(1);
+  const uint8_t* cp = reinterpret_cast<const uint8_t*>(codes.data_ptr());
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr());
+  const uint16_t* mp = KIND == 0 ? reinterpret_cast<const uint16_t*>(m.data_ptr()) : nullptr;
+  // rows of 16 weights per task: a task's blocks stay in L1 across the activation passes
+  at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> df(16 * G), mf(KIND == 0 ? 16 * G : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * 16, n1 = std::min<int64_t>(N, n0 + 16);
+      widen_halves(dp + n0 * G, df.data(), (n1 - n0) * G);
+      if (KIND == 0) widen_halves(mp + n0 * G, mf.data(), (n1 - n0) * G);
+      int64_t r0 = 0;
+      for (; r0 + 4 <= a.rows; r0 += 4)
+        for (int64_t n = n0; n < n1; ++n)
+          rows_pass<KIND, 4, T>(a, r0, cp, row_bytes, df.data() + (n - n0) * G,
+                             KIND == 0 ? mf.data() + (n - n0) * G : nullptr, n, out, N);
+      const int64_t rest = a.rows - r0;
+      for (int64_t n = n0; n < n1 && rest; ++n) {
+        const float* dn = df.data() + (n - n0) * G;
+        const float* mn = KIND == 0 ? mf.data() + (n - n0) * G : nullptr;
+        if (rest == 1) rows_pass<KIND, 1, T>(a, r0, cp, row_bytes, dn, mn, n, out, N);
+        else if (rest == 2) rows_pass<KIND, 2, T>(a, r0, cp, row_bytes, dn, mn, n, out, N);
+        else rows_pass<KIND, 3, T>(a, r0, cp, row_bytes, dn, mn, n, out, N);
+      }
+    }
+  });
+}
+
+template <typename T>
+static void run_block_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& d, const at::Tensor& m,
+                             int64_t kind, at::Tensor& out) {
+  const BlockActs a = block_acts<T>(x, d.size(1), kind == 0);
+  if (kind == 0) block_gemm<0, T>(a, codes, d, m, out.data_ptr<T>());
+  else block_gemm<1, T>(a, codes, d, m, out.data_ptr<T>());
+}
+
+// x [M, K] (float32 / bfloat16 / float16) -> [M, N] in x's dtype.
+static at::Tensor block_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& d,
+                               const at::Tensor& m, int64_t kind) {
+  TORCH_CHECK(x_in.dim() == 2, "block_linear: x [M, K]");
+  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.element_size() == 1 && d.is_contiguous()
+              && d.scalar_type() == at::kHalf && d.size(0) == codes.size(0), "block_linear: codes / d layout");
+  TORCH_CHECK(kind == 1 || (m.is_contiguous() && m.scalar_type() == at::kHalf && m.sizes() == d.sizes()),
+              "block_linear: m like d");
+  const int64_t G = d.size(1);
+  TORCH_CHECK(codes.size(1) == G * (kind == 0 ? 16 : 32) && x_in.size(1) <= G * 32, "block_linear: K mismatch");
+  at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  at::Tensor out = at::empty({x.size(0), codes.size(0)}, x.options());
+  switch (x.scalar_type()) {
+    case at::kFloat: run_block_linear<float>(x, codes, d, m, kind, out); break;
+    case at::kBFloat16: run_block_linear<at::BFloat16>(x, codes, d, m, kind, out); break;
+    case at::kHalf: run_block_linear<at::Half>(x, codes, d, m, kind, out); break;
+    default: TORCH_CHECK(false, "block_linear: unsupported activation dtype");
+  }
+  return out;
+}
+"""
+
+_BINDING = r"""
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("block_linear", &block_linear); }
+"""
+
+
+def _compiled(isa: str | None = None):
+    """`isa`: an instruction-set limit below the CPU's own (cpu_source.ISA_FLAGS); default: the forced one."""
+    return _build(isa or current_isa())
+
+
+@functools.cache
+def _build(isa: str):
+    try:
+        return build_cpu_extension("loom_cpu_blocks", PRELUDE + SOURCE + _BINDING, None, fast_math=False, isa=isa)
+    except Exception as exc:  # noqa: BLE001 - no compiler: the block backends are not offered
+        log.warning("CPU block kernels unavailable", extra={"reason": str(exc)[:200]})
+        return None
+
+
+def block_kernels_available() -> bool:
+    return _compiled() is not None
+
+
+def _run(x: torch.Tensor, w: BlockQ4 | BlockQ8, kind: int, m: torch.Tensor) -> torch.Tensor:
+    if x.shape[-1] != w.k:
+        raise ValueError(f"the weight takes {w.k} input features, got {x.shape[-1]}")
+    out = _compiled().block_linear(x.reshape(-1, w.k), w.codes, w.d, m, kind)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def block_q4_linear(x: torch.Tensor, w: BlockQ4) -> torch.Tensor:
+    """x `[..., K]` -> `[..., N]` in x's dtype, accumulated in float32."""
+    return _run(x, w, 0, w.m)
+
+
+def block_q8_linear(x: torch.Tensor, w: BlockQ8) -> torch.Tensor:
+    return _run(x, w, 1, w.d)
