@@ -68,7 +68,10 @@ SOURCE = r"""
 // Activations for one call: float32 rows padded to whole blocks, and each block's sum (for Q4's m term).
 struct BlockActs {
   std::vector<float> x, sums;
-  int64_t rows = 0, kp = 0, groups = 0;
+  // bf16 activations for the AVX512-BF16 Q4 path: per pair of blocks, the first halves of both (32 values), then
+  // the second halves, as the nibble vectors hold their weights; an odd last block is paired with zeros
+  std::vector<uint16_t> xb;
+  int64_t rows = 0, kp = 0, groups = 0, pairs = 0;
 };
 
 template <typename T>
@@ -89,6 +92,20 @@ static BlockActs block_acts(const at::Tensor& x, int64_t groups, bool want_sums)
         a.sums[r * groups + g] = s;
       }
   }
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  if (want_sums && std::is_same<T, at::BFloat16>::value) {  // only where x is bf16 already: no extra rounding
+    a.pairs = (groups + 1) / 2;
+    a.xb.assign(a.rows * a.pairs * 64, 0);
+    for (int64_t r = 0; r < a.rows; ++r)
+      for (int64_t g = 0; g < groups; ++g)
+        for (int j = 0; j < 32; ++j) {
+          const float v = a.x[r * a.kp + g * 32 + j];
+          uint32_t bits;
+          std::memcpy(&bits, &v, 4);
+          a.xb[r * a.pairs * 64 + (g / 2) * 64 + (j / 16) * 32 + (g % 2) * 16 + j % 16] = uint16_t(bits >> 16);
+        }
+  }
+#endif
   return a;
 }
 
@@ -204,10 +221,59 @@ static inline void row_dot(const uint8_t* q, const float* d, const float* m, con
     }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// Q4 with bf16 dot products: a pair of blocks' 64 nibbles become two vectors of 32 bf16 weights through a 32-entry
+// vpermw table (it reads an index's low 5 bits: the widened byte serves the low nibble, the byte >> 4 the high one),
+// and vdpbf16ps multiplies them with the bf16 activations, accumulating in float32 (exact products of 0..15 and
+// bf16 values). Lanes 0-7 hold the pair's first block, 8-15 its second, scaled by their d.
+template <int R>
+static inline void row_dot_q4_bf16(const uint8_t* q, const float* d, const float* m, const uint16_t* xb,
+                                   int64_t pair_stride, const float* sums, int64_t G, float* res) {
+  const __m512i table = _mm512_set_epi16(0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0,
+                                         0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000, 0x4170, 0x4160,
+                                         0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0,
+                                         0x4080, 0x4040, 0x4000, 0x3F80, 0x0000);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const int64_t P = (G + 1) / 2;
+  for (int64_t p = 0; p < P; ++p) {
+    const bool full = 2 * p + 1 < G;
+    const __m256i bytes = full ? _mm256_loadu_si256((const __m256i*)(q + 32 * p))
+                               : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(q + 32 * p)));
+    const __m512i w = _mm512_cvtepu8_epi16(bytes);
+    const __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(w, table);
+    const __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table);
+    const __m512 dv = _mm512_mask_mov_ps(_mm512_set1_ps(d[2 * p]), 0xFF00, _mm512_set1_ps(full ? d[2 * p + 1] : 0.f));
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* x = xb + r * pair_stride + 64 * p;
+      __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), lo, (__m512bh)_mm512_loadu_si512(x));
+      t = _mm512_dpbf16_ps(t, hi, (__m512bh)_mm512_loadu_si512(x + 32));
+      acc[r] = _mm512_fmadd_ps(t, dv, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m512 mt = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 16 <= G; g += 16) mt = _mm512_fmadd_ps(_mm512_loadu_ps(m + g), _mm512_loadu_ps(sums + r * G + g), mt);
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], mt));
+    for (; g < G; ++g) s += m[g] * sums[r * G + g];
+    res[r] = s;
+  }
+}
+#endif
+
 template <int KIND, int R, typename T>
 static void rows_pass(const BlockActs& a, int64_t r0, const uint8_t* codes, int64_t row_bytes, const float* d,
                       const float* m, int64_t n, T* out, int64_t ldo) {
   float res[R];
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  if (KIND == 0 && !a.xb.empty()) {
+    row_dot_q4_bf16<R>(codes + n * row_bytes, d, m, a.xb.data() + r0 * a.pairs * 64, a.pairs * 64,
+                       a.sums.data() + r0 * a.groups, a.groups, res);
+    for (int r = 0; r < R; ++r) out[(r0 + r) * ldo + n] = static_cast<T>(res[r]);
+    return;
+  }
+#endif
   row_dot<KIND, R>(codes + n * row_bytes, d, m, a.x.data() + r0 * a.kp, a.kp,
                    KIND == 0 ? a.sums.data() + r0 * a.groups : nullptr, a.groups, res);
   for (int r = 0; r < R; ++r) out[(r0 + r) * ldo + n] = static_cast<T>(res[r]);  // one rounding, as .to() would
