@@ -22,7 +22,7 @@ from server.model.quant import QUANTIZED, QuantLinear, backends_for
 log = logging.getLogger("loom.model")
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
-KERNELS_VERSION = 2  # bump when the candidate kernels change: cached plans of older sets are measured again
+KERNELS_VERSION = 3  # bump when the candidate kernels change: cached plans of older sets are measured again
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
 
 
