@@ -262,6 +262,19 @@ def _level_key(lv: dict) -> tuple:
     return lv["workload"], lv["concurrency"]
 
 
+HAND_MARK = "(added by hand"
+
+
+def hand_sections(md_path: Path) -> str:
+    """The sections of an existing file written by hand (headings marked HAND_MARK) and all after the first: the
+    sweep regenerates only the part above them."""
+    if not md_path.is_file():
+        return ""
+    lines = md_path.read_text().splitlines(keepends=True)
+    first = next((i for i, ln in enumerate(lines) if ln.startswith("## ") and HAND_MARK in ln), None)
+    return "" if first is None else "\n" + "".join(lines[first:])
+
+
 def render_markdown(doc: dict) -> str:
     m = doc["machine"]
     v = m["versions"]
@@ -463,7 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
             doc["plot"] = str(png)
     (out_dir / "sweep.json").write_text(json.dumps(doc, indent=2, default=str))
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(render_markdown(doc))
+    md_path.write_text(render_markdown(doc) + hand_sections(md_path))
     log(f"wrote {md_path}, {out_dir / 'sweep.json'}" + (f", {png}" if png else "")
         + f" in {doc['duration_s'] / 60:.1f} minutes")
     return doc

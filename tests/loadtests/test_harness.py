@@ -457,3 +457,14 @@ def test_raw_client_keeps_the_connection_and_reconnects_after_close():
     assert replies == [(200, b'{"n": 1}'), (200, b'{"n": 2}'), (429, b'{"n": 3}')]
     assert seen == [{"input": "é" * i} for i in range(3)]
     assert opened == 2  # the first two requests shared a connection; the server closed it; the third reconnected
+
+
+def test_make_bench_keeps_the_sections_written_by_hand(tmp_path):
+    from loadtests.sweep import hand_sections
+    md = tmp_path / "BENCHMARKS.md"
+    assert hand_sections(md) == ""  # no file yet
+    md.write_text("# Benchmarks\n\n## Machine\nold generated\n\n## Engine level (added by hand; kept)\nfigures\n\n"
+                  "## 2026-12-05 (added by hand)\nmore\n")
+    assert hand_sections(md) == "\n## Engine level (added by hand; kept)\nfigures\n\n## 2026-12-05 (added by hand)\nmore\n"
+    md.write_text("# Benchmarks\n\n## Machine\nonly generated\n")
+    assert hand_sections(md) == ""
