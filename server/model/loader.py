@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from loom_kernels import build_cpu_kernels
 from loom_kernels.cpu_source import force_isa
 from server.model.calibrate import cpu_info, plan_kernels
 from server.model.config import ModelConfig, UnsupportedModelError
@@ -151,6 +152,7 @@ def load_model(settings: ModelSettings, progress: bool = True) -> LoadedModel:
     device = pick_device(settings.device)
     if device.type == "cpu":
         force_isa(settings.cpu_isa)  # Loom's own C++ kernels too, not only the kernel choices
+        build_cpu_kernels()  # now, not inside the first request that needs one
     dtype = pick_dtype(settings.dtype, device, settings.cpu_isa)
     quantization = "none"
     if settings.model.startswith("dummy:"):

@@ -57,3 +57,15 @@ def test_engine_runs_the_stack_and_returns_every_block(tiny_checkpoints):
     without = loom_greedy(lm, prompts, 12)
     same = sum(a == b for a, b in zip(with_stack, without))
     assert same >= len(prompts) - 1, (with_stack, without)  # bf16 near-ties may flip one free-running sequence
+
+
+def test_loading_a_cpu_model_builds_every_cpu_kernel_up_front():
+    """A kernel built on first use stalls the request that needs it (~25 s): loading builds or loads them all."""
+    from loom_kernels.attention import cpu_decode
+    from loom_kernels.fused_cpu import cpu_ops, decode_stack
+    from loom_kernels.quant import blocks
+    builds = [cpu_decode._compiled, cpu_ops._compiled, decode_stack._compiled, blocks._build]
+    for build in builds:
+        build.cache_clear()
+    load_model(ModelSettings(model="dummy:tiny", kernel_calibration=False), progress=False)
+    assert [build.cache_info().currsize for build in builds] == [1, 1, 1, 1]
