@@ -19,7 +19,7 @@ from loom_kernels.rms_norm.reference import rms_norm_ref
 from loom_kernels.rotary.reference import rotary_ref
 
 __all__ = [
-    "argmax_rows", "build_cpu_kernels", "paged_attention_decode", "paged_attention_prefill", "rms_norm", "rotary",
+    "argmax_rows", "paged_attention_decode", "paged_attention_prefill", "rms_norm", "rotary",
     "silu_and_mul", "write_kv"]
 
 
@@ -71,19 +71,6 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_ca
     if fused_cpu_available(q):
         return rotary_cpu(q, k, positions, cos_sin_cache)
     return rotary_ref(q, k, positions, cos_sin_cache)
-
-
-def build_cpu_kernels() -> dict[str, bool]:
-    """Build (or load the cached builds of) Loom's CPU extensions now; returns which are available. Each is otherwise
-    built on its first use, and a build takes ~20-30 s: at start-up that only delays readiness, inside a request it
-    stalls every stream (measured: a server's first mixed step waited 25 s for the paged-decode build after an
-    upgrade changed its source)."""
-    from loom_kernels.attention.cpu_decode import cpu_decode_available
-    from loom_kernels.fused_cpu.decode_stack import decode_stack_available
-    from loom_kernels.quant.blocks import block_kernels_available
-    bf16 = torch.zeros(1, dtype=torch.bfloat16)
-    return {"paged_decode": cpu_decode_available(), "fused_ops": fused_cpu_available(bf16),
-            "decode_stack": decode_stack_available(), "blocks": block_kernels_available()}
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:

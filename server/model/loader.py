@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loom_kernels import build_cpu_kernels
+from loom_kernels.cpu_build import build_cpu_kernels
 from loom_kernels.cpu_source import force_isa
 from server.model.calibrate import cpu_info, plan_kernels
 from server.model.config import ModelConfig, UnsupportedModelError
