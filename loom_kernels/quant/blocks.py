@@ -2,10 +2,10 @@
 
 A decode step at a few sequences is bound by the bytes of weight it streams. torch's `_weight_int4pack_mm_for_cpu`
 and `_weight_int8pack_mm` reach ~15-19 GB/s at M=1 here and int8pack needs per-row scales (a Q8_0 head re-quantized
-once more); this kernel reads the blocks in one pass per row with the fp16 scales the file has, widens the codes to
-float32 in registers and keeps several activation rows in flight per weight load (M <= 8 per pass, larger M in
-passes). x86 builds take AVX-512 or AVX2+F16C paths at compile time (`-march=native`, cached per CPU); other CPUs a
-plain loop.
+once more); this kernel reads the blocks in one pass per row with the fp16 scales the file has and keeps up to four
+activation rows in flight per weight load (larger M in passes). Paths chosen at compile time (`-march=native`,
+cached per CPU): Q4 with bf16 activations on AVX512-BF16 dot products (nibbles -> bf16 through a `vpermw` table),
+otherwise the codes widened to float32 in registers (AVX-512 `vpermps` table, AVX2 + F16C) or a plain loop.
 
 Formats (`w[n, k]`, group g = k // 32, j = k % 32):
 - `BlockQ4`: codes uint8 `[N, G * 16]`, byte 16 g + i holds weight 32 g + i in its low and 32 g + 16 + i in its

@@ -25,14 +25,14 @@ log = logging.getLogger("loom.engine")
 
 class EngineCore:
     def __init__(self, lm: LoadedModel, settings: EngineSettings | None = None):
-        settings = self._resolve_step_budget(settings or EngineSettings(), lm.device.type)
+        settings = self._step_defaults(settings or EngineSettings(), lm.device.type)
         self.lm, self.settings, self.tokenizer = lm, settings, lm.tokenizer
         self.max_model_len = context_window(settings.max_model_len, lm.config.max_model_len)
         self.runner = ModelRunner(lm, settings, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, settings.block_size, settings.enable_prefix_caching,
                                           touch_fresh_last=lm.device.type == "cpu")  # lazily committed pool
         self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens,
-                                   settings.max_prefill_chunk or self._default_prefill_chunk())
+                                   settings.max_prefill_chunk)
         self.sampler = Sampler(settings.seed)
         self.processor = OutputProcessor(lm.tokenizer)
         self.limits = RequestLimits(self.max_model_len, self.runner.num_blocks * settings.block_size,
@@ -44,22 +44,17 @@ class EngineCore:
         self.last_step_seqs = self.last_step_tokens = 0
 
     @staticmethod
-    def _resolve_step_budget(settings: EngineSettings, device_type: str) -> EngineSettings:
-        """A CPU step's transient memory and time grow with its tokens: 1,024 tokens keep a prefill step's RSS peak
-        at +26-47 MiB for the default model (+48-66 at 2,048, `loadtests.step_memory`) and a running stream's gap
-        under a second, at the same prompt tokens per second; a GPU step is nearly flat in tokens."""
-        if settings.max_num_batched_tokens is not None:
-            return settings
-        return settings.model_copy(update={"max_num_batched_tokens": 1024 if device_type == "cpu" else 2048})
-
-    def _default_prefill_chunk(self) -> int:
-        """On CPU a step's time grows with its tokens (~2 ms per prompt token for the default model on 2 cores at
-        5,000+ tokens of context, BENCHMARKS.md), so a 256-token share keeps a running stream's inter-token gap near
-        0.6 s while a long prompt prefills (4.5 s with whole-budget chunks); a GPU step is nearly flat in tokens, so
-        a whole budget's chunk costs the others little."""
-        if self.lm.device.type == "cpu":
-            return min(256, self.settings.max_num_batched_tokens)
-        return self.settings.max_num_batched_tokens
+    def _step_defaults(settings: EngineSettings, device_type: str) -> EngineSettings:
+        """Fill the step limits left unset, by device. A CPU step's time and transient memory grow with its tokens:
+        1,024 tokens keep a prefill step's RSS peak at +26-47 MiB for the default model (+48-66 at 2,048,
+        `loadtests.step_memory`) at the same prompt tokens per second, and a 256-token share per sequence keeps a
+        running stream's inter-token gap near 0.6 s while a long prompt prefills (~2 ms per prompt token on 2 cores;
+        4.5 s with whole-budget chunks, BENCHMARKS.md). A GPU step is nearly flat in tokens: 2,048-token steps, a
+        whole budget's chunk."""
+        cpu = device_type == "cpu"
+        budget = settings.max_num_batched_tokens or (1024 if cpu else 2048)
+        chunk = settings.max_prefill_chunk or (min(256, budget) if cpu else budget)
+        return settings.model_copy(update={"max_num_batched_tokens": budget, "max_prefill_chunk": chunk})
 
     # -- requests -------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
