@@ -1,6 +1,6 @@
 """How much resident memory one engine step takes while it runs: rounds of prompts prefilled on the default model,
 the heap trimmed before each step, RSS sampled every 3 ms on a second thread; prints each prefill step's size,
-time and peak over its start. Compares CPU step budgets (issue 14: the soak's single-sample RSS peaks).
+time and peak over its start. Compares CPU step budgets (a soak's single-sample RSS peaks miss a step's transient peak).
 
     python -m loadtests.step_memory --max-num-batched-tokens 2048
     python -m loadtests.step_memory --max-num-batched-tokens 1024
@@ -8,7 +8,6 @@ time and peak over its start. Compares CPU step budgets (issue 14: the soak's si
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import random
 import threading
@@ -27,12 +26,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3, help="the first round warms up and is not printed")
     p.add_argument("--prompts", type=int, default=8)
     args = p.parse_args(argv)
+    from loom_kernels.cpu.platform import trim_heap
     from server.cli import bound_native_caches
     bound_native_caches()
     from server.engine import EngineCore, EngineSettings, SamplingParams
     from server.model import ModelSettings, load_model
 
-    libc = ctypes.CDLL("libc.so.6")
     peak = [0]
 
     def sample() -> None:
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
             ids = lm.tokenizer.encode(" ".join(rng.choice(WORDS) for _ in range(rng.randint(250, 700))))
             core.add_request(f"r{r}-{i}", ids, SamplingParams(max_tokens=8, temperature=0.8, seed=i))
         while core.has_unfinished():
-            libc.malloc_trim(0)
+            trim_heap()
             start = peak[0] = rss_mib()
             began = time.perf_counter()
             core.step()

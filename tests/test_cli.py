@@ -10,19 +10,19 @@ import pytest
 import torch
 
 from server.cli import NATIVE_CACHE_BOUNDS, main
-from server.model.linear import can_prepack
+from server.model.weights.linear import can_prepack
 
 # Packed bf16 GEMMs at 400 distinct batch sizes (as 400 prefill lengths would run them), then the RSS kept after
 # glibc gives back its free pages: what the primitive caches hold.
 CACHE_GROWTH = textwrap.dedent("""
-    import ctypes, os, sys, torch
+    import os, sys, torch
     if sys.argv[1] == "loom":
         from server.cli import bound_native_caches
         bound_native_caches()
+    from loom_kernels.cpu.platform import trim_heap
     torch.set_num_threads(1)
-    libc = ctypes.CDLL("libc.so.6")
     def rss_mib():
-        libc.malloc_trim(0)
+        trim_heap()
         return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
     w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(1536, 576).bfloat16(), batch_size=64)
     b = torch.zeros(1536).bfloat16()
@@ -43,7 +43,7 @@ def cache_growth_mib(mode: str) -> int:
 
 def test_native_primitive_caches_are_bounded():
     """torch's oneDNN GEMMs cache one compiled primitive per shape twice (oneDNN's cache and ideep's, 1,024 each by
-    default): new prefill lengths made a server's RSS creep for hours (issue 14). Under `loom`'s bounds 400 new
+    default): new prefill lengths made a server's RSS creep for hours. Under `loom`'s bounds 400 new
     shapes keep far less than with the defaults."""
     if not can_prepack(torch.zeros(1, dtype=torch.bfloat16)):  # the check the model's loader makes
         pytest.skip("oneDNN's bf16 prepack needs avx512bw or avx_ne_convert on this CPU")

@@ -8,17 +8,13 @@ kernels' own work remains. The reference is `decode_stack_ref`: the same step th
 server/model/llama.py runs it. Decode-only batches; prefill keeps the Python path (there the matmuls dominate)."""
 from __future__ import annotations
 
-import functools
-import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from loom_kernels.attention.cpu_decode import SOURCE as PAGED_DECODE_SOURCE
 from loom_kernels.backend import kernel_backend
-from loom_kernels.cpu_source import PRELUDE, build_cpu_extension
-from loom_kernels.fused_cpu.cpu_ops import SOURCE as RMS_ROTARY_SOURCE
+from loom_kernels.cpu.build import DECODE_STACK
 from loom_kernels.quant import (
     BlockQ4,
     BlockQ8,
@@ -29,9 +25,6 @@ from loom_kernels.quant import (
     q4_linear,
     q8_linear,
 )
-from loom_kernels.quant.blocks import SOURCE as BLOCKS_SOURCE
-
-log = logging.getLogger("loom.kernels")
 
 KINDS = {"q4": 0, "q8": 1, "dense": 2, "mkldnn": 3, "q4_blocks": 4, "q8_blocks": 5}
 
@@ -83,178 +76,11 @@ class StackShape:
     scale: float
 
 
-_STACK = r"""
-#include <ATen/core/dispatch/Dispatcher.h>
-
-struct Lin { int64_t kind = 0, n = 0, k = 0, group = 0; at::Tensor a, b, c, bias; };
-
-static at::Tensor packed_bf16_linear(const at::Tensor& x, const at::Tensor& w) {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  std::vector<c10::IValue> stack{x, w, c10::IValue(), std::string("none"),
-                                 c10::impl::GenericList(c10::OptionalType::create(c10::NumberType::get())),
-                                 std::string("")};
-  op.callBoxed(&stack);
-  return stack[0].toTensor();
-}
-
-static at::Tensor apply_linear(const at::Tensor& x, const Lin& l) {
-  at::Tensor out;
-  if (l.kind == 0) {  // int4pack: a = packed codes, b = scales/zeros [K_pad / group, N_pad, 2]
-    at::Tensor f = x.scalar_type() == l.b.scalar_type() ? x : x.to(l.b.scalar_type());
-    const int64_t k_pad = l.b.size(0) * l.group;
-    if (k_pad != l.k) f = at::constant_pad_nd(f, {0, k_pad - l.k});
-    out = at::_weight_int4pack_mm_for_cpu(f, l.a, l.group, l.b);
-    if (out.size(1) != l.n) out = out.narrow(1, 0, l.n);
-  } else if (l.kind == 1) {  // int8pack: a = codes [N, K_pad], b = per-row scale
-    at::Tensor f = x.scalar_type() == l.b.scalar_type() ? x : x.to(l.b.scalar_type());
-    if (l.a.size(1) != l.k) f = at::constant_pad_nd(f, {0, l.a.size(1) - l.k});
-    out = at::_weight_int8pack_mm(f, l.a, l.b);
-  } else if (l.kind == 4 || l.kind == 5) {  // GGUF blocks: a = codes, b = d, c = m (Q4)
-    out = block_linear(x, l.a, l.b, l.kind == 4 ? l.c : l.b, l.kind - 4);
-  } else if (l.kind == 2) {
-    out = at::linear(x.scalar_type() == l.a.scalar_type() ? x : x.to(l.a.scalar_type()), l.a);
-  } else {
-    out = packed_bf16_linear(x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16), l.a);
-  }
-  if (out.scalar_type() != x.scalar_type()) out = out.to(x.scalar_type());
-  if (l.bias.defined()) out = out + l.bias.to(out.scalar_type());
-  return out;
-}
-
-// silu(gate) rounded to T, times up, rounded: the reference's two bf16/fp16 ops.
-template <typename T>
-static at::Tensor silu_mul(const at::Tensor& gu, int64_t inter) {
-  const int64_t rows = gu.size(0), s0 = gu.stride(0);
-  auto out = at::empty({rows, inter}, gu.options());
-  const T* p = gu.data_ptr<T>();
-  T* o = out.data_ptr<T>();
-  at::parallel_for(0, rows * inter, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = i / inter, c = i % inter;
-      const float g = widen(p[r * s0 + c]);
-      const float s = widen(static_cast<T>(g / (1.f + std::exp(-g))));
-      o[i] = static_cast<T>(s * widen(p[r * s0 + inter + c]));
-    }
-  });
-  return out;
-}
-
-template <typename T>
-static void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& kc, at::Tensor& vc, const int64_t* slots) {
-  const int64_t B = k.size(0), bs = kc.size(1), row = k.size(1) * k.size(2);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t s = slots[b];
-    if (s < 0) continue;
-    std::memcpy(kc.data_ptr<T>() + (s / bs) * kc.stride(0) + (s % bs) * kc.stride(1), k.data_ptr<T>() + b * k.stride(0),
-                row * sizeof(T));
-    std::memcpy(vc.data_ptr<T>() + (s / bs) * vc.stride(0) + (s % bs) * vc.stride(1), v.data_ptr<T>() + b * v.stride(0),
-                row * sizeof(T));
-  }
-}
-
-struct DecodeStack {
-  std::vector<at::Tensor> norms, k_caches, v_caches;
-  std::vector<Lin> lins;  // 4 per layer: qkv, o, gate_up, down
-  at::Tensor cos_sin;
-  int64_t H, Hkv, D;
-  double eps, scale;
-
-  DecodeStack(std::vector<at::Tensor> norms_, std::vector<at::Tensor> lin_tensors, std::vector<int64_t> meta,
-              std::vector<at::Tensor> kcs, std::vector<at::Tensor> vcs, at::Tensor cs, int64_t h, int64_t hkv,
-              int64_t d, double eps_, double scale_)
-      : norms(norms_), k_caches(kcs), v_caches(vcs), cos_sin(cs), H(h), Hkv(hkv), D(d), eps(eps_), scale(scale_) {
-    const size_t L = kcs.size();
-    TORCH_CHECK(norms.size() == 2 * L + 1 && lin_tensors.size() == 16 * L && meta.size() == 16 * L,
-                "DecodeStack: 2L+1 norms, 4 linears x (4 tensors, 4 ints) per layer");
-    TORCH_CHECK(cs.scalar_type() == at::kFloat && cs.stride(1) == 1, "DecodeStack: float32 cos/sin cache");
-    for (size_t i = 0; i < 4 * L; ++i) {
-      Lin l;
-      l.kind = meta[4 * i]; l.n = meta[4 * i + 1]; l.k = meta[4 * i + 2]; l.group = meta[4 * i + 3];
-      l.a = lin_tensors[4 * i]; l.b = lin_tensors[4 * i + 1]; l.c = lin_tensors[4 * i + 2];
-      if (lin_tensors[4 * i + 3].numel()) l.bias = lin_tensors[4 * i + 3];
-      lins.push_back(l);
-    }
-  }
-
-  template <typename T>
-  at::Tensor step(at::Tensor x, const at::Tensor& pos, const at::Tensor& slots, const at::Tensor& bt,
-                  const at::Tensor& sl) {
-    const int64_t B = x.size(0), qs = H * D, kvs = Hkv * D, half = cos_sin.size(1) / 2;
-    at::Tensor residual, h, out;
-    for (size_t i = 0; i < k_caches.size(); ++i) {
-      const Lin* l = &lins[4 * i];
-      if (i == 0) {
-        residual = x;
-        h = at::empty(x.sizes(), x.options());
-        at::Tensor none;
-        rms<T>(x, norms[0], none, eps, h, none);
-      } else {
-        auto nr = at::empty(x.sizes(), x.options());
-        h = at::empty(x.sizes(), x.options());
-        rms<T>(x, norms[2 * i], residual, eps, h, nr);
-        residual = nr;
-      }
-      at::Tensor qkv = apply_linear(h, l[0]);
-      at::Tensor q = qkv.narrow(1, 0, qs).view({B, H, D});
-      at::Tensor k = qkv.narrow(1, qs, kvs).view({B, Hkv, D});
-      at::Tensor v = qkv.narrow(1, qs + kvs, kvs).view({B, Hkv, D});
-      rot<T>(q, pos.data_ptr<int64_t>(), cos_sin.data_ptr<float>(), cos_sin.stride(0), half);
-      rot<T>(k, pos.data_ptr<int64_t>(), cos_sin.data_ptr<float>(), cos_sin.stride(0), half);
-      write_kv<T>(k, v, k_caches[i], v_caches[i], slots.data_ptr<int64_t>());
-      at::Tensor attn = at::empty({B, H, D}, x.options());
-      decode<T>(q, k_caches[i], v_caches[i], bt, sl, scale, attn);
-      at::Tensor o = apply_linear(attn.view({B, qs}), l[1]);
-      auto nr = at::empty(x.sizes(), x.options());
-      h = at::empty(x.sizes(), x.options());
-      rms<T>(o, norms[2 * i + 1], residual, eps, h, nr);
-      residual = nr;
-      at::Tensor gu = apply_linear(h, l[2]);
-      x = apply_linear(silu_mul<T>(gu, gu.size(1) / 2), l[3]);
-    }
-    out = at::empty(x.sizes(), x.options());
-    auto nr = at::empty(x.sizes(), x.options());
-    rms<T>(x, norms.back(), residual, eps, out, nr);
-    return out;
-  }
-
-  at::Tensor run(at::Tensor x, at::Tensor pos, at::Tensor slots, at::Tensor bt, at::Tensor sl) {
-    TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "DecodeStack: x [B, hidden] contiguous");
-    TORCH_CHECK(pos.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "DecodeStack: int64 positions/slots");
-    TORCH_CHECK(bt.scalar_type() == at::kInt && sl.scalar_type() == at::kInt, "DecodeStack: int32 tables/lengths");
-    TORCH_CHECK(k_caches[0].scalar_type() == x.scalar_type(), "DecodeStack: cache dtype must be the activation dtype");
-    pos = pos.contiguous(); slots = slots.contiguous(); bt = bt.contiguous(); sl = sl.contiguous();
-    switch (x.scalar_type()) {
-      case at::kBFloat16: return step<at::BFloat16>(x, pos, slots, bt, sl);
-      case at::kHalf: return step<at::Half>(x, pos, slots, bt, sl);
-      case at::kFloat: return step<float>(x, pos, slots, bt, sl);
-      default: TORCH_CHECK(false, "DecodeStack: unsupported dtype");
-    }
-  }
-};
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::class_<DecodeStack>(m, "DecodeStack")
-      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
-                          std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t,
-                          double, double>())
-      .def("run", &DecodeStack::run, pybind11::call_guard<pybind11::gil_scoped_release>());
-}
-"""
-
-
-@functools.cache
-def _compiled():
-    try:  # fast math for the attention's vectorized exp, as loom_kernels/attention/cpu_decode.py builds it
-        return build_cpu_extension("loom_cpu_decode_stack", PRELUDE + RMS_ROTARY_SOURCE + PAGED_DECODE_SOURCE + BLOCKS_SOURCE
-                                   + _STACK,
-                                   None, fast_math=True)
-    except Exception as exc:  # noqa: BLE001 - no compiler / headers: the Python layer loop serves instead
-        log.warning("CPU decode stack unavailable, using the Python layer loop", extra={"reason": str(exc)[:200]})
-        return None
+_compiled = DECODE_STACK.build  # the extension (decode_stack.cpp) per ISA level, built once per process
 
 
 def decode_stack_available() -> bool:
-    return kernel_backend().mode != "torch" and _compiled() is not None
+    return kernel_backend().mode != "torch" and DECODE_STACK() is not None
 
 
 def _linear_args(lin: StackLinear) -> tuple[list[torch.Tensor], list[int]]:
@@ -289,7 +115,7 @@ class DecodeStack:
                 meta += m
         norms.append(final_norm.to(dtype).contiguous())
         s = shape
-        self._impl = _compiled().DecodeStack(norms, tensors, meta, k_caches, v_caches, cos_sin.float().contiguous(),
+        self._impl = DECODE_STACK().DecodeStack(norms, tensors, meta, k_caches, v_caches, cos_sin.float().contiguous(),
                                              s.num_heads, s.num_kv_heads, s.head_dim, s.eps, s.scale)
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,

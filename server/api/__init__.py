@@ -1,5 +1,11 @@
 """HTTP layer: FastAPI app factory, routes, pydantic protocol, SSE, auth, errors, metrics. It reaches the engine only
-through AsyncEngine (generate, abort, stats, healthy).
+through this part of AsyncEngine, and the types server/engine exports (SamplingParams, the outputs, the errors):
+- requests: `generate`, `encode`, `abort`, `compile_grammar`, and `admit_task()` (a task's engine requests admitted
+  to the queue as one);
+- state: `stats()`, `healthy`, `liveness()` (alive, last step time, what stopped it);
+- metrics: `add_step_observer`, `add_encode_observer`;
+- lifecycle: `shutdown()`;
+- facts fixed at start: `tokenizer`, `max_model_len`, `vocab_size`, `encoders` (the encoder models by name).
 
 `create_app` and `ServerSettings` are imported lazily, so `loom generate` (which only registers `loom serve`'s
 flags) does not pay for FastAPI."""

@@ -78,14 +78,23 @@ class Lifecycle:
         if self.model is None:
             return "the model is still loading"
         engine = self.model.engine
+        live = engine.liveness()
         if not engine.healthy:
-            return f"the engine has stopped: {engine.error!r}"
+            return f"the engine has stopped: {live.error!r}"
         if not self.warmed_up:
             return "the model is warming up"
-        stalled = time.monotonic() - engine.last_step_time
+        stalled = time.monotonic() - live.last_step_time
         if stalled > self.settings.ready_stall_seconds:
             return f"the engine loop has not stepped for {stalled:.0f} s"
         return None
+
+    def dead_reason(self) -> str | None:
+        """Why this process can no longer serve and should be restarted (its engine loop has stopped while the server
+        is not shutting down); None while it is alive, loading or draining."""
+        if self.model is None or self.draining:
+            return None
+        live = self.model.engine.liveness()
+        return None if live.alive else f"the engine has stopped: {live.error!r}"
 
     def require_ready(self) -> ServedModel:
         reason = self.not_ready_reason()

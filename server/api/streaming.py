@@ -11,12 +11,13 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 
 from sse_starlette import EventSourceResponse
 
-from server.api.errors import ClientGoneError, from_engine_error
-from server.engine import gather_all
+from server.api.errors import ClientGoneError, error_body, from_engine_error
+from server.api.protocol import SamplingFields, Usage
+from server.engine import CompletionOutput, gather_all
 
 log = logging.getLogger("loom.api")
 
@@ -100,6 +101,28 @@ async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class ChunkEnvelope:
+    """What every chunk of one streamed completion repeats (id, object, created, model...), and the usage chunk that
+    ends the stream when the request asked for `stream_options.include_usage` (every chunk before it then carries
+    `"usage": null`, as OpenAI's do)."""
+
+    def __init__(self, body: SamplingFields, **base):
+        self.base = base
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(self, choice: dict) -> dict:
+        chunk = {**self.base, "choices": [choice]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def usage_chunks(self, requests: Iterable[list[CompletionOutput]]) -> list[dict]:
+        """The final usage chunk, if asked for, of engine requests given by their completions."""
+        if not self.include_usage:
+            return []
+        return [{**self.base, "choices": [], "usage": Usage.of_requests(requests).model_dump()}]
+
+
 def sse(chunks: AsyncIterator[dict], ping: float = 15.0, retry_after: int = 1) -> EventSourceResponse:
     """`data: {json}` per chunk, then `data: [DONE]`. An error mid-stream is sent as `data: {"error": ...}`."""
 
@@ -110,8 +133,7 @@ def sse(chunks: AsyncIterator[dict], ping: float = 15.0, retry_after: int = 1) -
                     yield {"data": json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))}
             except Exception as exc:  # noqa: BLE001 - headers are gone: report in-band, as OpenAI does
                 err = from_engine_error(exc, retry_after)
-                body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
-                yield {"data": json.dumps(body)}
+                yield {"data": json.dumps(error_body(err.status, err.message, err.param, err.code, err.type))}
         yield {"data": "[DONE]"}
 
     return EventSourceResponse(events(), ping=ping, sep="\n", headers={"Cache-Control": "no-cache"})

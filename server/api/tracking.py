@@ -34,9 +34,9 @@ class RequestTracker:
     @contextlib.contextmanager
     def task(self) -> Iterator[None]:
         """Admit a task request (summarize, zero-shot classify) against the queue caps once, as one request: the
-        engine requests it sends from inside the block are part of it (server/engine/admission.py)."""
+        engine requests it sends from inside the block are part of it (AsyncEngine.admit_task)."""
         self._require_accepting()
-        with self.engine.admission.task():
+        with self.engine.admit_task():
             yield
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, endpoint: str = "other",

@@ -13,7 +13,7 @@ from server.logs import setup_logging
 # Two shape-keyed caches of compiled GEMM primitives sit under torch's oneDNN ops: oneDNN's own
 # (ONEDNN_PRIMITIVE_CACHE_CAPACITY, default 1,024) and ideep's in front of it (LRU_CACHE_CAPACITY, default 1,024),
 # ~0.25-0.3 MB an entry. Every new prefill length adds an entry to each, so together they let a long-running
-# server's RSS creep by ~500 MB over hours (issue 14's soak). 256 entries each (LRU) keep the decode shapes hot and
+# server's RSS creep by ~500 MB over hours. 256 entries each (LRU) keep the decode shapes hot and
 # bound both at ~150 MB; a miss costs ~1 ms per linear. Read when the first primitive is built, so set before any
 # model runs; an operator's own values win.
 NATIVE_CACHE_BOUNDS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256", "LRU_CACHE_CAPACITY": "256"}

@@ -67,41 +67,17 @@ def add_serve_command(subparsers) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from sse_starlette.sse import AppStatus
-
-    from server.api import ServerSettings, create_app
-    from server.api.errors import count_error
-    from server.cli.http_protocol import protocol_class
-    from server.engine import AsyncEngine, EngineCore, EngineSettings
-    from server.model import ModelSettings, load_model
+    from server.api import ServerSettings
+    from server.engine import EngineSettings
+    from server.model import ModelSettings
     from server.tasks import TaskSettings
 
     model_settings, engine_settings = settings_of(ModelSettings, args), settings_of(EngineSettings, args)
     settings = settings_of(ServerSettings, args)
     holder: dict = {}
     loaded: queue.Queue = queue.Queue()
-
-    def loader():  # the app's lifespan waits here (off its event loop) for the main thread to load the model
-        result = loaded.get()
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-    def on_fatal(reason: str) -> None:
-        holder["failed"] = reason
-        if "server" in holder:
-            holder["server"].should_exit = True
-
-    app = create_app(None, settings, task_settings=settings_of(TaskSettings, args), loader=loader,
-                     on_fatal=on_fatal)
-    level = (args.log_level or "warning").lower()
-    http = protocol_class(settings.read_timeout, on_error=lambda status: count_error(app, status))
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=level,
-                            access_log=level in ("debug", "info"), timeout_graceful_shutdown=10,
-                            lifespan="on", server_header=False, http=http)
-    server = holder["server"] = DrainingServer(config, app.state.lifecycle, settings.drain_timeout)
-    # Streams are ended by our drain, not cut by sse-starlette the moment the signal arrives.
-    AppStatus.disable_automatic_graceful_drain()
+    server = build_server(settings, settings_of(TaskSettings, args), (args.log_level or "warning").lower(),
+                          holder, loaded)
     # uvicorn runs on a second thread, where it installs no signal handlers: the main thread forwards them.
     signal.signal(signal.SIGTERM, server.handle_exit)
     signal.signal(signal.SIGINT, server.handle_exit)
@@ -119,20 +95,59 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     http = threading.Thread(target=serve_http, name="loom-http")
     http.start()
+    run_engine(model_settings, engine_settings, holder, loaded, http)
+    http.join()
+    if "failed" in holder:
+        sys.exit(f"error: {holder['failed']}")
+
+
+def build_server(settings, task_settings, level: str, holder: dict, loaded: queue.Queue) -> DrainingServer:
+    """The app and its uvicorn server; the app's lifespan waits on `loaded` for the engine the main thread builds."""
+    from sse_starlette.sse import AppStatus
+
+    from server.api import create_app
+    from server.api.errors import count_error
+    from server.cli.http_protocol import protocol_class
+
+    def loader():  # the app's lifespan waits here (off its event loop) for the main thread to load the model
+        result = loaded.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def on_fatal(reason: str) -> None:
+        holder["failed"] = reason
+        if "server" in holder:
+            holder["server"].should_exit = True
+
+    app = create_app(None, settings, task_settings=task_settings, loader=loader, on_fatal=on_fatal)
+    http = protocol_class(settings.read_timeout, on_error=lambda status: count_error(app, status))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=level,
+                            access_log=level in ("debug", "info"), timeout_graceful_shutdown=10,
+                            lifespan="on", server_header=False, http=http)
+    server = holder["server"] = DrainingServer(config, app.state.lifecycle, settings.drain_timeout)
+    # Streams are ended by our drain, not cut by sse-starlette the moment the signal arrives.
+    AppStatus.disable_automatic_graceful_drain()
+    return server
+
+
+def run_engine(model_settings, engine_settings, holder: dict, loaded: queue.Queue, http: threading.Thread) -> None:
+    """Load the model and run the step loop on this thread until the app's shutdown (or the end of HTTP) stops it;
+    a load failure goes to the app's lifespan, which reports it and ends the server."""
+    from server.engine import AsyncEngine, EngineCore
+    from server.model import load_model
+
     try:
         lm = load_model(model_settings, progress=False)
         encoders = load_encoders(model_settings, engine_settings, lm.name)
         engine = holder["engine"] = AsyncEngine(EngineCore(lm, engine_settings), own_thread=False, encoders=encoders)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any load failure ends the server through the lifespan
         loaded.put(exc)
-    else:
-        loaded.put((engine, lm.name, lm.tokenizer))
-        if not http.is_alive():
-            engine.shutdown()
-        engine.run()  # returns once the app's shutdown (or the end of HTTP) stops the engine
-    http.join()
-    if "failed" in holder:
-        sys.exit(f"error: {holder['failed']}")
+        return
+    loaded.put((engine, lm.name, lm.tokenizer))
+    if not http.is_alive():
+        engine.shutdown()
+    engine.run()
 
 
 def load_encoders(ms, es, generator_name: str):

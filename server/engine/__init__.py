@@ -1,7 +1,7 @@
 """Engine layer: owns all request state. AsyncEngine (asyncio face) -> EngineCore (step loop) -> Scheduler +
 BlockManager + Sampler + ModelRunner, with the OutputProcessor beside the core. Callers use what is exported here:
 the engine, its settings, `SamplingParams`, the output types and the typed errors."""
-from server.engine.async_engine import AsyncEngine, StepObserver
+from server.engine.async_engine import AsyncEngine
 from server.engine.encoder import EncodeBatchStats, EncoderBatcher
 from server.engine.engine_core import EngineCore
 from server.engine.errors import (
@@ -17,6 +17,7 @@ from server.engine.grammar import Grammar, GrammarSpec
 from server.engine.outputs import (
     CompletionOutput,
     EngineStats,
+    Liveness,
     RequestOutput,
     StepStats,
     TokenLogprob,
@@ -24,6 +25,7 @@ from server.engine.outputs import (
 )
 from server.engine.sampling_params import SamplingParams
 from server.engine.settings import EngineSettings
+from server.engine.step_hooks import StepObserver
 
 __all__ = [
            "AsyncEngine",
@@ -39,6 +41,7 @@ __all__ = [
            "GrammarSpec",
            "InternalEngineError",
            "InvalidRequestError",
+           "Liveness",
            "QueueFullError",
            "RequestOutput",
            "RequestTimeoutError",

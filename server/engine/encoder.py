@@ -84,14 +84,14 @@ class EncoderBatcher:
 
     # -- engine thread ----------------------------------------------------------------------------------------
     def add(self, job: EncodeJob) -> None:
+        queue = self.queues[job.model]
         job.order = next(self._arrivals)
         self.jobs[job.request_id] = job
-        queue = self.queues[job.model]
         for index in range(len(job.inputs)):
             queue.append((job, index))
 
     def abort(self, request_id: str) -> EncodeJob | None:
-        """Drop a request (its queued sequences are skipped when reached)."""
+        """Drop a request: its queued sequences are skipped when the next batch reaches them."""
         return self.jobs.pop(request_id, None)
 
     def expire(self, now: float) -> None:
@@ -101,9 +101,6 @@ class EncoderBatcher:
 
     def has_work(self) -> bool:
         return bool(self.jobs)
-
-    def num_waiting(self) -> int:
-        return sum(len(q) for q in self.queues.values())
 
     def budget_for(self, seconds: float) -> int:
         """Tokens of a batch that takes about `seconds` (the slowest model's rate; the whole budget until a rate is

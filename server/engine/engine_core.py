@@ -49,8 +49,8 @@ class EngineCore:
         1,024 tokens keep a prefill step's RSS peak at +26-47 MiB for the default model (+48-66 at 2,048,
         `loadtests.step_memory`) at the same prompt tokens per second, and a 256-token share per sequence keeps a
         running stream's inter-token gap near 0.6 s while a long prompt prefills (~2 ms per prompt token on 2 cores;
-        4.5 s with whole-budget chunks, BENCHMARKS.md). A GPU step is nearly flat in tokens: 2,048-token steps, a
-        whole budget's chunk."""
+        4.5 s with whole-budget chunks). A GPU step is nearly flat in tokens: 2,048-token steps, a whole budget's
+        chunk."""
         cpu = device_type == "cpu"
         budget = settings.max_num_batched_tokens or (1024 if cpu else 2048)
         chunk = settings.max_prefill_chunk or (min(256, budget) if cpu else budget)
@@ -65,13 +65,19 @@ class EngineCore:
         if max_tokens is None:
             max_tokens = self.limits.check(prompt_token_ids, params)
         seqs: list[Sequence] = []
-        for index in range(params.n):
-            seq = Sequence(next(self._ids), request_id, index, list(prompt_token_ids), params, max_tokens,
-                           priority=priority, priority_step=self.settings.priority_step_seconds,
-                           group_leader=seqs[0] if seqs else None)
-            seqs.append(seq)
-            self.processor.add(seq)
-            self.scheduler.add(seq)
+        try:
+            for index in range(params.n):
+                seq = Sequence(next(self._ids), request_id, index, list(prompt_token_ids), params, max_tokens,
+                               priority=priority, priority_step=self.settings.priority_step_seconds,
+                               group_leader=seqs[0] if seqs else None)
+                seqs.append(seq)
+                self.processor.add(seq)
+                self.scheduler.add(seq)
+        except BaseException:  # all or nothing: a request that fails half-added would leak its sequences' state
+            for seq in seqs:
+                self.scheduler.finish(seq, "abort")
+                self.processor.discard(seq)
+            raise
         self.requests[request_id] = seqs
 
     def abort(self, request_id: str) -> list[RequestOutput]:

@@ -33,6 +33,10 @@ class OutputProcessor:
         self.states[seq.seq_id] = SequenceText(
             IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params.skip_special_tokens))
 
+    def discard(self, seq: Sequence) -> None:
+        """Forget a sequence that never ran (its request failed while being added)."""
+        self.states.pop(seq.seq_id, None)
+
     def record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, position: int) -> None:
         """`logits` are this step's rows for `seq`'s prompt from `position` on: row i predicts prompt token
         position + i + 1. Tokens without a row (served by the prefix cache, before `prompt_logprobs_start`, and the

@@ -116,6 +116,15 @@ class EngineStats:
     healthy: bool = True
 
 
+@dataclass(frozen=True)
+class Liveness:
+    """Whether the engine loop still runs, for health probes: `alive` is false once it has stopped (shut down, or
+    died of `error`); `last_step_time` (time.monotonic()) shows a loop that runs but no longer steps."""
+    alive: bool
+    last_step_time: float
+    error: BaseException | None = None
+
+
 @dataclass
 class StepStats:
     """Handed to step observers (metrics) after each engine step."""

@@ -16,13 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.model.config import UnsupportedModelError
-from server.model.linear import POST_OPS, PackedLinear
+from server.model.weights.linear import POST_OPS, PackedLinear
 
 FAMILIES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta"}
-POOLING = ("mean", "cls", "lasttoken")
 ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
-# the activations oneDNN can fuse into a prepacked GEMM (server/model/linear.POST_OPS)
+# the activations oneDNN can fuse into a prepacked GEMM (server/model/weights/linear.POST_OPS)
 FUSED_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
@@ -177,12 +176,13 @@ class EncoderModel(nn.Module):
             x = layer(x, (batch, length), rows, mask)
         starts = torch.cumsum(lengths, 0) - lengths  # each sequence's first row in the flat layout
         if self.cfg.is_classifier:
-            logits = self.head_out(torch.tanh(self.head_dense(x[starts])))
+            logits = self.head_out(torch.tanh(self.head_dense(x[starts]))).float()  # a FloatHead once loaded
             return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
         return self.pool(x, starts, lengths)
 
     def pool(self, x: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        mode = self.pooling.mode
+        """Pooled in float32: similarity scores and rankings are decided on these vectors."""
+        mode, x = self.pooling.mode, x.float()
         if mode == "cls":
             out = x[starts]
         elif mode == "lasttoken":

@@ -21,8 +21,9 @@ import torch
 
 from server.model.bert import EncoderConfig, EncoderModel, Pooling
 from server.model.config import UnsupportedModelError
-from server.model.linear import prepack_linears
 from server.model.loader import iter_safetensors, pick_dtype
+from server.model.weights.head import FloatHead
+from server.model.weights.linear import prepack_linears
 
 log = logging.getLogger("loom.model")
 
@@ -153,6 +154,8 @@ def load_encoder(spec: str, cache_dir: Path, dtype: str = "float32", task: str =
     with torch.no_grad():
         model.load_weights(iter_safetensors(directory, progress=False))
     model = model.to(torch_dtype).eval().requires_grad_(False)
+    if cfg.is_classifier:  # class probabilities from float32 logits
+        model.head_out = FloatHead(model.head_out)
     prepack_linears(model)
     for layer in model.layers:
         layer.fuse_activation()

@@ -9,6 +9,7 @@ from torch import nn
 from server.model.attention import PagedAttention
 from server.model.batch import FlatBatch, KVCache
 from server.model.config import ModelConfig
+from server.model.weights.head import float_logits
 
 ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh":
                lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
@@ -82,7 +83,7 @@ class GPT2LMHeadModel(nn.Module):
         return t.ln_f(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return float_logits(self.lm_head, hidden)
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -12,8 +12,9 @@ from loom_kernels import rms_norm, rotary, silu_and_mul
 from server.model.attention import PagedAttention
 from server.model.batch import FlatBatch, KVCache
 from server.model.config import ModelConfig
-from server.model.cpu_stack import DecodeStacks, wants_stack
 from server.model.rope import cos_sin_cache
+from server.model.weights.cpu_stack import DecodeStacks, wants_stack
+from server.model.weights.head import float_logits
 
 
 class RMSNorm(nn.Module):
@@ -125,7 +126,7 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return float_logits(self.lm_head, hidden)
 
     def shard_sizes(self, fused: str) -> list[int]:
         c = self.config

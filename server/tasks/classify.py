@@ -33,6 +33,7 @@ from server.tasks.common import MAX_IN_FLIGHT, Generate, score_prompt
 
 CONTENT_FREE = ("N/A", "", "[MASK]")
 BIAS_CACHE_SIZE = 256
+MULTI_LABEL_THRESHOLD = 0.5  # multi-label: a label applies when its probability is at least this
 SYSTEM = "You are a text classifier. Answer with the category only."
 SINGLE = "Classify the text into one of these categories: {labels}.{descriptions}\n\nText: {text}\n\nCategory:"
 MULTI = "Does the following text belong to the category \"{label}\"?{description} Answer yes or no.\n\nText: {text}"
@@ -53,7 +54,7 @@ class ClassifyOptions:
 class Classification:
     label: str
     scores: dict[str, float]
-    labels: list[str] | None = None  # multi_label: every label with probability >= 0.5
+    labels: list[str] | None = None  # multi_label: every label with probability >= MULTI_LABEL_THRESHOLD
 
 
 def label_orders(labels: list[str], k: int) -> list[list[str]]:
@@ -87,6 +88,44 @@ def softmax(scores: list[float]) -> list[float]:
     exps = [math.exp(s - top) for s in scores]
     total = sum(exps)
     return [e / total for e in exps]
+
+
+def check_labels(labels: list[str], opts: ClassifyOptions) -> None:
+    if len(set(labels)) != len(labels) or any(not lab.strip() for lab in labels):
+        raise InvalidRequestError("labels must be distinct, non-empty strings", "labels")
+    if not opts.multi_label and len(labels) < 2:
+        raise InvalidRequestError("single-label classification needs at least two labels", "labels")
+    for _, label in opts.examples:
+        if label not in labels:
+            raise InvalidRequestError(f"example label {label!r} is not one of the labels", "examples")
+
+
+def decide(labels: list[str], corrected: list[float], multi_label: bool) -> Classification:
+    """Probabilities from calibrated scores: a softmax over the labels, or with `multi_label` a sigmoid of each
+    label's log-odds; the most likely label, and with `multi_label` every label at least MULTI_LABEL_THRESHOLD."""
+    if multi_label:
+        probs = [1.0 / (1.0 + math.exp(-max(min(s, 50.0), -50.0))) for s in corrected]
+    else:
+        probs = softmax(corrected)
+    scores = {lab: round(p, 6) for lab, p in zip(labels, probs)}
+    best = labels[max(range(len(labels)), key=probs.__getitem__)]
+    chosen = [lab for lab, p in scores.items() if p >= MULTI_LABEL_THRESHOLD] if multi_label else None
+    return Classification(label=best, scores=scores, labels=chosen)
+
+
+def head_classification(row: list[float], model_labels: list[str], wanted: list[str],
+                        multi_label: bool) -> Classification:
+    """A fine-tuned classifier head's answer for one input, from its probabilities `row` over `model_labels`:
+    restricted to `wanted` (a subset; renormalized to sum to 1, unless the head is multi-label and each
+    probability stands alone), the most likely label, and with `multi_label` every label at least
+    MULTI_LABEL_THRESHOLD."""
+    probs = {label: row[model_labels.index(label)] for label in wanted}
+    if not multi_label and len(wanted) < len(model_labels):
+        total = sum(probs.values()) or 1.0
+        probs = {label: p / total for label, p in probs.items()}
+    best = max(wanted, key=probs.__getitem__)
+    chosen = [label for label in wanted if probs[label] >= MULTI_LABEL_THRESHOLD] if multi_label else None
+    return Classification(label=best, scores=probs, labels=chosen)
 
 
 class Classifier:
@@ -151,20 +190,35 @@ class Classifier:
                        deadline: float | None = None) -> tuple[list[Classification], TokenUsage]:
         """Every scoring request shares `deadline` (time.monotonic()); the first to miss it fails the whole call."""
         opts = opts or ClassifyOptions()
-        if len(set(labels)) != len(labels) or any(not lab.strip() for lab in labels):
-            raise InvalidRequestError("labels must be distinct, non-empty strings", "labels")
-        if not opts.multi_label and len(labels) < 2:
-            raise InvalidRequestError("single-label classification needs at least two labels", "labels")
-        for text, label in opts.examples:
-            if label not in labels:
-                raise InvalidRequestError(f"example label {label!r} is not one of the labels", "examples")
+        check_labels(labels, opts)
         usage = TokenUsage()
         orders = [labels] if opts.multi_label else label_orders(labels, opts.permutations or self.permutations)
         bias_key = (tuple(labels), tuple(map(tuple, orders)), opts.multi_label, tuple(opts.examples),
                     tuple(sorted(opts.descriptions.items())), opts.surface_forms, opts.end_marker)
         cached_bias = self._bias.get(bias_key) if opts.calibrate else None
         inputs = list(texts) + (list(CONTENT_FREE) if opts.calibrate and cached_bias is None else [])
-        answers = [(lab, a) for lab in labels for a in ("yes", "no")] if opts.multi_label else [(lab, lab) for lab in labels]
+        score = await self._label_scores(inputs, labels, orders, opts, usage, deadline)
+        if cached_bias is not None:
+            bias = cached_bias
+            self._bias.move_to_end(bias_key)
+        elif opts.calibrate:  # from the content-free inputs, scored after the texts
+            cf = range(len(texts), len(inputs))
+            bias = self._bias[bias_key] = {lab: sum(score[(c, lab)] for c in cf) / len(cf) for lab in labels}
+            while len(self._bias) > BIAS_CACHE_SIZE:
+                self._bias.popitem(last=False)
+        else:
+            bias = dict.fromkeys(labels, 0.0)
+        results = [decide(labels, [score[(i, lab)] - bias[lab] for lab in labels], opts.multi_label)
+                   for i in range(len(texts))]
+        return results, usage
+
+    async def _label_scores(self, inputs: list[str], labels: list[str], orders: list[list[str]],
+                            opts: ClassifyOptions, usage: TokenUsage,
+                            deadline: float | None) -> dict[tuple[int, str], float]:
+        """(input, label) -> the label's score for that input: the log-likelihood of answering with it (multi-label:
+        the log-odds of yes over no), its surface forms' probabilities added up, averaged over label orders."""
+        answers = [(lab, a) for lab in labels for a in ("yes", "no")] if opts.multi_label \
+            else [(lab, lab) for lab in labels]
         jobs = [(i, key, o, form) for i in range(len(inputs)) for o in range(len(orders)) for key in answers
                 for form in surface_forms(key[1], opts.surface_forms)]
         contexts: dict[tuple[int, int, str], str] = {}
@@ -182,30 +236,7 @@ class Classifier:
         for (i, key, _), v in forms.items():
             per_order.setdefault((i, key), []).append(logsumexp(v))
         answer_score = {k: sum(v) / len(v) for k, v in per_order.items()}
-        if opts.multi_label:  # log-odds of yes over no
-            score = {(i, lab): answer_score[(i, (lab, "yes"))] - answer_score[(i, (lab, "no"))]
-                     for i in range(len(inputs)) for lab in labels}
-        else:
-            score = {(i, lab): answer_score[(i, (lab, lab))] for i in range(len(inputs)) for lab in labels}
-        n, cf = len(texts), range(len(texts), len(inputs))
-        if cached_bias is not None:
-            bias = cached_bias
-            self._bias.move_to_end(bias_key)
-        elif opts.calibrate:
-            bias = self._bias[bias_key] = {lab: sum(score[(c, lab)] for c in cf) / len(cf) for lab in labels}
-            while len(self._bias) > BIAS_CACHE_SIZE:
-                self._bias.popitem(last=False)
-        else:
-            bias = dict.fromkeys(labels, 0.0)
-        results = []
-        for i in range(n):
-            corrected = [score[(i, lab)] - bias[lab] for lab in labels]
-            if opts.multi_label:
-                probs = [1.0 / (1.0 + math.exp(-max(min(s, 50.0), -50.0))) for s in corrected]
-            else:
-                probs = softmax(corrected)
-            scores = {lab: round(p, 6) for lab, p in zip(labels, probs)}
-            best = labels[max(range(len(labels)), key=probs.__getitem__)]
-            chosen = [lab for lab, p in scores.items() if p >= 0.5] if opts.multi_label else None
-            results.append(Classification(label=best, scores=scores, labels=chosen))
-        return results, usage
+        if opts.multi_label:
+            return {(i, lab): answer_score[(i, (lab, "yes"))] - answer_score[(i, (lab, "no"))]
+                    for i in range(len(inputs)) for lab in labels}
+        return {(i, lab): answer_score[(i, (lab, lab))] for i in range(len(inputs)) for lab in labels}

@@ -88,6 +88,18 @@ def test_bad_completion_parameters_are_400(client, body, param):
         assert err["param"] == param, err
 
 
+@pytest.mark.parametrize("path, body", [("/v1/chat/completions", CHAT), ("/v1/completions", {"prompt": "x"})])
+@pytest.mark.parametrize("priority", [10 ** 310, -(10 ** 310), 2 ** 31, -(2 ** 31) - 1])
+def test_priority_beyond_32_bits_is_400_and_the_engine_serves_on(client, path, body, priority):
+    """The scheduler turns priority into seconds of waiting, a float: a 310-digit integer used to raise
+    OverflowError on the engine thread and stop the engine for good. It is refused at the edge now."""
+    err = error_of(client.post(path, json={**body, "priority": priority}), 400)
+    assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", "priority", None), err
+    r = client.post(path, json={**body, "max_tokens": 2, "priority": 2 ** 31 - 1})
+    assert r.status_code == 200, r.text
+    assert client.get("/health").status_code == 200 and client.get("/ready").status_code == 200
+
+
 @pytest.mark.parametrize("extra, param", [
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -266,6 +278,29 @@ def test_dead_engine_is_503(dummy_lm):
         assert "stopped" in error_of(c.get("/ready"), 503)["message"]
         error_of(c.post("/v1/completions", json={"prompt": "x"}), 503)
         assert "loom_engine_healthy 0.0" in c.get("/metrics").text
+
+
+def test_health_is_503_once_the_engine_loop_has_died(dummy_lm):
+    """/health is the liveness probe: while the engine loop is dead the process can serve nothing, so the probe must
+    fail and get it restarted (it used to say 200 while every other route answered 503)."""
+    engine = make_engine(dummy_lm)
+
+    def fatal():
+        raise SystemError("engine thread lost")
+
+    try:
+        with TestClient(make_app(engine)) as c:
+            assert wait_until(lambda: c.get("/ready").status_code == 200)
+            assert c.get("/health").json() == {"status": "ok"}
+            engine.core.step = fatal  # the loop itself fails, not a request
+            err = error_of(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}), 503)
+            assert err["code"] == "engine_unavailable"
+            err = error_of(c.get("/health"), 503)
+            assert (err["type"], err["code"]) == ("service_unavailable", "engine_unavailable")
+            assert "SystemError" in err["message"]
+            assert "stopped" in error_of(c.get("/ready"), 503)["message"]
+    finally:
+        engine.shutdown()
 
 
 def test_draining_is_503(dummy_engine):

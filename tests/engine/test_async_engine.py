@@ -329,13 +329,14 @@ def test_a_task_takes_one_slot_and_its_requests_skip_the_cap():
 
 
 def test_heap_is_trimmed_after_big_steps_and_when_idle(tiny_lm, monkeypatch):
-    """A busy server never goes idle, so the freed temporaries of prefill steps would pile up in the heap (issue 14's
-    soak): the loop trims after a step of at least TRIM_STEP_TOKENS (at most once per TRIM_INTERVAL_S), never after
-    decodes, and once on going idle."""
-    import server.engine.async_engine as ae
+    """A busy server never goes idle, so the freed temporaries of prefill steps would pile up in the heap: the loop
+    trims after a step of at least TRIM_STEP_TOKENS (at most once per TRIM_INTERVAL_S), never after decodes, and
+    once on going idle."""
+    import server.engine.engine_loop as engine_loop
+    import server.engine.step_hooks as step_hooks
     trims: list[int] = []
-    monkeypatch.setattr(ae, "trim_heap", lambda: trims.append(eng.core.last_step_tokens))
-    monkeypatch.setattr(ae, "TRIM_STEP_TOKENS", 64)
+    monkeypatch.setattr(engine_loop, "trim_heap", lambda: trims.append(eng.core.last_step_tokens))
+    monkeypatch.setattr(step_hooks, "TRIM_STEP_TOKENS", 64)
     eng = AsyncEngine(EngineCore(tiny_lm, EngineSettings(kv_cache_memory=0.01, max_num_batched_tokens=256)))
     try:
         params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)

@@ -1,4 +1,4 @@
-"""The one-call C++ decode step inside the model (server/model/cpu_stack.py): taken where it applies, the same
+"""The one-call C++ decode step inside the model (server/model/weights/cpu_stack.py): taken where it applies, the same
 next tokens as the Python layer loop on identical histories, every KV block back through the engine."""
 import pytest
 import torch

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from server.model import ModelSettings, UnsupportedModelError, load_encoder
 from server.model.bert import ACTIVATIONS
 from server.model.encoder_loader import read_pooling
-from server.model.linear import POST_OPS, PackedLinear
+from server.model.weights.linear import POST_OPS, PackedLinear
 
 TEXTS = ["Hello, world!", "😀🎉🔥🚀", "The loom weaves threads of warp and weft into cloth.",
          " ".join(f"token{i}" for i in range(300)), "a", "Ünïcödé façade — naïve café"]

@@ -7,7 +7,7 @@ import torch
 
 from server.model import ModelNotFoundError, ModelSettings, UnsupportedModelError, load_model, loader
 from server.model.config import ModelConfig
-from server.model.gguf import converted_dir
+from server.model.weights.gguf import converted_dir
 
 
 def test_missing_path_is_a_clear_error(tmp_path):

@@ -2,17 +2,23 @@
 matches the de-quantize + float32 reference, safetensors quantize at load, and the quantized default model stays
 close to the de-quantized float32 model (top-1 agreement, perplexity through the engine's prompt logprobs). The
 full-size accuracy check (32 prompts x 64 tokens) is `python -m tests.support.quant_accuracy`."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from loom_kernels.cpu.platform import cpu_info
 from loom_kernels.quant import block_kernels_available, quantize_q4
+from server.engine import EngineCore, EngineSettings, SamplingParams
+from server.engine.offline import generate as offline_generate
 from server.model import ModelSettings, load_model
-from server.model.calibrate import cpu_info, group_linears, plan_kernels
-from server.model.gguf_tensors import QTensor
+from server.model.weights.calibrate import group_linears, plan_kernels
+from server.model.weights.gguf_tensors import QTensor
 from server.model.loader import default_gguf
-from server.model.quant import QuantEmbedding, QuantLinear, backends_for
-from server.model.quant_load import quantized_tensors, resolve_mode
+from server.model.weights.quant import QuantEmbedding, QuantLinear, backends_for
+from server.model.weights.quant_load import load as load_quantized
+from server.model.weights.quant_load import quantized_tensors, resolve_mode
 from tests.support.quant_accuracy import TEXT, agreement, chat_prompts, perplexity
 
 
@@ -92,10 +98,17 @@ def test_safetensors_quantized_at_load_and_cached(tiny_checkpoints, tmp_path):
     q = load_model(ModelSettings(model=str(path), dtype="float32", quantization="q4", cache_dir=tmp_path,
                                  kernel_calibration=False), progress=False)
     assert q.quantization == "q4" and isinstance(q.model.model.layers[0].mlp.down_proj, QuantLinear)
-    assert list((tmp_path / "quantized").glob("*-q4-*.safetensors"))
+    (cached,) = (tmp_path / "quantized").glob("*-q4-*.safetensors")
+    stored = load_quantized(cached)  # every linear's 4-bit codes, as the model holds them
+    assert {n for n, t in stored.items() if t.kind == "q4"} >= {"model.layers.0.mlp.down_proj.weight",
+                                                                "model.layers.1.self_attn.o_proj.weight"}
+    down, w = q.model.model.layers[0].mlp.down_proj, stored["model.layers.0.mlp.down_proj.weight"].dequantize()
+    x = torch.randn(3, down.in_features)  # the 4-bit kernels take bf16 activations: tolerance as in the backend test
+    torch.testing.assert_close(down(x), F.linear(x, w), rtol=0.02, atol=0.02 * w.shape[1] ** 0.5 * w.abs().max())
     again = load_model(ModelSettings(model=str(path), dtype="float32", quantization="q4", cache_dir=tmp_path),
                        progress=False)  # from the cache; calibrates and caches the plan
-    assert list((tmp_path / "kernels").glob("*.json"))
+    (plan_file,) = (tmp_path / "kernels").glob("*.json")
+    assert set(json.loads(plan_file.read_text())["plans"]) == set(group_linears(again.model))
     assert plan_kernels(again.model, torch.float32, tmp_path) == {  # second time: read back from the cache
         g: m.plan for g, (m, *_) in group_linears(again.model).items()}
     from server.model.batch import FlatBatch, KVCache
@@ -135,3 +148,26 @@ def test_default_quantized_perplexity_within_one_percent(default_model_fp32, def
     ids = default_model_fp32.tokenizer.encode(TEXT.read_text())[:768]
     ref, got = perplexity(default_model_fp32, ids), perplexity(default_quantized, ids)
     assert abs(got / ref - 1) < 0.01, f"perplexity {got:.3f} vs float32 {ref:.3f}"
+
+
+CHAT = ["What is the capital of France?", "Name three rivers.", "What is 2 + 2?", "Who wrote Hamlet?",
+        "Give me a synonym for happy.", "What colour is the sky?", "Translate 'thank you' into Spanish.",
+        "What is the largest planet?"]
+
+
+def test_bf16_model_logits_are_float32_without_ties(default_quantized):
+    """bf16 activations, the GGUF's own blocks: the head still writes float32, so the top candidates of real
+    prompts do not tie (bf16 logits tied at 17 of 64 such positions, 'The' and 'L' both at -1.938 for France) and
+    greedy answers the question asked."""
+    lm, params = default_quantized, SamplingParams(max_tokens=8, temperature=0.0, logprobs=5)
+    core = EngineCore(lm, EngineSettings(kv_cache_memory=0.25))
+    prompts = [lm.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in CHAT]
+    (france,) = offline_generate(core, prompts[:1], params)
+    assert "Paris" in france[0].text, france[0].text
+    outs = [o[0] for o in offline_generate(core, prompts, params)]
+    ties = [(i, pos) for i, o in enumerate(outs) for pos, lp in enumerate(o.logprobs)
+            if len({v for _, v in lp.top}) < len(lp.top)]
+    assert not ties, ties
+    with torch.no_grad():
+        logits = lm.model.compute_logits(torch.randn(3, lm.config.hidden_size, dtype=torch.bfloat16))
+    assert logits.dtype == torch.float32 and torch.ne(logits, logits.bfloat16().float()).any()

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests.support.eval_classify import evaluate
+from tools.eval_classify import evaluate
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not os.environ.get("LOOM_CLASSIFY_EVAL"), reason="set LOOM_CLASSIFY_EVAL=1")]

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 
 from server.api.deps import ReadyModel, Settings, Tracker
 from server.api.errors import APIError
+from server.api.lifecycle import ServedModel
 from server.api.logprobs import TokenText, chat_logprobs
 from server.api.params import build_params, check_text_length
 from server.api.protocol import (
@@ -21,7 +22,7 @@ from server.api.protocol import (
     now,
 )
 from server.api.routes import ERROR_RESPONSES, STREAMING_200
-from server.api.streaming import merge, prime, sse, until_disconnect
+from server.api.streaming import ChunkEnvelope, merge, prime, sse, until_disconnect
 from server.api.structured import compile_request_grammar
 from server.api.tools import (
     Event,
@@ -32,7 +33,7 @@ from server.api.tools import (
     plan_tools,
     template_messages,
 )
-from server.engine import CompletionOutput, TokenUsage, collect
+from server.engine import CompletionOutput, Grammar, RequestOutput, SamplingParams, collect
 from server.model import Tokenizer
 
 router = APIRouter()
@@ -98,75 +99,94 @@ def answer(c: CompletionOutput, plan: ToolPlan | None) -> tuple[ChatResponseMess
     return ChatResponseMessage(content=content, tool_calls=calls or None), finish_reason(c.finish_reason, calls)
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**STREAMING_200, **ERROR_RESPONSES},
-             summary="Answer a conversation (OpenAI chat completions API)")
-async def create_chat_completion(body: ChatCompletionRequest, served: ReadyModel, tracker: Tracker,
-                                 settings: Settings, request: Request):
+def message_chars(messages: list[ChatMessage]) -> int:
+    return sum(len(m.content) if isinstance(m.content, str) else sum(len(part.text or "") for part in m.content)
+               for m in messages if m.content)
+
+
+async def request_grammar(body: ChatCompletionRequest, served: ServedModel, plan: ToolPlan | None) -> Grammar | None:
+    """The grammar the answer must follow: the request's structured output, or the tool call it forces."""
+    grammar = await compile_request_grammar(body, served.engine)
+    if plan is None or not plan.forced:
+        return grammar
+    if grammar is not None:
+        raise APIError(400, "response_format / structured_outputs cannot be combined with tool_choice "
+                            f"{body.tool_choice if isinstance(body.tool_choice, str) else 'naming a function'}",
+                       param="tool_choice")
+    return await served.engine.compile_grammar(forced_spec(plan), "tool_choice")
+
+
+async def prepare(body: ChatCompletionRequest,
+                  served: ServedModel) -> tuple[list[int], SamplingParams, ToolPlan | None]:
+    """Check the request and turn it into the engine request it asks for: prompt ids, sampling parameters, and the
+    tools plan its answer is parsed with."""
     served.check_model(body.model)
     check_unsupported(body)
-    chars = sum(len(m.content) if isinstance(m.content, str) else sum(len(part.text or "") for part in m.content)
-                for m in body.messages if m.content)
-    check_text_length(chars, served.max_model_len, "messages")
+    check_text_length(message_chars(body.messages), served.max_model_len, "messages")
     plan = plan_tools(body, getattr(served.tokenizer.hf, "chat_template", None))
-    grammar = await compile_request_grammar(body, served.engine)
-    if plan is not None and plan.forced:
-        if grammar is not None:
-            raise APIError(400, "response_format / structured_outputs cannot be combined with tool_choice "
-                                f"{body.tool_choice if isinstance(body.tool_choice, str) else 'naming a function'}",
-                           param="tool_choice")
-        grammar = await served.engine.compile_grammar(forced_spec(plan), "tool_choice")
+    grammar = await request_grammar(body, served, plan)
     # CPU work: off the event loop
     ids = await asyncio.to_thread(render_messages, body.messages, served.tokenizer, True, plan)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = build_params(body, max_tokens=max_tokens, grammar=grammar,
                           logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    return ids, params, plan
+
+
+def chat_response(body: ChatCompletionRequest, base: dict, completions: list[CompletionOutput],
+                  plan: ToolPlan | None, text: TokenText) -> ChatCompletionResponse:
+    choices = [ChatChoice(index=c.index, message=message, finish_reason=reason,
+                          logprobs=chat_logprobs(text, c.logprobs, c.token_ids) if body.logprobs else None)
+               for c in completions for message, reason in [answer(c, plan)]]
+    return ChatCompletionResponse(**base, choices=choices, usage=Usage.of_requests([completions]))
+
+
+async def chat_chunks(body: ChatCompletionRequest, stream: AsyncIterator[RequestOutput], envelope: ChunkEnvelope,
+                      plan: ToolPlan | None, text: TokenText) -> AsyncIterator[dict]:
+    """The streamed answer: each choice's role first, then its deltas (tool calls parsed out of the text as it
+    comes), then its finish reason."""
+
+    def chunk(index: int, delta: dict, finish: str | None = None, logprobs=None) -> dict:
+        return envelope.chunk({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+
+    completions = [CompletionOutput(index=i) for i in range(body.n)]
+    for i in range(body.n):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    parsers = [ToolCallParser(plan) for _ in range(body.n)] if plan is not None else None
+    async for _, out in merge([stream]):
+        completions[out.index].add(out)
+        lp = chat_logprobs(text, out.logprobs, out.token_ids).model_dump() \
+            if body.logprobs and out.token_ids else None
+        if parsers is None:
+            if out.text or lp:
+                yield chunk(out.index, {"content": out.text}, logprobs=lp)
+        else:
+            parser = parsers[out.index]
+            events = parser.feed(out.text) + (parser.finish() if out.finished else [])
+            for k, event in enumerate(events):
+                yield chunk(out.index, tool_delta(event), logprobs=lp if k == 0 else None)
+            if lp and not events:
+                yield chunk(out.index, {"content": ""}, logprobs=lp)
+        if out.finished:
+            calls = parsers[out.index].calls if parsers is not None else []
+            yield chunk(out.index, {}, finish_reason(out.finish_reason, calls))
+    for usage in envelope.usage_chunks([completions]):
+        yield usage
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**STREAMING_200, **ERROR_RESPONSES},
+             summary="Answer a conversation (OpenAI chat completions API)")
+async def create_chat_completion(body: ChatCompletionRequest, served: ReadyModel, tracker: Tracker,
+                                 settings: Settings, request: Request):
+    ids, params, plan = await prepare(body, served)
     text = TokenText(served.tokenizer)
-    request_id, created, n = new_id("chatcmpl"), now(), body.n
+    request_id, created = new_id("chatcmpl"), now()
     stream = tracker.generate(ids, params, "chat", request_id, body.priority, tracker.deadline(body.timeout))
-
     if not body.stream:
-        completions = await until_disconnect(request, collect(stream, n))
-        choices = [ChatChoice(index=c.index, message=message, finish_reason=reason,
-                              logprobs=chat_logprobs(text, c.logprobs, c.token_ids) if body.logprobs else None)
-                   for c in completions for message, reason in [answer(c, plan)]]
-        return ChatCompletionResponse(id=request_id, created=created, model=served.name, choices=choices,
-                                      usage=Usage.of(TokenUsage().add(completions)))
-
+        completions = await until_disconnect(request, collect(stream, body.n))
+        base = {"id": request_id, "created": created, "model": served.name}
+        return chat_response(body, base, completions, plan, text)
     (stream,) = await prime([stream])
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": served.name,
-            "system_fingerprint": None}
-
-    def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs=None) -> dict:
-        c = {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                  "finish_reason": finish_reason}]}
-        if include_usage:
-            c["usage"] = None
-        return c
-
-    async def chunks() -> AsyncIterator[dict]:
-        completions = [CompletionOutput(index=i) for i in range(n)]
-        for i in range(n):  # the role comes first, once per choice
-            yield chunk(i, {"role": "assistant", "content": ""})
-        parsers = [ToolCallParser(plan) for _ in range(n)] if plan is not None else None
-        async for _, out in merge([stream]):
-            completions[out.index].add(out)
-            lp = chat_logprobs(text, out.logprobs, out.token_ids).model_dump() \
-                if body.logprobs and out.token_ids else None
-            if parsers is None:
-                if out.text or lp:
-                    yield chunk(out.index, {"content": out.text}, logprobs=lp)
-            else:  # tool calls are parsed out of the text as it comes
-                parser = parsers[out.index]
-                events = parser.feed(out.text) + (parser.finish() if out.finished else [])
-                for k, event in enumerate(events):
-                    yield chunk(out.index, tool_delta(event), logprobs=lp if k == 0 else None)
-                if lp and not events:
-                    yield chunk(out.index, {"content": ""}, logprobs=lp)
-            if out.finished:
-                calls = parsers[out.index].calls if parsers is not None else []
-                yield chunk(out.index, {}, finish_reason(out.finish_reason, calls))
-        if include_usage:
-            yield {**base, "choices": [], "usage": Usage.of(TokenUsage().add(completions)).model_dump()}
-
-    return sse(chunks(), settings.sse_ping_seconds, settings.retry_after)
+    envelope = ChunkEnvelope(body, id=request_id, object="chat.completion.chunk", created=created, model=served.name,
+                             system_fingerprint=None)
+    return sse(chat_chunks(body, stream, envelope, plan, text), settings.sse_ping_seconds, settings.retry_after)

@@ -13,7 +13,7 @@ from server.api.protocol import ClassifyRequest, ClassifyResponse, ClassifyResul
 from server.api.routes import ERROR_RESPONSES
 from server.api.streaming import until_disconnect
 from server.api.tracking import RequestTracker
-from server.tasks import ClassifyOptions
+from server.tasks import ClassifyOptions, head_classification
 
 router = APIRouter()
 MAX_SCORING_REQUESTS = 4096
@@ -57,7 +57,7 @@ async def classify(body: ClassifyRequest, served: ReadyModel, tracker: Tracker, 
 async def classify_with_head(body: ClassifyRequest, served: ServedModel, tracker: RequestTracker,
                              request: Request) -> ClassifyResponse:
     """The fine-tuned head's probabilities: softmax over its labels (renormalized over `labels` when a subset is
-    asked for), or a sigmoid per label for a multi-label checkpoint."""
+    asked for), or a sigmoid per label for a multi-label checkpoint (server/tasks/classify.head_classification)."""
     enc = pick_encoder(served, body.model, "classify")
     if body.examples or body.label_descriptions:
         raise APIError(400, "examples and label_descriptions are for zero-shot classification; this model has a "
@@ -73,15 +73,8 @@ async def classify_with_head(body: ClassifyRequest, served: ServedModel, tracker
     inputs = await token_inputs(enc, body.input, None, allow_empty_text=True)
     rows = await until_disconnect(request, tracker.encode(enc.name, inputs, "classify",
                                                           tracker.deadline(body.timeout)))
-    data = []
-    for i, row in enumerate(rows):
-        probs = {label: row[own.index(label)] for label in wanted}
-        if not enc.multi_label and len(wanted) < len(own):
-            total = sum(probs.values()) or 1.0
-            probs = {label: p / total for label, p in probs.items()}
-        best = max(wanted, key=probs.__getitem__)
-        chosen = [label for label in wanted if probs[label] >= 0.5] if enc.multi_label else None
-        data.append(ClassifyResult(index=i, label=best, scores=probs, labels=chosen))
+    results = [head_classification(row, own, wanted, enc.multi_label) for row in rows]
+    data = [ClassifyResult(index=i, label=r.label, scores=r.scores, labels=r.labels) for i, r in enumerate(results)]
     tokens = sum(map(len, inputs))
     return ClassifyResponse(id=new_id("cls"), created=now(), model=enc.name, data=data,
                             usage=Usage(prompt_tokens=tokens, total_tokens=tokens))

@@ -15,9 +15,9 @@ from server.api.logprobs import TokenText, completion_logprobs, merge_completion
 from server.api.params import build_params, check_text_length
 from server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage, new_id, now
 from server.api.routes import ERROR_RESPONSES, STREAMING_200
-from server.api.streaming import merge, prime, sse, until_disconnect
+from server.api.streaming import ChunkEnvelope, merge, prime, sse, until_disconnect
 from server.api.structured import compile_request_grammar
-from server.engine import CompletionOutput, InvalidRequestError, RequestOutput, TokenUsage, collect, gather_all
+from server.engine import CompletionOutput, InvalidRequestError, RequestOutput, collect, gather_all
 from server.model import Tokenizer
 
 router = APIRouter()
@@ -73,67 +73,67 @@ def choice_logprobs(body, echo: EchoPrefix, c: CompletionOutput, text: TokenText
     return merge_completion_logprobs(prefix, generated) if prefix else generated
 
 
+def check_supported(body: CompletionRequest) -> None:
+    if body.suffix:
+        raise APIError(400, "suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError(400, "best_of must equal n (or be omitted)", param="best_of")
+
+
+def completion_response(body: CompletionRequest, base: dict, echoes: list[EchoPrefix],
+                        results: list[list[CompletionOutput]], text: TokenText) -> CompletionResponse:
+    """Every prompt's n choices, numbered prompt by prompt."""
+    choices = [CompletionChoice(index=p * body.n + c.index, text=echo.text + c.text,
+                                logprobs=choice_logprobs(body, echo, c, text), finish_reason=c.finish_reason)
+               for p, (echo, completions) in enumerate(zip(echoes, results)) for c in completions]
+    return CompletionResponse(**base, choices=choices, usage=Usage.of_requests(results))
+
+
+async def completion_chunks(body: CompletionRequest, streams: list[AsyncIterator[RequestOutput]],
+                            echoes: list[EchoPrefix], envelope: ChunkEnvelope, text: TokenText) -> AsyncIterator[dict]:
+    """The prompts' streams merged as deltas arrive; the first chunk of each choice carries its echoed prompt."""
+    completions = [[CompletionOutput(index=i) for i in range(body.n)] for _ in echoes]
+    started: set[int] = set()
+    async for p, out in merge(streams):
+        index = p * body.n + out.index
+        completions[p][out.index].add(out)
+        lp = completion_logprobs(text, out.logprobs, out.token_ids) if body.logprobs is not None else None
+        prefix = ""
+        if index not in started:
+            started.add(index)
+            prefix = echoes[p].text
+            echo_lp = echoes[p].logprobs(out.prompt_logprobs)
+            if echo_lp is not None:
+                lp = merge_completion_logprobs(echo_lp, lp)
+        yield envelope.chunk({"index": index, "text": prefix + out.text,
+                              "logprobs": lp.model_dump() if lp is not None else None,
+                              "finish_reason": out.finish_reason})
+    for usage in envelope.usage_chunks(completions):
+        yield usage
+
+
 @router.post("/v1/completions", response_model=CompletionResponse, responses={**STREAMING_200, **ERROR_RESPONSES},
              summary="Complete prompts (OpenAI completions API)")
 async def create_completion(body: CompletionRequest, served: ReadyModel, tracker: Tracker, settings: Settings,
                             request: Request):
     served.check_model(body.model)
-    if body.suffix:
-        raise APIError(400, "suffix is not supported", param="suffix")
-    if body.best_of is not None and body.best_of != body.n:
-        raise APIError(400, "best_of must equal n (or be omitted)", param="best_of")
+    check_supported(body)
     grammar = await compile_request_grammar(body, served.engine)
     prompts = await asyncio.to_thread(prompt_ids, body, served.tokenizer, served.max_model_len)
     wants_prompt_lp = body.echo and (body.logprobs is not None or body.max_tokens == 0)
     params = build_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, grammar=grammar,
                           prompt_logprobs=(body.logprobs or 0) if wants_prompt_lp else None)
     text = TokenText(served.tokenizer)
-    request_id, created, n = new_id("cmpl"), now(), body.n
-    deadline = tracker.deadline(body.timeout)
+    request_id, created, deadline = new_id("cmpl"), now(), tracker.deadline(body.timeout)
     streams = [for_prompt(tracker.generate(ids, params, "completions", f"{request_id}-{i}", body.priority, deadline),
                           i, len(prompts)) for i, ids in enumerate(prompts)]
-
     if not body.stream:
-        results = await until_disconnect(request, gather_all(collect(s, n) for s in streams))
+        results = await until_disconnect(request, gather_all(collect(s, body.n) for s in streams))
         echoes = [EchoPrefix(body, ids, text, served.tokenizer) for ids in prompts]  # ids checked by the engine
-        usage, choices = TokenUsage(), []
-        for p, (echo, completions) in enumerate(zip(echoes, results)):
-            usage.add(completions)
-            choices += [CompletionChoice(index=p * n + c.index, text=echo.text + c.text,
-                                         logprobs=choice_logprobs(body, echo, c, text),
-                                         finish_reason=c.finish_reason) for c in completions]
-        return CompletionResponse(id=request_id, created=created, model=served.name, choices=choices,
-                                  usage=Usage.of(usage))
-
+        base = {"id": request_id, "created": created, "model": served.name}
+        return completion_response(body, base, echoes, results, text)
     streams = await prime(streams)
     echoes = [EchoPrefix(body, ids, text, served.tokenizer) for ids in prompts]
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    async def chunks() -> AsyncIterator[dict]:
-        completions = [[CompletionOutput(index=i) for i in range(n)] for _ in prompts]
-        base = {"id": request_id, "object": "text_completion", "created": created, "model": served.name}
-        started: set[int] = set()
-        async for p, out in merge(streams):
-            index = p * n + out.index
-            completions[p][out.index].add(out)
-            lp = completion_logprobs(text, out.logprobs, out.token_ids) if body.logprobs is not None else None
-            prefix = ""
-            if index not in started:  # the first chunk of a choice carries the echoed prompt
-                started.add(index)
-                prefix = echoes[p].text
-                echo_lp = echoes[p].logprobs(out.prompt_logprobs)
-                if echo_lp is not None:
-                    lp = merge_completion_logprobs(echo_lp, lp)
-            choice = {"index": index, "text": prefix + out.text,
-                      "logprobs": lp.model_dump() if lp is not None else None, "finish_reason": out.finish_reason}
-            chunk = {**base, "choices": [choice]}
-            if include_usage:
-                chunk["usage"] = None
-            yield chunk
-        if include_usage:
-            usage = TokenUsage()
-            for c in completions:
-                usage.add(c)
-            yield {**base, "choices": [], "usage": Usage.of(usage).model_dump()}
-
-    return sse(chunks(), settings.sse_ping_seconds, settings.retry_after)
+    envelope = ChunkEnvelope(body, id=request_id, object="text_completion", created=created, model=served.name)
+    return sse(completion_chunks(body, streams, echoes, envelope, text), settings.sse_ping_seconds,
+               settings.retry_after)

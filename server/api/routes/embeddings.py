@@ -8,9 +8,9 @@ import struct
 from fastapi import APIRouter, Request
 
 from server.api.deps import ReadyModel, Tracker
-from server.api.encoder_protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EncoderUsage
 from server.api.encoding import pick_encoder, token_inputs
 from server.api.errors import APIError
+from server.api.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EncoderUsage
 from server.api.routes import ERROR_RESPONSES
 from server.api.streaming import until_disconnect
 

@@ -12,8 +12,13 @@ from server.api.protocol import VersionResponse
 router = APIRouter()
 
 
-@router.get("/health", summary="Liveness: the process answers")
-async def health() -> dict:
+@router.get("/health", summary="Liveness: the process answers and its engine loop runs", response_model=dict,
+            responses={503: {"description": "the engine loop has stopped: the process must be restarted"}})
+async def health(lifecycle: LifecycleDep):
+    reason = lifecycle.dead_reason()
+    if reason:  # a liveness probe that fails restarts the process; /ready alone would only take it out of rotation
+        return JSONResponse(error_body(503, reason, code="engine_unavailable", type="service_unavailable"),
+                            status_code=503)
     return {"status": "ok"}
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from server.api.deps import ReadyModel, Tracker
-from server.api.encoder_protocol import (
+from server.api.encoding import cosine, pick_encoder, token_inputs
+from server.api.errors import APIError
+from server.api.lifecycle import ServedModel
+from server.api.protocol import (
     EncoderUsage,
     RerankDocument,
     RerankRequest,
@@ -14,11 +17,9 @@ from server.api.encoder_protocol import (
     ScoreData,
     ScoreRequest,
     ScoreResponse,
+    new_id,
+    now,
 )
-from server.api.encoding import cosine, pick_encoder, token_inputs
-from server.api.errors import APIError
-from server.api.lifecycle import ServedModel
-from server.api.protocol import new_id, now
 from server.api.routes import ERROR_RESPONSES
 from server.api.streaming import until_disconnect
 from server.api.tracking import RequestTracker

@@ -36,7 +36,7 @@ async def tokenize(body: TokenizeRequest, served: ReadyModel) -> TokenizeRespons
              summary="The text of token ids")
 async def detokenize(body: DetokenizeRequest, served: ReadyModel) -> DetokenizeResponse:
     served.check_model(body.model)
-    vocab = served.engine.limits.vocab_size
+    vocab = served.engine.vocab_size
     bad = next((i for i, t in enumerate(body.tokens) if not 0 <= t < vocab), None)
     if bad is not None:
         raise APIError(400, f"token ids must be in [0, {vocab})", param=f"tokens.{bad}")

@@ -1,0 +1,26 @@
+// Shared by Loom's CPU kernels (compiled with torch's cpp_extension): the includes, and widening loads.
+#pragma once
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// Widening loads the compiler can vectorize (c10's conversions go through a function call per element).
+inline float widen(float x) { return x; }
+inline float widen(at::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline float widen(at::Half x) { return static_cast<float>(x); }
+
+}  // namespace

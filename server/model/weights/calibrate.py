@@ -1,0 +1,129 @@
+"""Per-CPU kernel choice for the quantized linears: which backend (quant.BACKENDS) runs each linear at each batch
+size M. A short measurement at load time (every layer's instance of a linear in turn, so weights stream from memory
+as in a real step) picks the fastest per M bucket; the result is cached per CPU model, ISA flags, torch version,
+thread count and shapes, so later starts skip it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loom_kernels.cpu.platform import cpu_info, trim_heap
+from loom_kernels.quant import block_kernels_available
+from server.model.weights.quant import QUANTIZED, QuantLinear, backends_for
+
+log = logging.getLogger("loom.model")
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
+KERNELS_VERSION = 4  # bump when the candidate kernels change: cached plans of older sets are measured again
+
+
+def group_linears(model: nn.Module) -> dict[str, list[QuantLinear]]:
+    """Linears of one role and shape share a plan (e.g. the 30 `gate_up_proj`s)."""
+    groups: dict[str, list[QuantLinear]] = defaultdict(list)
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            groups[f"{name.rsplit('.', 1)[-1]}:{mod.out_features}x{mod.in_features}:{mod.quant_kind}"].append(mod)
+    return dict(groups)
+
+
+def time_backend(mods: list[QuantLinear], backend: str, m: int, dtype: torch.dtype) -> float:
+    """Milliseconds per call at batch m: best of two passes over the layers after a warm-up pass."""
+    use = mods if m <= 16 else mods[:4]  # large M is compute-bound: a few layers suffice
+    x = torch.randn(m, use[0].in_features).to(torch.float32 if use[0].float_output else dtype)
+    best = float("inf")
+    for rep in range(3):
+        started = time.perf_counter()
+        for mod in use:
+            mod.run(x, backend)
+        if rep:
+            best = min(best, (time.perf_counter() - started) * 1e3 / len(use))
+    return best
+
+
+def measure_group(mods: list[QuantLinear], candidates: list[str], dtype: torch.dtype) -> dict[int, dict[str, float]]:
+    timings: dict[int, dict[str, float]] = {m: {} for m in BUCKETS}
+    for backend in candidates:
+        try:
+            for mod in mods:
+                mod.build(backend)
+        except RuntimeError as exc:  # e.g. oneDNN's bf16 prepack refuses CPUs without avx512bw
+            log.info("kernel unavailable", extra={"backend": backend, "error": str(exc)[:120]})
+            continue
+        for m in BUCKETS:
+            timings[m][backend] = round(time_backend(mods, backend, m, dtype), 4)
+        for mod in mods:  # free the copy before building the next one
+            mod.forms.pop(backend, None)
+    return timings
+
+
+def heuristic_plan(candidates: list[str]) -> dict[int, str]:
+    """Without calibration: the quantized form for small M (bandwidth-bound), the best dense form above."""
+    dense = next(b for b in ("bf16_packed", "bf16", "f32") if b in candidates)
+    small = candidates[0] if candidates[0] in QUANTIZED else dense
+    return {m: small if m <= 8 else dense for m in BUCKETS}
+
+
+def compact(choice: dict[int, str]) -> list[tuple[int, str]]:
+    """{M bucket: backend} -> [(largest M, backend)] with neighbouring buckets merged."""
+    plan: list[tuple[int, str]] = []
+    for m in sorted(choice):
+        if plan and plan[-1][1] == choice[m]:
+            plan[-1] = (m, choice[m])
+        else:
+            plan.append((m, choice[m]))
+    return plan
+
+
+def plan_kernels(model: nn.Module, dtype: torch.dtype, cache_dir: Path, calibrate: bool = True,
+                 quantized_only: bool = False, forced_isa: str | None = None) -> dict[str, list]:
+    """Choose and install a plan on every QuantLinear of `model`; returns {group: plan}. `quantized_only` keeps each
+    linear on its quantized form at every M (no dense copies: least memory, slower at large M)."""
+    info = cpu_info(forced_isa)
+    groups = group_linears(model)
+    if not groups:
+        return {}
+    fingerprint = json.dumps([KERNELS_VERSION, block_kernels_available(), info.model, sorted(info.flags),
+                              info.capability, info.forced, torch.__version__, torch.get_num_threads(), str(dtype),
+                              sorted(groups), quantized_only])
+    path = cache_dir / "kernels" / f"{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}.json"
+    cached = json.loads(path.read_text()) if calibrate and path.is_file() else None
+    started = time.perf_counter()
+    plans, choices, timings = {}, {}, {}
+    for key, mods in groups.items():
+        if cached and key in cached["plans"]:
+            choice = {int(m): b for m, b in cached["plans"][key].items()}
+        else:
+            candidates = backends_for(mods[0].source, info.native_bf16, info.fast_int8, block_kernels_available(),
+                                     mods[0].float_output)
+            if quantized_only and candidates[0] in QUANTIZED:
+                candidates = [c for c in candidates if c in QUANTIZED]
+            if calibrate:
+                timings[key] = measure_group(mods, candidates, dtype)
+                choice = {m: min(t, key=t.get) for m, t in timings[key].items()}
+            else:
+                choice = heuristic_plan(candidates)
+        choices[key], plans[key] = choice, compact(choice)
+        for mod in mods:
+            mod.keep_only(plans[key])
+    trim_heap()  # calibration's transient dense copies would otherwise stay in the resident set
+    if calibrate and not cached:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"cpu": info.model, "flags": sorted(info.flags), "torch": torch.__version__,
+                                   "threads": torch.get_num_threads(), "dtype": str(dtype),
+                                   "plans": choices,
+                                   "timings_ms": timings}, indent=1))
+        tmp.replace(path)
+    log.info("kernel plan", extra={"source": "cache" if cached else ("measured" if calibrate else "heuristic"),
+                                   "cpu": info.model, "capability": info.capability, "forced_isa": info.forced or None,
+                                   "seconds": round(time.perf_counter() - started, 2),
+                                   "plans": {k: " ".join(f"<={m}:{b}" for m, b in p) for k, p in plans.items()}})
+    return plans

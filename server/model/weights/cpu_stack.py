@@ -1,0 +1,69 @@
+"""The one-call C++ decode step (loom_kernels/fused_cpu/decode_stack.py) for a Llama-family model on CPU.
+
+The stack runs each linear in the form the Python path would pick for the same batch size (a `QuantLinear`'s
+calibrated plan, a oneDNN-packed or a plain weight), so the two paths differ only in dispatch. One compiled stack per
+distinct set of forms, built on first use of a batch size. Float32 models of unquantized weights keep the Python
+path: it stays bit-identical to Hugging Face."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from loom_kernels.fused_cpu.decode_stack import DecodeStack, StackLayer, StackLinear, StackShape, decode_stack_available
+from server.model.batch import FlatBatch, KVCache
+from server.model.weights.linear import PackedLinear
+from server.model.weights.quant import QuantLinear
+
+log = logging.getLogger("loom.model")
+
+def stack_linear(module: nn.Module, m: int) -> StackLinear:
+    """`module`'s weight in the form the Python path runs at batch size `m`."""
+    if isinstance(module, QuantLinear):
+        return module.form(module.pick(m))
+    if isinstance(module, PackedLinear):
+        return StackLinear("mkldnn", module.packed_weight, module.bias, module.out_features)
+    if isinstance(module, nn.Linear):
+        return StackLinear("dense", module.weight, module.bias)
+    raise TypeError(f"no decode-stack form for {type(module).__name__}")
+
+
+def wants_stack(model: nn.Module, kv_cache: KVCache) -> bool:
+    """CPU, a compiler, K/V in the activation dtype, and either reduced precision or quantized weights."""
+    norm = model.model.norm.weight
+    quantized = any(isinstance(mod, QuantLinear) for mod in model.modules())
+    return (norm.device.type == "cpu" and kv_cache.k[0].dtype == norm.dtype
+            and (norm.dtype != torch.float32 or quantized) and decode_stack_available())
+
+
+class DecodeStacks:
+    """Compiled decode stacks of one model and KV cache, by batch size."""
+
+    def __init__(self, model: nn.Module, kv_cache: KVCache):
+        self.model, self.kv_cache = model, kv_cache
+        self.by_size: dict[int, DecodeStack] = {}
+        self.by_forms: dict[tuple, DecodeStack] = {}
+
+    def _build(self, m: int) -> DecodeStack:
+        model, cfg = self.model, self.model.config
+        layers = []
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            layers.append(StackLayer(layer.input_layernorm.weight, stack_linear(attn.qkv_proj, m),
+                                     stack_linear(attn.o_proj, m), layer.post_attention_layernorm.weight,
+                                     stack_linear(mlp.gate_up_proj, m), stack_linear(mlp.down_proj, m)))
+        forms = tuple(id(lin.weight) for layer in layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        if forms not in self.by_forms:
+            shape = StackShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps, cfg.head_dim ** -0.5)
+            self.by_forms[forms] = DecodeStack(layers, model.model.norm.weight, self.kv_cache.k, self.kv_cache.v,
+                                               model.cos_sin, shape)
+            log.debug("decode stack compiled", extra={"batch_size": m, "stacks": len(self.by_forms)})
+        return self.by_forms[forms]
+
+    def run(self, x: torch.Tensor, batch: FlatBatch) -> torch.Tensor:
+        m = x.shape[0]
+        stack = self.by_size.get(m)
+        if stack is None:
+            stack = self.by_size[m] = self._build(m)
+        return stack.run(x, batch.positions, batch.slot_mapping, batch.block_tables, batch.seq_lens)
