@@ -12,15 +12,18 @@ import fcntl
 import functools
 import hashlib
 import logging
+import os
 import re
+import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from loom_kernels.backend import kernel_backend
-from loom_kernels.cpu.platform import cpu_fingerprint, current_isa
+from loom_kernels.cpu.platform import cpu_fingerprint, cpu_flags, current_isa
 
 log = logging.getLogger("loom.kernels")
 
@@ -53,6 +56,12 @@ def compiler_flags(fast_math: bool, isa: str) -> tuple[list[str], list[str]]:
     """(cflags, ldflags) for a build held to the ISA level `isa`."""
     cflags = ["-O3", "-march=native", *ISA_CFLAGS[isa], "-fopenmp"] + (["-ffast-math"] if fast_math else [])
     return cflags, (["-fopenmp", "-lmvec"] if fast_math else ["-fopenmp"])
+
+
+def effective_isa(isa: str) -> str:
+    """`isa`, or "native" where holding the build to it changes nothing (AVX2 on a CPU without AVX-512): one build
+    instead of two identical ones."""
+    return "native" if isa == "avx2" and "avx512f" not in cpu_flags() else isa
 
 
 def extension_name(name: str, sources: Sequence[Path], fast_math: bool, isa: str) -> str:
@@ -104,14 +113,21 @@ def build_cpu_extension(name: str, sources: Sequence[Path], fast_math: bool, isa
     for this CPU, held to `isa` (default: what `force_isa` set). Headers are included relative to loom_kernels/.
     Raises when there is no compiler; callers fall back to the PyTorch references."""
     from torch.utils.cpp_extension import load
-    isa = isa or current_isa()
+    isa = effective_isa(isa or current_isa())
     cflags, ldflags = compiler_flags(fast_math, isa)
     full_name = extension_name(name, sources, fast_math, isa)
     build_dir = build_directory(full_name)
     with build_lock(build_dir):
         remove_stale_torch_lock(build_dir, full_name)
-        return load(name=full_name, sources=[str(s) for s in sources], extra_cflags=cflags, extra_ldflags=ldflags,
-                    extra_include_paths=[str(KERNELS_ROOT)], build_directory=str(build_dir), verbose=False)
+        fresh = not (build_dir / f"{full_name}.so").is_file()
+        if fresh:  # the one slow moment of a first start on this CPU: say so, not a silent minute
+            log.info("building CPU extension", extra={"extension": name, "isa": isa, "build_dir": str(build_dir)})
+        started = time.perf_counter()
+        module = load(name=full_name, sources=[str(s) for s in sources], extra_cflags=cflags, extra_ldflags=ldflags,
+                      extra_include_paths=[str(KERNELS_ROOT)], build_directory=str(build_dir), verbose=False)
+        if fresh:
+            log.info("built CPU extension", extra={"extension": name, "seconds": round(time.perf_counter() - started, 1)})
+        return module
 
 
 class CpuExtension:
@@ -144,10 +160,15 @@ BLOCKS = CpuExtension("loom_cpu_blocks", ("quant/blocks.cpp",), False, "the othe
 
 
 def build_cpu_kernels() -> dict[str, bool]:
-    """Build (or load the cached builds of) Loom's CPU extensions now; returns which are available (as the kernels'
-    own availability checks answer). Each is otherwise built on its first use, and a build takes ~20-30 s: at
-    start-up that only delays readiness, inside a request it stalls every stream (measured: a server's first mixed
-    step waited 25 s for the paged-decode build after an upgrade changed its source)."""
+    """Build (or load the cached builds of) Loom's CPU extensions now, side by side (each is one compiler process:
+    a first start on 2 cores takes about half as long as one after another); returns which are available (as the
+    kernels' own availability checks answer). Each is otherwise built on its first use, and a build takes ~20-60 s:
+    at start-up that only delays readiness, inside a request it stalls every stream."""
     serving = kernel_backend().mode != "torch"  # LOOM_KERNELS=torch: the references serve, no build is needed
-    return {"paged_decode": serving and PAGED_DECODE() is not None, "fused_ops": serving and FUSED_OPS() is not None,
-            "decode_stack": serving and DECODE_STACK() is not None, "blocks": BLOCKS() is not None}
+    wanted = {"paged_decode": PAGED_DECODE, "fused_ops": FUSED_OPS, "decode_stack": DECODE_STACK, "blocks": BLOCKS}
+    if not serving:
+        wanted = {"blocks": BLOCKS}
+    isa = current_isa()
+    with ThreadPoolExecutor(max_workers=max(1, min(len(wanted), os.cpu_count() or 1))) as pool:
+        built = dict(zip(wanted, pool.map(lambda ext: ext(isa) is not None, wanted.values())))
+    return {name: built.get(name, False) for name in ("paged_decode", "fused_ops", "decode_stack", "blocks")}

@@ -72,15 +72,66 @@ def resolve_checkpoint(spec: str, cache_dir: Path) -> Path:
         raise ModelNotFoundError(f"model path {str(path)!r} does not exist (expected a Hugging Face directory, "
                                  f"a .gguf file, 'default' or 'dummy:<preset>')")
     if path.is_file():
-        with path.open("rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ModelNotFoundError(f"{path} is neither a GGUF file nor a Hugging Face directory")
+        if not is_gguf(path):
+            raise ModelNotFoundError(f"{path} is neither a GGUF file nor a Hugging Face directory")
         return converted_dir(path, cache_dir.expanduser())
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path} has no config.json; is it a Hugging Face model directory?")
     if not list(path.glob("*.safetensors")):
         raise ModelNotFoundError(f"{path} has no .safetensors weights (pytorch .bin checkpoints are not loaded)")
     return path
+
+
+# GGUF `general.architecture` -> the Hugging Face model_type Loom runs it as (Mistral GGUFs say "llama")
+GGUF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
+
+
+def check_supported(spec: str) -> None:
+    """Refuse a missing or unsupported checkpoint from its metadata alone (milliseconds; a GGUF is memory-mapped,
+    not read). Raises ModelNotFoundError or UnsupportedModelError."""
+    if spec.startswith("dummy:"):
+        try:
+            ModelConfig.from_dict(dummy_config(spec.removeprefix("dummy:")))
+        except FileNotFoundError as exc:
+            raise ModelNotFoundError(str(exc)) from None
+        return
+    path = source_path(spec)
+    if path.is_dir() and (path / "config.json").is_file():
+        ModelConfig.from_path(path / "config.json")
+    elif path.is_file() and is_gguf(path):
+        arch = gguf_architecture(path)
+        if arch not in GGUF_MODEL_TYPES:
+            raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; Loom runs "
+                                        f"{', '.join(sorted(GGUF_MODEL_TYPES))} GGUF files")
+
+
+def is_gguf(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def gguf_architecture(path: Path) -> str:
+    """`general.architecture` from the GGUF header. Writers put it first among the metadata; a full parse of the
+    metadata (gguf-py's reader) takes seconds for a file whose vocabulary is stored there, so read the leading scalar
+    and string entries and fall back to the reader only if it comes later."""
+    scalar_sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types
+    with path.open("rb") as f:
+        f.read(4 + 4 + 8 + 8)  # magic, version, tensor count, metadata count
+        for _ in range(16):
+            key = f.read(int.from_bytes(f.read(8), "little")).decode(errors="replace")
+            kind = int.from_bytes(f.read(4), "little")
+            if kind == 8:  # string
+                value = f.read(int.from_bytes(f.read(8), "little"))
+                if key == "general.architecture":
+                    return value.decode(errors="replace")
+            elif kind in scalar_sizes:
+                f.read(scalar_sizes[kind])
+            else:
+                break
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("general.architecture")
+    return "" if field is None else bytes(field.parts[field.data[0]]).decode()
 
 
 def pick_dtype(name: str, device: torch.device, forced_isa: str = "auto") -> torch.dtype:
@@ -126,6 +177,7 @@ def load_model(settings: ModelSettings, progress: bool = True) -> LoadedModel:
     """Resolve `--model`, build its decoder on the device and fill its weights; on CPU the kernels are built first
     and each quantized linear gets its measured kernel plan."""
     started = time.perf_counter()
+    check_supported(settings.model)  # before anything slow: kernel builds, a GGUF conversion
     device = pick_device(settings.device)
     if device.type == "cpu":
         force_isa(settings.cpu_isa)  # Loom's own C++ kernels too, not only the kernel choices

@@ -98,3 +98,37 @@ def test_auto_dtype_on_cpu():
     dtype = loader.pick_dtype("auto", torch.device("cpu"))
     expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
     assert dtype == expected
+
+
+@pytest.fixture
+def no_kernel_builds(monkeypatch):
+    """Loading must not reach the slow steps."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checkpoint should have been refused before anything slow")
+    monkeypatch.setattr(loader, "build_cpu_kernels", refuse)
+    monkeypatch.setattr(loader, "converted_dir", refuse)
+
+
+def test_unsupported_architecture_refused_before_kernel_builds(tmp_path, no_kernel_builds):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "vocab_size": 10}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    started = time.perf_counter()
+    with pytest.raises(UnsupportedModelError, match="unsupported architecture.*Qwen3ForCausalLM"):
+        load_model(ModelSettings(model=str(tmp_path), device="cpu"))
+    assert time.perf_counter() - started < 5
+
+
+def test_unsupported_gguf_refused_from_its_header(tmp_path, no_kernel_builds):
+    import gguf
+    import numpy as np
+    path = tmp_path / "tiny-qwen3.gguf"
+    writer = gguf.GGUFWriter(str(path), "qwen3")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert loader.gguf_architecture(path) == "qwen3"
+    with pytest.raises(UnsupportedModelError, match="unsupported GGUF architecture 'qwen3'"):
+        load_model(ModelSettings(model=str(path), device="cpu"))
