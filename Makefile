@@ -7,6 +7,9 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?= default
 PYTEST_ARGS ?=
+# Test processes: two keep both cores busy while one waits on a server or a subprocess (each file stays in one
+# process, so its fixtures load once).
+TEST_WORKERS ?= 2
 
 .PHONY: setup test serve generate bench clean
 
@@ -23,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 serve: setup
 	$(BIN)/loom serve --model $(MODEL) --host $(HOST) --port $(PORT)
