@@ -13,9 +13,9 @@ from loom_kernels.quant import block_kernels_available, quantize_q4
 from server.engine import EngineCore, EngineSettings, SamplingParams
 from server.engine.offline import generate as offline_generate
 from server.model import ModelSettings, load_model
+from server.model.loader import default_gguf
 from server.model.weights.calibrate import group_linears, plan_kernels
 from server.model.weights.gguf_tensors import QTensor
-from server.model.loader import default_gguf
 from server.model.weights.quant import QuantEmbedding, QuantLinear, backends_for
 from server.model.weights.quant_load import load as load_quantized
 from server.model.weights.quant_load import quantized_tensors, resolve_mode
