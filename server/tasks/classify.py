@@ -18,7 +18,7 @@ Small models are biased (toward a favourite label, toward the first label listed
 - average over label orders: the instruction lists the labels in `permutations` different orders;
 - accept few-shot `examples` (prior user/assistant turns) and label descriptions, which anchor what labels mean.
 On tests/support/data/classify_eval.jsonl (40 clear-cut items, SmolLM2-135M) naive scoring gets 38% right and the
-defaults 88% (see tests/support/eval_classify.py).
+defaults 88% (see tools/eval_classify.py).
 Probabilities are a softmax over labels of the corrected scores. With `multi_label` each label is instead asked as
 an independent yes/no question and its probability is P(yes) / (P(yes) + P(no)), calibrated the same way.
 """

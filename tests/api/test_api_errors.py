@@ -102,10 +102,12 @@ def test_priority_beyond_32_bits_is_400_and_the_engine_serves_on(client, path, b
 
 @pytest.mark.parametrize("extra, param", [
     ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),  # the field the client sent, not the engine's name
+    ({"max_completion_tokens": -1}, "max_completion_tokens"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content.0"),
 ])
-def test_unsupported_chat_features_are_clear_400s(client, extra, param):
+def test_chat_refusals_name_the_field_sent(client, extra, param):
     err = error_of(client.post("/v1/chat/completions", json={**CHAT, **extra}), 400)
     assert err["param"] == param
 

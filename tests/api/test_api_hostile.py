@@ -111,7 +111,8 @@ SAMPLING_RANGES = {
 }
 RANGES = {
     "/v1/completions": {**SAMPLING_RANGES, "logprobs": ints_outside(0, 20)},
-    "/v1/chat/completions": SAMPLING_RANGES,
+    "/v1/chat/completions": {**SAMPLING_RANGES, "max_completion_tokens": st.integers(max_value=-1),
+                             "top_logprobs": ints_outside(0, 20)},
     "/v1/summarize": {"max_tokens": st.integers(max_value=0), "chunk_tokens": st.integers(max_value=63),
                       "timeout": below(0.0, inclusive=True)},
     "/v1/classify": {"permutations": ints_outside(1, 8), "timeout": below(0.0, inclusive=True),

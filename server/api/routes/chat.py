@@ -33,7 +33,7 @@ from server.api.tools import (
     plan_tools,
     template_messages,
 )
-from server.engine import CompletionOutput, Grammar, RequestOutput, SamplingParams, collect
+from server.engine import CompletionOutput, Grammar, InvalidRequestError, RequestOutput, SamplingParams, collect
 from server.model import Tokenizer
 
 router = APIRouter()
@@ -128,8 +128,13 @@ async def prepare(body: ChatCompletionRequest,
     # CPU work: off the event loop
     ids = await asyncio.to_thread(render_messages, body.messages, served.tokenizer, True, plan)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = build_params(body, max_tokens=max_tokens, grammar=grammar,
-                          logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    try:
+        params = build_params(body, max_tokens=max_tokens, grammar=grammar,
+                              logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    except InvalidRequestError as exc:  # name the field the client sent, not the engine's
+        exc.param = {"max_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
+                     "logprobs": "top_logprobs"}.get(exc.param, exc.param)
+        raise
     return ids, params, plan
 
 
