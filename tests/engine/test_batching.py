@@ -1,4 +1,4 @@
-"""Continuous batching changes nothing about greedy outputs: 32 prompts of mixed lengths submitted together give
+"""Continuous batching changes nothing about greedy outputs: 16 prompts of mixed lengths submitted together give
 the same tokens as one at a time — with prefix caching on and off, with tiny prefill chunks, and with a KV pool so
 small that sequences are preempted and recomputed. Every run must return all of its KV blocks."""
 import pytest
@@ -9,8 +9,7 @@ from server.engine.offline import generate
 MAX_TOKENS = 16
 SHARED = ("You are a helpful assistant. Answer briefly and precisely, in plain English, without lists. "
           "Think about the question first. ")
-TOPICS = ["rivers", "the moon", "bread", "volcanoes", "chess", "music", "bees", "glass", "rain", "maps", "salt",
-          "trains", "paper", "owls", "ice", "clocks"]
+TOPICS = ["rivers", "the moon", "bread", "volcanoes", "chess", "music", "bees", "glass"]
 
 
 @pytest.fixture(scope="module")
