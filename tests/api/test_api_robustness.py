@@ -41,4 +41,6 @@ def test_health_stays_fast_while_huge_bodies_are_handled(dummy_engine):
         statuses
     latencies.sort()
     p99 = latencies[int(len(latencies) * 0.99) - 1] if len(latencies) > 1 else latencies[0]
-    assert len(latencies) >= 20 and p99 < 0.1, (len(latencies), p99, latencies[-5:])
+    # Tokenizing one of these bodies on the event loop stalls it for seconds; 0.5 s leaves room for a second test
+    # process busy on the other core (p99 0.11 s seen there, 0.04 s alone).
+    assert len(latencies) >= 20 and p99 < 0.5, (len(latencies), p99, latencies[-5:])
