@@ -26,18 +26,29 @@ class FloatHead(nn.Module):
         on_cpu = weight.device.type == "cpu"
         self.register_buffer("weight", weight.float() if on_cpu else weight, persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float(), persistent=False)
+        self.float_output_gemm = not on_cpu and has_float_output_gemm(weight)  # asked once, not every step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.dtype == torch.float32:
             return F.linear(x.float(), self.weight, self.bias)
-        return _float_gemm(x, self.weight, self.bias)
+        return _float_gemm(x, self.weight, self.bias, self.float_output_gemm)
 
 
-def _float_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    flat = x.reshape(-1, x.shape[-1])
+def has_float_output_gemm(weight: torch.Tensor) -> bool:
+    """Whether torch multiplies `weight`'s dtype on its device into a float32 output (`torch.mm(..., out_dtype=)`)."""
+    probe = weight[:1]
     try:
+        torch.mm(probe, probe.t(), out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
+def _float_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, float_output: bool) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    if float_output:
         out = torch.mm(flat, weight.t(), out_dtype=torch.float32)
-    except (RuntimeError, TypeError, NotImplementedError):  # no float32-output GEMM for this device or torch
+    else:  # no float32-output GEMM for this device or torch: upcast
         out = flat.float() @ weight.float().t()
     if bias is not None:
         out = out + bias
@@ -62,4 +73,4 @@ def float_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     weight = head.weight
     if weight.dtype == torch.float32:
         return head(hidden.float())
-    return _float_gemm(hidden, weight, head.bias)
+    return _float_gemm(hidden, weight, head.bias, has_float_output_gemm(weight))
