@@ -19,8 +19,7 @@ from loom_kernels.cpu.build import build_cpu_kernels
 from loom_kernels.cpu.platform import cpu_info, force_isa
 from server.model.config import ModelConfig, UnsupportedModelError
 from server.model.dummy import dummy_config, fill_random
-from server.model.gpt2 import GPT2LMHeadModel
-from server.model.llama import LlamaForCausalLM
+from server.model.families import FAMILIES
 from server.model.settings import ModelSettings
 from server.model.tokenizer import Tokenizer
 from server.model.weights.calibrate import plan_kernels
@@ -32,7 +31,6 @@ from server.model.weights.quant_load import build_quantized, quantized_tensors, 
 log = logging.getLogger("loom.model")
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FAMILIES: dict[str, type[nn.Module]] = {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel}
 
 class ModelNotFoundError(FileNotFoundError):
     """`--model` names nothing Loom can load."""

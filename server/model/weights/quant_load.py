@@ -25,7 +25,7 @@ FIELDS = ("codes", "scale", "zero", "dense")
 def resolve_mode(setting: str, dtype_setting: str, is_gguf: bool, device: torch.device, family: str) -> str:
     """'gguf' (the file's own blocks), 'q4', 'q8' or 'none'. `auto` runs a GGUF's own blocks unless float32 was asked
     for explicitly: `--dtype float32` stays the de-quantized model, token-identical to Hugging Face."""
-    if device.type != "cpu" or family != "llama" or setting == "none":
+    if device.type != "cpu" or family == "gpt2" or setting == "none":
         return "none"
     if setting == "auto":
         return "gguf" if is_gguf and dtype_setting != "float32" else "none"
