@@ -92,14 +92,15 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 WORKDIR /home/loom
 
-# Bake the default model's one-time GGUF -> safetensors conversion into the image (as the runtime user, in the
-# final filesystem, so the cache key -- the GGUF's path, size and mtime -- matches at run time): containers start
-# in seconds instead of converting first. Runs on the build host's CPU; no GPU is needed.
-RUN loom generate --model default --prompt hi --max-tokens 1 --device cpu --dtype float32 --kv-cache-memory 0.05 \
-    && ls "${LOOM_CACHE_DIR}"/SmolLM2-135M-Instruct*/loom-converted.json
+# Bake what `loom serve` reads on its first start: the default GGUF's tokenizer (read from its metadata once; as the
+# runtime user, in the final filesystem, so the cache key -- the GGUF's path, size and mtime -- matches at run time).
+# Kernel plans are measured per CPU at the first start on a machine and cached in LOOM_CACHE_DIR.
+RUN loom generate --model default --prompt hi --max-tokens 1 --device cpu --kv-cache-memory 0.05 \
+    && ls "${LOOM_CACHE_DIR}"/gguf-tokenizers/SmolLM2-135M-Instruct*/tokenizer.json
 
 # Mount model directories or .gguf files here: `-v /path/to/models:/models:ro`, then `--model /models/...`.
-# (GGUF files are converted once into LOOM_CACHE_DIR; mount a volume there to keep conversions across restarts.)
+# (GGUF files run as stored; their tokenizers and the kernel plans are cached in LOOM_CACHE_DIR: mount a volume there
+# to keep them across restarts.)
 
 EXPOSE 8000
 

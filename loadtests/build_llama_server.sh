@@ -5,8 +5,9 @@
 #   loadtests/build_llama_server.sh            # build (skips every step already done)
 #   LLAMA_CPP_PYTHON_VERSION=0.3.16 loadtests/build_llama_server.sh
 #
-# Result: ~/.cache/loom-peers/llama-server (symlink to the built binary) and
-#         ~/.cache/loom-peers/llama-server.version (llama-cpp-python version + llama.cpp commit, if known).
+# Result: ~/.cache/loom-peers/llama-server and llama-quantize (symlinks to the built binaries), llama.cpp (the source
+#         tree: convert_hf_to_gguf.py, gguf-py) and llama-server.version (llama-cpp-python version + llama.cpp
+#         commit, if known).
 # Takes ~5 minutes on 2 cores the first time; a second run is a no-op.
 set -euo pipefail
 
@@ -20,7 +21,7 @@ if [ -z "$PIP" ]; then
 fi
 
 mkdir -p "$CACHE"
-if [ -x "$CACHE/llama-server" ] && [ -z "${FORCE:-}" ]; then
+if [ -x "$CACHE/llama-server" ] && [ -x "$CACHE/llama-quantize" ] && [ -z "${FORCE:-}" ]; then
     echo "llama-server already built: $CACHE/llama-server ($(cat "$CACHE/llama-server.version" 2>/dev/null || echo '?'))"
     exit 0
 fi
@@ -44,7 +45,7 @@ if [ ! -f "$SRC/vendor/llama.cpp/CMakeLists.txt" ]; then
 fi
 LLAMA="$SRC/vendor/llama.cpp"
 
-# 3. configure + build only the llama-server target
+# 3. configure + build only the llama-server and llama-quantize targets
 BUILD="$CACHE/build/$NAME"
 if [ ! -f "$BUILD/CMakeCache.txt" ]; then
     GEN=()
@@ -53,11 +54,14 @@ if [ ! -f "$BUILD/CMakeCache.txt" ]; then
         -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF
 fi
-cmake --build "$BUILD" --target llama-server -j "$JOBS"
+cmake --build "$BUILD" --target llama-server llama-quantize -j "$JOBS"
 
-BIN="$(find "$BUILD" -type f -name llama-server -perm -u+x | head -1)"
-[ -n "$BIN" ] || { echo "llama-server binary not found under $BUILD" >&2; exit 1; }
-ln -sf "$BIN" "$CACHE/llama-server"
+for TOOL in llama-server llama-quantize; do
+    BIN="$(find "$BUILD" -type f -name "$TOOL" -perm -u+x | head -1)"
+    [ -n "$BIN" ] || { echo "$TOOL binary not found under $BUILD" >&2; exit 1; }
+    ln -sf "$BIN" "$CACHE/$TOOL"
+done
+ln -sfn "$LLAMA" "$CACHE/llama.cpp"
 
 # 4. record what was built (llama.cpp commit from the vendored tree if the sdist kept it)
 COMMIT=""

@@ -74,8 +74,8 @@ class WordTokenizer:
 
 def default_tokenizer_dir() -> Path:
     """The default model as a Hugging Face directory (what every HF peer loads too)."""
-    from server.model.loader import resolve_checkpoint
-    return Path(resolve_checkpoint("default", Path("~/.cache/loom").expanduser()))
+    from server.model.loader import hf_reference_directory
+    return Path(hf_reference_directory("default", Path("~/.cache/loom").expanduser()))
 
 
 def load_tokenizer(spec: str | None) -> TextTokenizer:

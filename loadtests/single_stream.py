@@ -15,7 +15,7 @@ import torch
 from server.engine import EngineCore, EngineSettings, SamplingParams
 from server.engine.offline import generate
 from server.model import ModelSettings, load_model
-from server.model.loader import resolve_checkpoint
+from server.model.loader import hf_reference_directory
 
 
 def rss_mib() -> float:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     out["loom_tok_s"] = round(args.tokens / best, 1)
 
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(args.model, ModelSettings().cache_dir),
+    hf = AutoModelForCausalLM.from_pretrained(hf_reference_directory(args.model, ModelSettings().cache_dir),
                                               dtype=getattr(torch, args.dtype)).eval()
     ids = torch.tensor([prompt])
     kwargs = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from server.model import ModelSettings, load_model
-from server.model.loader import resolve_checkpoint
+from server.model.loader import hf_reference_directory
 from tests.support.encoders import encoder_engine, hf_minilm, minilm_dir, minilm_fp32, tiny_classifiers  # noqa: F401
 from tests.support.models import TINY_CONFIGS
 from tests.support.servers import make_engine
@@ -23,7 +23,7 @@ from tests.support.servers import make_engine
 @pytest.fixture(scope="session")
 def default_checkpoint() -> Path:
     """The default model as a Hugging Face directory (converted from its GGUF once, cached in ~/.cache/loom)."""
-    return resolve_checkpoint("default", ModelSettings().cache_dir)
+    return hf_reference_directory("default", ModelSettings().cache_dir)
 
 
 @pytest.fixture(scope="session")

@@ -63,8 +63,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def default_model_files() -> tuple[Path, Path]:
     """(GGUF, converted HF directory) of the default model: the same weights for every server."""
-    from server.model.loader import default_gguf, resolve_checkpoint
-    return default_gguf(), Path(resolve_checkpoint("default", Path("~/.cache/loom").expanduser()))
+    from server.model.loader import default_gguf, hf_reference_directory
+    return default_gguf(), Path(hf_reference_directory("default", Path("~/.cache/loom").expanduser()))
 
 
 def _python_tool(*args: str) -> list[str]:

@@ -151,12 +151,13 @@ class CpuExtension:
             return None
 
 
-# Fast math for the attention's exp (vectorized through libmvec). None for the fused ops and the block GEMM: it would
-# fuse and reorder their float math away from the references' roundings.
+# Fast math for the attention's exp (vectorized through libmvec). None for the fused ops and the block GEMMs: it would
+# fuse and reorder their float math away from the references' roundings (and the GGUF de-quantizer is bit-exact).
 PAGED_DECODE = CpuExtension("loom_cpu_paged_decode", ("attention/cpu_decode.cpp",), True, "the PyTorch reference")
 FUSED_OPS = CpuExtension("loom_cpu_fused_ops", ("fused_cpu/cpu_ops.cpp",), False, "the PyTorch references")
 DECODE_STACK = CpuExtension("loom_cpu_decode_stack", ("fused_cpu/decode_stack.cpp",), True, "the Python layer loop")
 BLOCKS = CpuExtension("loom_cpu_blocks", ("quant/blocks.cpp",), False, "the other quantized backends")
+KQUANTS = CpuExtension("loom_cpu_kquants", ("quant/kquants.cpp",), False, "the other quantized backends")
 
 
 def build_cpu_kernels() -> dict[str, bool]:
@@ -165,10 +166,11 @@ def build_cpu_kernels() -> dict[str, bool]:
     kernels' own availability checks answer). Each is otherwise built on its first use, and a build takes ~20-60 s:
     at start-up that only delays readiness, inside a request it stalls every stream."""
     serving = kernel_backend().mode != "torch"  # LOOM_KERNELS=torch: the references serve, no build is needed
-    wanted = {"paged_decode": PAGED_DECODE, "fused_ops": FUSED_OPS, "decode_stack": DECODE_STACK, "blocks": BLOCKS}
-    if not serving:
-        wanted = {"blocks": BLOCKS}
+    wanted = {"paged_decode": PAGED_DECODE, "fused_ops": FUSED_OPS, "decode_stack": DECODE_STACK, "blocks": BLOCKS,
+              "kquants": KQUANTS}
+    if not serving:  # the quantized weights have no PyTorch reference kernels: still built
+        wanted = {"blocks": BLOCKS, "kquants": KQUANTS}
     isa = current_isa()
     with ThreadPoolExecutor(max_workers=max(1, min(len(wanted), os.cpu_count() or 1))) as pool:
         built = dict(zip(wanted, pool.map(lambda ext: ext(isa) is not None, wanted.values())))
-    return {name: built.get(name, False) for name in ("paged_decode", "fused_ops", "decode_stack", "blocks")}
+    return {name: built.get(name, False) for name in ("paged_decode", "fused_ops", "decode_stack", "blocks", "kquants")}

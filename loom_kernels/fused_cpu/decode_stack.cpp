@@ -5,8 +5,15 @@
 #include "attention/cpu_decode.h"
 #include "fused_cpu/cpu_ops.h"
 #include "quant/blocks.h"
+#include "quant/kquants.h"
 
-struct Lin { int64_t kind = 0, n = 0, k = 0, group = 0; at::Tensor a, b, c, bias; };
+// One linear: kinds 0-5 hold their weight in a, b, c; kind 6 (GGUF blocks) in segs, one ggml type each.
+struct Lin {
+  int64_t kind = 0, n = 0, k = 0, group = 0;
+  at::Tensor a, b, c, bias;
+  std::vector<at::Tensor> segs;
+  std::vector<int64_t> types;
+};
 
 static at::Tensor packed_bf16_linear(const at::Tensor& x, const at::Tensor& w) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
@@ -31,6 +38,8 @@ static at::Tensor apply_linear(const at::Tensor& x, const Lin& l) {
     out = at::_weight_int8pack_mm(f, l.a, l.b);
   } else if (l.kind == 4 || l.kind == 5) {  // GGUF blocks: a = codes, b = d, c = m (Q4)
     out = block_linear(x, l.a, l.b, l.kind == 4 ? l.c : l.b, l.kind - 4);
+  } else if (l.kind == 6) {  // GGUF blocks as stored, any mix of the kquants types
+    out = gguf_linear(x, l.segs, l.types, l.k);
   } else if (l.kind == 2) {
     out = at::linear(x.scalar_type() == l.a.scalar_type() ? x : x.to(l.a.scalar_type()), l.a);
   } else {
@@ -79,21 +88,34 @@ struct DecodeStack {
   int64_t H, Hkv, D;
   double eps, scale;
 
+  // A kind-6 linear's group is its segment count: its segments and their types are the next ones of gguf_segs /
+  // gguf_types, in linear order.
   DecodeStack(std::vector<at::Tensor> norms_, std::vector<at::Tensor> lin_tensors, std::vector<int64_t> meta,
-              std::vector<at::Tensor> kcs, std::vector<at::Tensor> vcs, at::Tensor cs, int64_t h, int64_t hkv,
-              int64_t d, double eps_, double scale_)
+              std::vector<at::Tensor> gguf_segs, std::vector<int64_t> gguf_types, std::vector<at::Tensor> kcs,
+              std::vector<at::Tensor> vcs, at::Tensor cs, int64_t h, int64_t hkv, int64_t d, double eps_,
+              double scale_)
       : norms(norms_), k_caches(kcs), v_caches(vcs), cos_sin(cs), H(h), Hkv(hkv), D(d), eps(eps_), scale(scale_) {
     const size_t L = kcs.size();
     TORCH_CHECK(norms.size() == 2 * L + 1 && lin_tensors.size() == 16 * L && meta.size() == 16 * L,
                 "DecodeStack: 2L+1 norms, 4 linears x (4 tensors, 4 ints) per layer");
     TORCH_CHECK(cs.scalar_type() == at::kFloat && cs.stride(1) == 1, "DecodeStack: float32 cos/sin cache");
+    TORCH_CHECK(gguf_segs.size() == gguf_types.size(), "DecodeStack: one ggml type per GGUF segment");
+    size_t seg = 0;
     for (size_t i = 0; i < 4 * L; ++i) {
       Lin l;
       l.kind = meta[4 * i]; l.n = meta[4 * i + 1]; l.k = meta[4 * i + 2]; l.group = meta[4 * i + 3];
       l.a = lin_tensors[4 * i]; l.b = lin_tensors[4 * i + 1]; l.c = lin_tensors[4 * i + 2];
       if (lin_tensors[4 * i + 3].numel()) l.bias = lin_tensors[4 * i + 3];
+      if (l.kind == 6) {
+        TORCH_CHECK(l.group > 0 && seg + l.group <= gguf_segs.size(), "DecodeStack: too few GGUF segments");
+        l.segs.assign(gguf_segs.begin() + seg, gguf_segs.begin() + seg + l.group);
+        l.types.assign(gguf_types.begin() + seg, gguf_types.begin() + seg + l.group);
+        kq_segments(l.segs, l.types, l.k);  // refuse a bad segment now, not in the first step
+        seg += l.group;
+      }
       lins.push_back(l);
     }
+    TORCH_CHECK(seg == gguf_segs.size(), "DecodeStack: GGUF segments left over");
   }
 
   template <typename T>
@@ -155,7 +177,7 @@ struct DecodeStack {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<DecodeStack>(m, "DecodeStack")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
-                          std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t,
-                          double, double>())
+                          std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>,
+                          std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t, double, double>())
       .def("run", &DecodeStack::run, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -18,29 +18,35 @@ from loom_kernels.cpu.build import DECODE_STACK
 from loom_kernels.quant import (
     BlockQ4,
     BlockQ8,
+    GGUFBlocks,
     Q4Packed,
     Q8Packed,
     block_q4_linear,
     block_q8_linear,
+    gguf_linear,
     q4_linear,
     q8_linear,
 )
+from loom_kernels.quant.kquants import ggml_type_id
 
-KINDS = {"q4": 0, "q8": 1, "dense": 2, "mkldnn": 3, "q4_blocks": 4, "q8_blocks": 5}
+KINDS = {"q4": 0, "q8": 1, "dense": 2, "mkldnn": 3, "q4_blocks": 4, "q8_blocks": 5, "gguf_blocks": 6}
 
 
 @dataclass
 class StackLinear:
     """One linear in the form the step runs it: `q4` (Q4Packed), `q8` (Q8Packed), `q4_blocks` / `q8_blocks`
-    (BlockQ4 / BlockQ8), `dense` (a weight `[N, K]`, any dtype: the input is cast to it) or `mkldnn` (a
-    oneDNN-packed bf16 weight with its `out_features`)."""
+    (BlockQ4 / BlockQ8), `gguf_blocks` (GGUFBlocks: a GGUF file's blocks as stored, segments of mixed types),
+    `dense` (a weight `[N, K]`, any dtype: the input is cast to it) or `mkldnn` (a oneDNN-packed bf16 weight with
+    its `out_features`)."""
     kind: str
-    weight: Q4Packed | Q8Packed | BlockQ4 | BlockQ8 | torch.Tensor
+    weight: Q4Packed | Q8Packed | BlockQ4 | BlockQ8 | GGUFBlocks | torch.Tensor
     bias: torch.Tensor | None = None
     out_features: int = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "q4_blocks":
+        if self.kind == "gguf_blocks":
+            out = gguf_linear(x, self.weight)
+        elif self.kind == "q4_blocks":
             out = block_q4_linear(x, self.weight)
         elif self.kind == "q8_blocks":
             out = block_q8_linear(x, self.weight)
@@ -83,9 +89,19 @@ def decode_stack_available() -> bool:
     return kernel_backend().mode != "torch" and DECODE_STACK() is not None
 
 
+def _gguf_segments(lin: StackLinear) -> tuple[list[torch.Tensor], list[int]]:
+    """A `gguf_blocks` linear's segments and their ggml type ids (none for the other kinds)."""
+    if lin.kind != "gguf_blocks":
+        return [], []
+    return [raw for raw, _ in lin.weight.segments], [ggml_type_id(qtype) for _, qtype in lin.weight.segments]
+
+
 def _linear_args(lin: StackLinear) -> tuple[list[torch.Tensor], list[int]]:
+    """The linear's 4 tensors and 4 ints (kind, N, K, group; a `gguf_blocks` linear's group: its segment count)."""
     bias, none = (torch.empty(0) if lin.bias is None else lin.bias), torch.empty(0)
     w = lin.weight
+    if lin.kind == "gguf_blocks":
+        return [none, none, none, bias], [KINDS["gguf_blocks"], w.n, w.k, len(w.segments)]
     if lin.kind == "q4":
         return [w.packed, w.scales_zeros, none, bias], [KINDS["q4"], w.n, w.k, w.group]
     if lin.kind == "q8":
@@ -106,17 +122,21 @@ class DecodeStack:
     def __init__(self, layers: list[StackLayer], final_norm: torch.Tensor, k_caches: list[torch.Tensor],
                  v_caches: list[torch.Tensor], cos_sin: torch.Tensor, shape: StackShape):
         dtype = k_caches[0].dtype  # the activation dtype
-        norms, tensors, meta = [], [], []
+        norms, tensors, meta, segments, types = [], [], [], [], []
         for layer in layers:
             norms += [layer.input_norm.to(dtype).contiguous(), layer.post_norm.to(dtype).contiguous()]
             for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
                 t, m = _linear_args(lin)
                 tensors += t
                 meta += m
+                segs, ids = _gguf_segments(lin)
+                segments += segs
+                types += ids
         norms.append(final_norm.to(dtype).contiguous())
         s = shape
-        self._impl = DECODE_STACK().DecodeStack(norms, tensors, meta, k_caches, v_caches, cos_sin.float().contiguous(),
-                                             s.num_heads, s.num_kv_heads, s.head_dim, s.eps, s.scale)
+        self._impl = DECODE_STACK().DecodeStack(norms, tensors, meta, segments, types, k_caches, v_caches,
+                                             cos_sin.float().contiguous(), s.num_heads, s.num_kv_heads, s.head_dim,
+                                             s.eps, s.scale)
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
             seq_lens: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The C++ decode stack against `decode_stack_ref` (the same step through the public ops): every linear form,
-widths that are not multiples of the 4-bit group or of 16, a qkv bias, a skipped KV slot, bf16 and fp32."""
+widths that are not multiples of the 4-bit group or of 16, a qkv bias, a skipped KV slot, bf16 and fp32; and GGUF
+blocks as stored, fused projections mixing types, on widths that are whole 256-weight superblocks."""
 import pytest
 import torch
 
@@ -11,7 +12,16 @@ from loom_kernels.fused_cpu.decode_stack import (
     decode_stack_available,
     decode_stack_ref,
 )
-from loom_kernels.quant import pack_block_q4, pack_block_q8, pack_q4, pack_q8, quantize_q4, quantize_q8
+from loom_kernels.quant import (
+    concat_gguf_blocks,
+    pack_block_q4,
+    pack_block_q8,
+    pack_q4,
+    pack_q8,
+    quantize_q4,
+    quantize_q8,
+)
+from loom_kernels.quant.test_kquants import random_blocks
 from loom_kernels.rotary.test_rotary import cos_sin_cache
 
 pytestmark = pytest.mark.skipif(not decode_stack_available(), reason="no C++ compiler for the CPU kernels")
@@ -66,17 +76,58 @@ def test_decode_stack_matches_the_python_layer_loop(dtype, kinds):
     if "mkldnn" in kinds and not mkldnn_ok():
         pytest.skip("oneDNN bf16 unsupported on this CPU")
     torch.manual_seed(0)
-    layers = make_layers(kinds, dtype)
-    final_norm = (1 + 0.1 * torch.randn(HIDDEN)).to(dtype)
-    caches = torch.randn(LAYERS, 2, BLOCKS, BLOCK, HKV, D).to(dtype)
+    check_stack(make_layers(kinds, dtype), dtype, StackShape(H, HKV, D, 1e-5, D ** -0.5), HIDDEN)
+
+
+# GGUF layers: widths of whole superblocks; per layer, the types of (q, k, v), o, (gate, up), down, as a Q4_K_M file
+# mixes them, and the 32-weight types.
+G_HIDDEN, G_H, G_HKV, G_D, G_INTER = 256, 4, 2, 64, 256
+GGUF_LAYERS = [(("Q4_K", "Q4_K", "Q6_K"), "Q5_K", ("Q4_K", "Q5_0"), "Q6_K"),
+               (("Q4_0", "Q4_1", "Q5_1"), "Q8_0", ("Q5_0", "Q4_1"), "Q8_0"),
+               (("Q5_K", "Q8_0", "Q6_K"), "Q4_K", ("Q6_K", "Q4_K"), "Q5_K")]
+
+
+def gguf_linear_of(types: tuple[str, ...], rows: tuple[int, ...], k: int, seed: int, bias=None) -> StackLinear:
+    parts = [random_blocks(t, n, k, seed=seed + i, scale=2.0 / k ** 0.5) for i, (t, n) in enumerate(zip(types, rows))]
+    return StackLinear("gguf_blocks", concat_gguf_blocks(parts), bias)
+
+
+def make_gguf_layers(dtype: torch.dtype) -> list[StackLayer]:
+    q, kv = G_H * G_D, G_HKV * G_D
+    layers = []
+    for i, (qkv, o, gate_up, down) in enumerate(GGUF_LAYERS):
+        layers.append(StackLayer(
+            input_norm=(1 + 0.1 * torch.randn(G_HIDDEN)).to(dtype),
+            qkv=gguf_linear_of(qkv, (q, kv, kv), G_HIDDEN, 10 * i, 0.1 * torch.randn(q + 2 * kv, dtype=dtype)),
+            o=gguf_linear_of((o,), (G_HIDDEN,), q, 10 * i + 3),
+            post_norm=(1 + 0.1 * torch.randn(G_HIDDEN)).to(dtype),
+            gate_up=gguf_linear_of(gate_up, (G_INTER, G_INTER), G_HIDDEN, 10 * i + 4),
+            down=gguf_linear_of((down,), (G_HIDDEN,), G_INTER, 10 * i + 6)))
+    return layers
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_decode_stack_runs_gguf_blocks_of_mixed_types(dtype):
+    torch.manual_seed(0)
+    layers = make_gguf_layers(dtype)
+    assert [lin.weight.qtypes for lin in (layers[0].qkv, layers[0].gate_up)] == [["Q4_K", "Q4_K", "Q6_K"],
+                                                                                  ["Q4_K", "Q5_0"]]
+    check_stack(layers, dtype, StackShape(G_H, G_HKV, G_D, 1e-5, G_D ** -0.5), G_HIDDEN)
+
+
+def check_stack(layers: list[StackLayer], dtype: torch.dtype, shape: StackShape, hidden: int) -> None:
+    """One step of the C++ stack against the Python layer loop over the same layers: outputs, the K/V written (in
+    the same slots, nothing else touched), and a second step equal to the first (no state kept)."""
+    hkv, d = shape.num_kv_heads, shape.head_dim
+    final_norm = (1 + 0.1 * torch.randn(hidden)).to(dtype)
+    caches = torch.randn(len(layers), 2, BLOCKS, BLOCK, hkv, d).to(dtype)
     tables = torch.tensor([[3, 7, 1], [0, 2, 9], [5, 0, 0], [11, 12, 0]], dtype=torch.int32)
     seq_lens = torch.tensor([9, 12, 1, 6], dtype=torch.int32)
     positions = (seq_lens - 1).long()
     slots = torch.tensor([int(tables[b, p // BLOCK]) * BLOCK + int(p) % BLOCK for b, p in enumerate(positions)])
     slots[3] = -1  # a padded row: its K/V is not stored
-    cos_sin = cos_sin_cache(64, D).cpu()
-    shape = StackShape(H, HKV, D, 1e-5, D ** -0.5)
-    x = torch.randn(4, HIDDEN).to(dtype)
+    cos_sin = cos_sin_cache(64, d).cpu()
+    x = torch.randn(4, hidden).to(dtype)
 
     ref_caches = caches.clone()
     ref = decode_stack_ref(x, layers, final_norm, list(ref_caches[:, 0]), list(ref_caches[:, 1]), cos_sin, shape,

@@ -17,6 +17,16 @@ from loom_kernels.quant.int4pack import (
     quantize_q4,
     quantize_q8,
 )
+from loom_kernels.quant.kquants import (
+    GGUF_KERNEL_TYPES,
+    GGUFBlocks,
+    concat_gguf_blocks,
+    dequantize_gguf,
+    gguf_blocks,
+    gguf_kernels_available,
+    gguf_linear,
+    row_bytes,
+)
 from loom_kernels.quant.reference import (
     block_linear_ref,
     dequantize_block_ref,
@@ -25,7 +35,8 @@ from loom_kernels.quant.reference import (
     q8_linear_ref,
 )
 
-__all__ = ["BlockQ4", "BlockQ8", "Q4Packed", "Q8Packed", "block_kernels_available", "block_linear_ref",
-           "block_q4_linear", "block_q8_linear", "dequantize_block_ref", "dequantize_q4_ref", "pack_block_q4",
-           "pack_block_q8", "pack_q4", "pack_q8", "q4_linear", "q4_linear_ref", "q8_linear", "q8_linear_ref",
-           "quantize_q4", "quantize_q8"]
+__all__ = ["GGUF_KERNEL_TYPES", "BlockQ4", "BlockQ8", "GGUFBlocks", "Q4Packed", "Q8Packed", "block_kernels_available",
+           "block_linear_ref", "block_q4_linear", "block_q8_linear", "concat_gguf_blocks", "dequantize_block_ref",
+           "dequantize_gguf", "dequantize_q4_ref", "gguf_blocks", "gguf_kernels_available", "gguf_linear",
+           "pack_block_q4", "pack_block_q8", "pack_q4", "pack_q8", "q4_linear", "q4_linear_ref", "q8_linear",
+           "q8_linear_ref", "quantize_q4", "quantize_q8", "row_bytes"]

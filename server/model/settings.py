@@ -19,11 +19,15 @@ class ModelSettings(BaseSettings):
     linear_kernels: str = Field("auto", pattern="^(auto|quantized)$",
                                 description="'auto': the measured fastest per batch size (may keep a dense bf16/fp32 "
                                             "copy for large batches); 'quantized': 4/8-bit forms only (least memory)")
+    weight_memory: float = Field(1.3, ge=1.0, description="quantized linears hold at most this multiple of their "
+                                                           "stored bytes; more lets calibration keep dense copies "
+                                                           "for large batches")
     cpu_isa: str = Field("auto", pattern="^(auto|avx2)$",
                          description="'avx2': take the AVX2-only kernel and dtype choices on any CPU (testing the "
                                      "path other CPUs take; pair with ATEN_CPU_CAPABILITY=avx2)")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'")
-    cache_dir: Path = Field(Path("~/.cache/loom").expanduser(), description="where converted GGUF checkpoints live")
+    cache_dir: Path = Field(Path("~/.cache/loom").expanduser(),
+                            description="tokenizers read from GGUFs, kernel plans, q4/q8 quantizations")
     dummy_seed: int = Field(0, description="seed of the random weights of `dummy:` models")
     embedding_model: str = Field("none", description="encoder served beside the generator for /v1/embeddings, "
                                                     "/v1/rerank, /v1/score: 'default' (all-MiniLM-L6-v2), a Hugging "

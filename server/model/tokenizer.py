@@ -79,18 +79,21 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None) -> str:
-        """`tools` go to the template (transformers' `tools=`), for templates that render them."""
+                    tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None) -> str:
+        """`tools` go to the template (transformers' `tools=`), for templates that render them; `template_kwargs`
+        are the template's own variables (e.g. Qwen3's `enable_thinking`)."""
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use the completions API (or --raw)")
-        extra = {"tools": tools} if tools else {}
+        extra = {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                            **extra)
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+                    tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
         # The rendered template already holds the special tokens (BOS etc.), so none are added again.
-        return self.encode(self.render_chat(messages, add_generation_prompt, tools), add_special_tokens=False)
+        text = self.render_chat(messages, add_generation_prompt, tools, template_kwargs)
+        return self.encode(text, add_special_tokens=False)
 
 
 class IncrementalDetokenizer:

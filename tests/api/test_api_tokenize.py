@@ -27,6 +27,23 @@ def test_tokenize_messages_uses_the_chat_template(client, dummy_engine):
     assert bare["count"] < body["count"]
 
 
+def test_chat_template_kwargs_reach_the_template(client, dummy_engine, monkeypatch):
+    """Qwen3's template renders an empty think block when `enable_thinking` is false; the kwargs get there."""
+    hf = dummy_engine.tokenizer.hf
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                "<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}"
+                "<think>\n\n</think>\n\n{% endif %}")
+    monkeypatch.setattr(hf, "chat_template", template)
+    messages = [{"role": "user", "content": "hi"}]
+    plain = client.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    off = client.post("/tokenize", json={"messages": messages, "chat_template_kwargs": {"enable_thinking": False}})
+    text = client.post("/detokenize", json={"tokens": off.json()["tokens"]}).json()["prompt"]
+    assert text.endswith("<think>\n\n</think>\n\n") and off.json()["count"] > len(plain)
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1,
+                                                   "chat_template_kwargs": {"enable_thinking": False}})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == off.json()["count"]
+
+
 @pytest.mark.parametrize("path, body, param", [
     ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, None),
     ("/tokenize", {}, None),

@@ -7,7 +7,7 @@ import torch
 
 from server.model import ModelNotFoundError, ModelSettings, UnsupportedModelError, load_model, loader
 from server.model.config import ModelConfig
-from server.model.weights.gguf import converted_dir
+from server.model.weights.gguf import tokenizer_dir
 
 
 def test_missing_path_is_a_clear_error(tmp_path):
@@ -75,15 +75,18 @@ def test_missing_tensor_is_reported(tmp_path, tiny_checkpoints):
         load_model(ModelSettings(model=str(tmp_path)), progress=False)
 
 
-def test_gguf_is_converted_once(default_checkpoint, monkeypatch):
-    """The second resolution of a GGUF reuses the cached conversion without touching transformers."""
+def test_gguf_tokenizer_is_read_once_and_no_weights_are_converted(tmp_path, monkeypatch):
+    """A GGUF's tokenizer is built from its metadata once and cached (a few MB); its weights are never written."""
     gguf = loader.default_gguf()
-    cache = default_checkpoint.parent
+    first = tokenizer_dir(gguf, tmp_path)
     import transformers
-    monkeypatch.setattr(transformers, "AutoModelForCausalLM", None)  # would fail if conversion ran again
+    monkeypatch.setattr(transformers, "AutoTokenizer", None)  # would fail if it were built again
     started = time.perf_counter()
-    assert converted_dir(gguf, cache) == default_checkpoint
+    assert tokenizer_dir(gguf, tmp_path) == first
     assert time.perf_counter() - started < 1.0
+    written = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert {f.name for f in written} >= {"tokenizer.json", "tokenizer_config.json"}
+    assert sum(f.stat().st_size for f in written) < 20e6 and not any(f.suffix == ".safetensors" for f in written)
 
 
 def test_default_model_shape(default_model_fp32):
@@ -106,14 +109,15 @@ def no_kernel_builds(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the checkpoint should have been refused before anything slow")
     monkeypatch.setattr(loader, "build_cpu_kernels", refuse)
-    monkeypatch.setattr(loader, "converted_dir", refuse)
+    monkeypatch.setattr(loader, "tokenizer_dir", refuse)
+    monkeypatch.setattr(loader, "read_gguf", refuse)
 
 
 def test_unsupported_architecture_refused_before_kernel_builds(tmp_path, no_kernel_builds):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "vocab_size": 10}))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Olmo2ForCausalLM"], "vocab_size": 10}))
     (tmp_path / "model.safetensors").write_bytes(b"")
     started = time.perf_counter()
-    with pytest.raises(UnsupportedModelError, match="unsupported architecture.*Qwen3ForCausalLM"):
+    with pytest.raises(UnsupportedModelError, match="unsupported architecture.*Olmo2ForCausalLM"):
         load_model(ModelSettings(model=str(tmp_path), device="cpu"))
     assert time.perf_counter() - started < 5
 
@@ -121,14 +125,13 @@ def test_unsupported_architecture_refused_before_kernel_builds(tmp_path, no_kern
 def test_unsupported_gguf_refused_from_its_header(tmp_path, no_kernel_builds):
     import gguf
     import numpy as np
-    path = tmp_path / "tiny-qwen3.gguf"
-    writer = gguf.GGUFWriter(str(path), "qwen3")
+    path = tmp_path / "tiny-mamba.gguf"
+    writer = gguf.GGUFWriter(str(path), "mamba")
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    assert loader.gguf_architecture(path) == "qwen3"
-    with pytest.raises(UnsupportedModelError, match="unsupported GGUF architecture 'qwen3'"):
+    with pytest.raises(UnsupportedModelError, match="unsupported GGUF architecture 'mamba'; Loom runs gemma3, llama"):
         load_model(ModelSettings(model=str(path), device="cpu"))

@@ -60,13 +60,18 @@ def perplexity(lm, ids: list[int]) -> float:
 
 
 def main(argv: list[str]) -> None:
+    """`[--model PATH] [dtype ...]`: the GGUF's blocks as Loom runs them against the same file de-quantized to
+    float32 (default: the default model; e.g. a Q4_K_M re-quantization made by loadtests/make_gguf.py)."""
     from server.model import ModelSettings, load_model
-    ref = load_model(ModelSettings(model="default", dtype="float32", quantization="none"), progress=False)
+    model = "default"
+    if argv[:1] == ["--model"]:
+        model, argv = argv[1], argv[2:]
+    ref = load_model(ModelSettings(model=model, dtype="float32", quantization="none"), progress=False)
     ids = ref.tokenizer.encode(TEXT.read_text())
     ppl_ref = perplexity(ref, ids)
-    print(f"text: {len(ids)} tokens; float32 de-quantized perplexity {ppl_ref:.4f}")
+    print(f"{model}: text {len(ids)} tokens; float32 de-quantized perplexity {ppl_ref:.4f}")
     for dtype in argv or ["auto", "float32"]:
-        lm = load_model(ModelSettings(model="default", dtype=dtype, quantization="gguf"), progress=False)
+        lm = load_model(ModelSettings(model=model, dtype=dtype, quantization="gguf"), progress=False)
         started = time.perf_counter()
         agree = agreement(ref, lm, chat_prompts(ref, 32), 64)
         ppl = perplexity(lm, ids)

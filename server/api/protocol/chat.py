@@ -74,6 +74,8 @@ class ChatCompletionRequest(StructuredFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="default `auto` with tools; `required` and a named function are enforced by grammar")
     parallel_tool_calls: StrictBool = Field(True, description="false: at most one call per answer")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="variables for the model's chat template, e.g. {\"enable_thinking\": false} for Qwen3")
 
 
 class TopLogprob(Body):

@@ -1,6 +1,8 @@
 """POST /tokenize and /detokenize (vLLM's shapes)."""
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, StrictBool, StrictInt, model_validator
 
 from server.api.protocol.chat import ChatMessage
@@ -13,6 +15,7 @@ class TokenizeRequest(Body):
     messages: list[ChatMessage] | None = Field(None, description="a conversation, rendered with the chat template")
     add_special_tokens: StrictBool = Field(True, description="for `prompt`: add the tokenizer's special tokens (BOS...)")
     add_generation_prompt: StrictBool = Field(True, description="for `messages`: end with the assistant's turn opening")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="for `messages`: the template's variables")
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:

@@ -40,7 +40,7 @@ router = APIRouter()
 
 
 def render_messages(chat: list[ChatMessage], tokenizer: Tokenizer, add_generation_prompt: bool = True,
-                    plan: ToolPlan | None = None) -> list[int]:
+                    plan: ToolPlan | None = None, template_kwargs: dict | None = None) -> list[int]:
     """Token ids of the conversation in the model's own chat template (text content parts only), with the tools
     of `plan` rendered by the template itself or in a system prompt (server/api/tools.py)."""
     if not tokenizer.has_chat_template:
@@ -68,7 +68,8 @@ def render_messages(chat: list[ChatMessage], tokenizer: Tokenizer, add_generatio
         messages.append(message)
     messages = template_messages(messages, plan)
     try:
-        return tokenizer.encode_chat(messages, add_generation_prompt, plan.tools if plan and plan.native else None)
+        return tokenizer.encode_chat(messages, add_generation_prompt, plan.tools if plan and plan.native else None,
+                                     template_kwargs)
     except Exception as exc:  # the template refused these messages (e.g. roles out of order)
         raise APIError(400, f"the chat template cannot render these messages: {exc}", param="messages") from exc
 
@@ -126,7 +127,8 @@ async def prepare(body: ChatCompletionRequest,
     plan = plan_tools(body, getattr(served.tokenizer.hf, "chat_template", None))
     grammar = await request_grammar(body, served, plan)
     # CPU work: off the event loop
-    ids = await asyncio.to_thread(render_messages, body.messages, served.tokenizer, True, plan)
+    ids = await asyncio.to_thread(render_messages, body.messages, served.tokenizer, True, plan,
+                                  body.chat_template_kwargs)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     try:
         params = build_params(body, max_tokens=max_tokens, grammar=grammar,

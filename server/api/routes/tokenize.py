@@ -26,7 +26,8 @@ async def tokenize(body: TokenizeRequest, served: ReadyModel) -> TokenizeRespons
     served.check_model(body.model)
     tok = served.tokenizer
     if body.messages is not None:
-        ids = await asyncio.to_thread(render_messages, body.messages, tok, body.add_generation_prompt)
+        ids = await asyncio.to_thread(render_messages, body.messages, tok, body.add_generation_prompt, None,
+                                      body.chat_template_kwargs)
     else:
         ids = await asyncio.to_thread(tok.encode, body.prompt, body.add_special_tokens)
     return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=served.max_model_len)

@@ -17,12 +17,12 @@ from torch import nn
 
 from loom_kernels.cpu.platform import cpu_info, trim_heap
 from loom_kernels.quant import block_kernels_available
-from server.model.weights.quant import QUANTIZED, QuantLinear, backends_for
+from server.model.weights.quant import QUANTIZED, QuantLinear, backends_for, form_bytes, resident_weight_bytes
 
 log = logging.getLogger("loom.model")
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
-KERNELS_VERSION = 4  # bump when the candidate kernels change: cached plans of older sets are measured again
+KERNELS_VERSION = 5  # bump when the candidate kernels change: cached plans of older sets are measured again
 
 
 def group_linears(model: nn.Module) -> dict[str, list[QuantLinear]]:
@@ -64,10 +64,32 @@ def measure_group(mods: list[QuantLinear], candidates: list[str], dtype: torch.d
     return timings
 
 
+def affordable(mods: list[QuantLinear], candidates: list[str], allowance: float) -> list[str]:
+    """The first (the source's own, least-memory) form and every other whose copy of the group fits `allowance`."""
+    source = mods[0].source
+    return candidates[:1] + [c for c in candidates[1:] if form_bytes(source, c) * len(mods) <= allowance]
+
+
+def fit_choice(choice: dict[int, str], timings: dict[int, dict[str, float]], mods: list[QuantLinear],
+               base: str, allowance: float) -> tuple[dict[int, str], float]:
+    """Drop the extra forms that save least time until the group's extra bytes fit; returns (choice, bytes used)."""
+    source = mods[0].source
+    def extra(c: dict[int, str]) -> float:
+        return sum(form_bytes(source, b) for b in set(c.values()) - {base}) * len(mods)
+    while extra(choice) > allowance:
+        saved = {b: sum(timings[m][base] - timings[m][b] for m, x in choice.items() if x == b)
+                 for b in set(choice.values()) - {base}}
+        worst = min(saved, key=saved.get)
+        choice = {m: base if b == worst else b for m, b in choice.items()}
+    return choice, extra(choice)
+
+
 def heuristic_plan(candidates: list[str]) -> dict[int, str]:
-    """Without calibration: the quantized form for small M (bandwidth-bound), the best dense form above."""
-    dense = next(b for b in ("bf16_packed", "bf16", "f32") if b in candidates)
-    small = candidates[0] if candidates[0] in QUANTIZED else dense
+    """Without calibration: the quantized form for small M (bandwidth-bound), the best dense form (if any) above."""
+    small = candidates[0]
+    dense = next((b for b in ("bf16_packed", "bf16", "f32") if b in candidates), small)
+    if small not in QUANTIZED:
+        small = dense
     return {m: small if m <= 8 else dense for m in BUCKETS}
 
 
@@ -83,47 +105,66 @@ def compact(choice: dict[int, str]) -> list[tuple[int, str]]:
 
 
 def plan_kernels(model: nn.Module, dtype: torch.dtype, cache_dir: Path, calibrate: bool = True,
-                 quantized_only: bool = False, forced_isa: str | None = None) -> dict[str, list]:
-    """Choose and install a plan on every QuantLinear of `model`; returns {group: plan}. `quantized_only` keeps each
-    linear on its quantized form at every M (no dense copies: least memory, slower at large M)."""
+                 quantized_only: bool = False, forced_isa: str | None = None,
+                 memory_factor: float = 1.3) -> dict[str, list]:
+    """Choose and install a plan on every QuantLinear of `model`; returns {group: plan}. Extra forms (dense copies
+    for large batches, a second quantized layout) are kept only while all linears together stay within
+    `memory_factor` x their stored bytes; `quantized_only` keeps each linear on its quantized forms at every M."""
     info = cpu_info(forced_isa)
     groups = group_linears(model)
     if not groups:
         return {}
     fingerprint = json.dumps([KERNELS_VERSION, block_kernels_available(), info.model, sorted(info.flags),
                               info.capability, info.forced, torch.__version__, torch.get_num_threads(), str(dtype),
-                              sorted(groups), quantized_only])
+                              sorted(groups), quantized_only, memory_factor])
     path = cache_dir / "kernels" / f"{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}.json"
     cached = json.loads(path.read_text()) if calibrate and path.is_file() else None
     started = time.perf_counter()
+    allowance = (memory_factor - 1) * resident_weight_bytes(model)  # the weights as read, each storage once
     plans, choices, timings = {}, {}, {}
     for key, mods in groups.items():
         if cached and key in cached["plans"]:
             choice = {int(m): b for m, b in cached["plans"][key].items()}
         else:
-            candidates = backends_for(mods[0].source, info.native_bf16, info.fast_int8, block_kernels_available(),
-                                     mods[0].float_output)
-            if quantized_only and candidates[0] in QUANTIZED:
-                candidates = [c for c in candidates if c in QUANTIZED]
-            if calibrate:
-                timings[key] = measure_group(mods, candidates, dtype)
-                choice = {m: min(t, key=t.get) for m, t in timings[key].items()}
-            else:
-                choice = heuristic_plan(candidates)
+            choice, used = choose(mods, info, dtype, calibrate, quantized_only, allowance, timings, key)
+            allowance -= used
         choices[key], plans[key] = choice, compact(choice)
         for mod in mods:
             mod.keep_only(plans[key])
     trim_heap()  # calibration's transient dense copies would otherwise stay in the resident set
     if calibrate and not cached:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"cpu": info.model, "flags": sorted(info.flags), "torch": torch.__version__,
-                                   "threads": torch.get_num_threads(), "dtype": str(dtype),
-                                   "plans": choices,
-                                   "timings_ms": timings}, indent=1))
-        tmp.replace(path)
+        save_plans(path, info, dtype, choices, timings)
     log.info("kernel plan", extra={"source": "cache" if cached else ("measured" if calibrate else "heuristic"),
                                    "cpu": info.model, "capability": info.capability, "forced_isa": info.forced or None,
                                    "seconds": round(time.perf_counter() - started, 2),
+                                   "weights_mb": round(resident_weight_bytes(model) / 1e6),
+                                   "memory_factor": memory_factor,
                                    "plans": {k: " ".join(f"<={m}:{b}" for m, b in p) for k, p in plans.items()}})
     return plans
+
+
+def choose(mods: list[QuantLinear], info, dtype: torch.dtype, calibrate: bool, quantized_only: bool,
+           allowance: float, timings: dict, key: str) -> tuple[dict[int, str], float]:
+    """One group's {M bucket: backend} and the extra bytes it keeps."""
+    candidates = backends_for(mods[0].source, info.native_bf16, info.fast_int8, block_kernels_available(),
+                              mods[0].float_output)
+    if quantized_only and candidates[0] in QUANTIZED:
+        candidates = [c for c in candidates if c in QUANTIZED]
+    candidates = affordable(mods, candidates, allowance)
+    if not calibrate:
+        choice = heuristic_plan(candidates)
+        return choice, sum(form_bytes(mods[0].source, b) for b in set(choice.values()) - {candidates[0]}) * len(mods)
+    timings[key] = measure_group(mods, candidates, dtype)
+    choice = {m: min(t, key=t.get) for m, t in timings[key].items()}
+    if candidates[0] not in timings[key][1]:  # the base form failed to build: no budget to keep to
+        return choice, 0.0
+    return fit_choice(choice, timings[key], mods, candidates[0], allowance)
+
+
+def save_plans(path: Path, info, dtype: torch.dtype, choices: dict, timings: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"cpu": info.model, "flags": sorted(info.flags), "torch": torch.__version__,
+                               "threads": torch.get_num_threads(), "dtype": str(dtype), "plans": choices,
+                               "timings_ms": timings}, indent=1))
+    tmp.replace(path)

@@ -30,7 +30,11 @@ def stack_linear(module: nn.Module, m: int) -> StackLinear:
 
 
 def wants_stack(model: nn.Module, kv_cache: KVCache) -> bool:
-    """CPU, a compiler, K/V in the activation dtype, and either reduced precision or quantized weights."""
+    """A model whose layers the stack implements (the plain Llama layer: a family without q/k norms, NoPE layers,
+    partial rotary, sliding windows or Gemma's norms says `decode_stack_compatible = False`), on CPU, a compiler, K/V
+    in the activation dtype, and either reduced precision or quantized weights."""
+    if not getattr(model, "decode_stack_compatible", True):
+        return False
     norm = model.model.norm.weight
     quantized = any(isinstance(mod, QuantLinear) for mod in model.modules())
     return (norm.device.type == "cpu" and kv_cache.k[0].dtype == norm.dtype

@@ -1,11 +1,11 @@
 """Quantized CPU linears and embedding that run a checkpoint's own blocks (loom_kernels/quant).
 
 A `QuantLinear` can hold a weight in several forms ("backends") and picks one per call from its `plan`, a list of
-(largest M, backend) chosen by calibration (server/model/weights/calibrate.py): 4-bit int4pack or 8-bit int8pack with bf16
-activations stream the fewest bytes (small M is bound by weight bandwidth), a dense bf16/fp32 copy is faster where
-the product is compute-bound (large M). The block forms (`q4_blocks`, `q8_blocks`) are the checkpoint's own 32-weight blocks with their float16
-scales under Loom's kernel (loom_kernels/quant/blocks.py); `q4`/`q8` are torch's int4pack / int8pack. `keep_only`
-drops every form the plan does not use and the source codes."""
+(largest M, backend) chosen by calibration (server/model/weights/calibrate.py) within a memory budget. `gguf_blocks`
+is a GGUF's tensor as the file stores it, any type Loom has a kernel for (loom_kernels/quant/kquants.py);
+`q4_blocks` / `q8_blocks` are Q4_0/Q4_1/Q8_0 codes re-laid for the older block kernel (blocks.py); `q4`/`q8` are
+torch's int4pack / int8pack; bf16/fp32 dense copies are faster where the product is compute-bound (large M), at
+several times the memory. `keep_only` drops every form the plan does not use and the source."""
 from __future__ import annotations
 
 import torch
@@ -13,13 +13,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom_kernels.fused_cpu.decode_stack import StackLinear
-from loom_kernels.quant import pack_block_q4, pack_block_q8, pack_q4, pack_q8, quantize_q8
-from server.model.weights.gguf_tensors import QTensor
+from loom_kernels.quant import (
+    GGUFBlocks,
+    gguf_blocks,
+    pack_block_q4,
+    pack_block_q8,
+    pack_q4,
+    pack_q8,
+    quantize_q8,
+)
+from server.model.weights.gguf_tensors import QTensor, dequantize_blocks
 
-BACKENDS = ("q4_blocks", "q8_blocks", "q4", "q8", "bf16", "bf16_packed", "f32")
-QUANTIZED = ("q4_blocks", "q8_blocks", "q4", "q8")
-FORM_OF_BACKEND = {"q4_blocks": "q4_blocks", "q8_blocks": "q8_blocks", "q4": "q4", "q8": "q8", "bf16": "dense",
-                   "f32": "dense", "bf16_packed": "mkldnn"}
+BACKENDS = ("gguf_blocks", "q4_blocks", "q8_blocks", "q4", "q8", "bf16", "bf16_packed", "f32")
+QUANTIZED = ("gguf_blocks", "q4_blocks", "q8_blocks", "q4", "q8")
+FORM_OF_BACKEND = {"gguf_blocks": "gguf_blocks", "q4_blocks": "q4_blocks", "q8_blocks": "q8_blocks", "q4": "q4",
+                   "q8": "q8", "bf16": "dense", "f32": "dense", "bf16_packed": "mkldnn"}
+BYTES_PER_WEIGHT = {"q4_blocks": 0.625, "q4": 0.625, "q8_blocks": 1.0625, "q8": 1.0, "bf16": 2.0,
+                    "bf16_packed": 2.0, "f32": 4.0}  # with their scales; gguf_blocks: the file's own size
+CODE_FORMS = {"Q4_0": "q4", "Q4_1": "q4", "Q8_0": "q8"}  # GGUF types the int4pack / block kernels also run
 
 
 def backends_for(source: QTensor, native_bf16: bool, fast_int8: bool, blocks: bool,
@@ -28,7 +39,21 @@ def backends_for(source: QTensor, native_bf16: bool, fast_int8: bool, blocks: bo
     then dense copies. int8pack is left out where it is known to be catastrophically slow (AVX2 without AVX-512:
     5-400x slower than fp32); bf16 ones where bf16 is emulated, and for a head that must write float32."""
     own = {"q4": ["q4_blocks"] * blocks + ["q4"], "q8": ["q8_blocks"] * blocks + ["q8"] * fast_int8}
-    return own.get(source.kind, []) + (["bf16", "bf16_packed"] if native_bf16 and not float_output else []) + ["f32"]
+    kind = source.kind
+    if kind == "gguf":  # the file's blocks under the GGUF kernel; Q4_0/Q4_1/Q8_0 also under the code kernels
+        segments = source.blocks.segments
+        kind = CODE_FORMS.get(segments[0][1], "") if len(segments) == 1 else ""
+        own["gguf"] = ["gguf_blocks"] + own.get(kind, [])
+        kind = "gguf"
+    return own.get(kind, []) + (["bf16", "bf16_packed"] if native_bf16 and not float_output else []) + ["f32"]
+
+
+def form_bytes(source: QTensor, backend: str) -> int:
+    """Resident bytes of one form of `source`, known before it is built (for the memory budget)."""
+    if backend == "gguf_blocks":
+        return source.nbytes()
+    n, k = source.shape
+    return int(n * k * BYTES_PER_WEIGHT[backend])
 
 
 class QuantLinear(nn.Module):
@@ -45,14 +70,18 @@ class QuantLinear(nn.Module):
             bias = bias.float()
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.plan: list[tuple[int, str]] = []
-        self.quant_kind = source.kind
+        self.quant_kind = f"gguf:{source.source}" if source.kind == "gguf" else source.kind  # plans group by it
 
     def build(self, backend: str) -> None:
         """Materialise one form of the weight (from the source codes, still held until `keep_only`)."""
         if backend in self.forms:
             return
         s = self.source
-        if backend == "q4_blocks":
+        if s.kind == "gguf" and backend in ("q4_blocks", "q8_blocks", "q4", "q8"):
+            s = s.as_codes()
+        if backend == "gguf_blocks":
+            self.forms["gguf_blocks"] = s.blocks
+        elif backend == "q4_blocks":
             self.forms["q4_blocks"] = pack_block_q4(s.codes, s.scale, s.zero)
         elif backend == "q8_blocks":
             self.forms["q8_blocks"] = pack_block_q8(s.codes, s.scale)
@@ -104,6 +133,9 @@ class QuantLinear(nn.Module):
     def nbytes(self) -> int:
         total = 0
         for f in self.forms.values():
+            if isinstance(f, GGUFBlocks):
+                total += f.nbytes
+                continue
             ts = [f] if isinstance(f, torch.Tensor) else [v for v in vars(f).values() if isinstance(v, torch.Tensor)]
             total += sum(t.numel() * t.element_size() for t in ts)
         return total
@@ -114,22 +146,57 @@ class QuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """Token embedding on the checkpoint's own codes: only the gathered rows are de-quantized."""
+    """Token embedding on the checkpoint's own codes or blocks: only the gathered rows are de-quantized."""
 
     def __init__(self, source: QTensor, dtype: torch.dtype):
         super().__init__()
         self.kind, self.dtype = source.kind, dtype
         self.codes, self.scale, self.zero = source.codes, source.scale, source.zero  # float32 scales: exact
         self.dense = source.dense.to(dtype) if source.kind == "dense" else None
+        self.blocks = source.blocks
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:
             return F.embedding(ids, self.dense)
+        if self.blocks is not None:
+            (raw, qtype), = self.blocks.segments
+            flat = ids.reshape(-1)
+            w = dequantize_blocks(gguf_blocks(raw[flat], qtype, self.blocks.k))
+            return w.to(self.dtype).reshape(*ids.shape, -1)
         codes = self.codes[ids].float()
         s = self.scale[ids].float().repeat_interleave(32, dim=-1)
         w = codes * s if self.kind == "q8" else (codes - 8) * s + self.zero[ids].float().repeat_interleave(32, dim=-1)
         return w.to(self.dtype)
 
     def nbytes(self) -> int:
+        if self.blocks is not None:
+            return self.blocks.nbytes
         ts = [t for t in (self.codes, self.scale, self.zero, self.dense) if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _tensors(obj: object) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, GGUFBlocks):
+        return [raw for raw, _ in obj.segments]
+    return [v for v in vars(obj).values() if isinstance(v, torch.Tensor)]
+
+
+def resident_weight_bytes(model: nn.Module) -> int:
+    """Bytes of every weight the model holds (in every form it keeps), each storage once: a tied head shares the
+    embedding's blocks."""
+    seen: dict[int, int] = {}
+    for mod in model.modules():
+        held = [t for form in getattr(mod, "forms", {}).values() for t in _tensors(form)]
+        source = getattr(mod, "source", None)
+        if isinstance(source, QTensor):  # before planning: the weight as read
+            held += _tensors(source.blocks) if source.blocks is not None else _tensors(source)
+        if isinstance(mod, QuantEmbedding):
+            held += [t for t in (mod.codes, mod.scale, mod.zero, mod.dense) if t is not None]
+            held += _tensors(mod.blocks) if mod.blocks is not None else []
+        held += list(mod.parameters(recurse=False))  # buffers (rotary tables) are not weights
+        for t in held:
+            if t.device.type != "meta":
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())

@@ -1,10 +1,11 @@
-"""Build a Llama-family decoder whose linears and embedding are quantized (server/model/weights/quant.py), from a GGUF's own
-blocks or from float safetensors quantized at load. The decoded/quantized tensors are cached in the cache dir (one
-safetensors file per checkpoint and mode), so later starts skip GGUF parsing (~10 s) and quantization."""
+"""Build a decoder whose linears and embedding are quantized (server/model/weights/quant.py): from a GGUF's own
+blocks as read from the file, or from float safetensors quantized at load to 'q4'/'q8' (cached in the cache dir:
+quantizing takes a while)."""
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -13,12 +14,12 @@ from torch import nn
 
 from loom_kernels.quant import quantize_q4, quantize_q8
 from server.model.config import ModelConfig
-from server.model.weights.gguf_tensors import QTensor, cat_rows, read_gguf
+from server.model.weights.gguf_file import GGUFHeader
+from server.model.weights.gguf_tensors import FLOAT_TYPES, QTensor, cat_rows, read_gguf
 from server.model.weights.quant import QuantEmbedding, QuantLinear
 
 log = logging.getLogger("loom.model")
 
-OWN_KINDS = {"Q4_0", "Q4_1", "Q8_0", "F32", "F16", "BF16"}  # run as stored; anything else is re-quantized to 4-bit
 FIELDS = ("codes", "scale", "zero", "dense")
 
 
@@ -45,11 +46,14 @@ def to_q8(q: QTensor) -> QTensor:
 
 
 def convert(tensors: Iterable[tuple[str, QTensor]], mode: str) -> dict[str, QTensor]:
+    """Each matrix in its run form: mode 'q4'/'q8' quantizes every one; 'gguf' keeps the file's blocks and float
+    matrices and re-quantizes to 4-bit only what no kernel runs (read_gguf de-quantized those)."""
     out, requantized = {}, {}
     for name, q in tensors:
         matrix = len(q.shape) == 2 and q.shape[1] % 32 == 0
-        target = {"q4": "q4", "q8": "q8"}.get(mode) or ("q4" if q.source not in OWN_KINDS else None)
-        if matrix and target and q.kind != target:
+        keep = mode == "gguf" and (q.kind == "gguf" or q.source in FLOAT_TYPES)
+        target = {"q8": "q8"}.get(mode, "q4")
+        if matrix and not keep and q.kind != target:
             q = to_q4(q) if target == "q4" else to_q8(q)
             requantized[q.source] = requantized.get(q.source, 0) + 1
         out[name] = q
@@ -58,10 +62,16 @@ def convert(tensors: Iterable[tuple[str, QTensor]], mode: str) -> dict[str, QTen
     return out
 
 
+def gguf_tensors(header: GGUFHeader, mode: str, cfg: ModelConfig) -> dict[str, QTensor]:
+    """Every tensor of a GGUF in its run form, read from the file (no cache: the blocks are the run form)."""
+    return convert(read_gguf(header, cfg.num_heads, cfg.num_kv_heads), mode)
+
+
 def cache_file(source: Path, mode: str, cache_dir: Path) -> Path:
-    files = [source] if source.is_file() else sorted(source.glob("*.safetensors"))
+    files = sorted(source.glob("*.safetensors"))
     ident = ";".join(f"{f.resolve()}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
-    return cache_dir / "quantized" / f"{source.stem}-{mode}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.safetensors"
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return cache_dir / "quantized" / f"{source.name}-{mode}-{digest}.safetensors"
 
 
 def save(path: Path, tensors: dict[str, QTensor]) -> None:
@@ -73,7 +83,7 @@ def save(path: Path, tensors: dict[str, QTensor]) -> None:
             if getattr(q, f) is not None:
                 flat[f"{name}::{f}"] = getattr(q, f).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file(flat, str(tmp), metadata=meta)
     tmp.replace(path)
 
@@ -81,22 +91,18 @@ def save(path: Path, tensors: dict[str, QTensor]) -> None:
 def load(path: Path) -> dict[str, QTensor]:
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as h:
-        meta, flat = h.metadata(), {k: h.get_tensor(k) for k in h.keys()}
+        meta, flat = h.metadata(), {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118
     return {name: QTensor(*spec.split("|", 1), **{f: flat.get(f"{name}::{f}") for f in FIELDS})
             for name, spec in meta.items()}
 
 
-def quantized_tensors(source: Path, mode: str, cfg: ModelConfig, cache_dir: Path,
-                      dense_weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> dict[str, QTensor]:
-    """Every tensor of the checkpoint in its run form (cached). `source` is a GGUF file (mode 'gguf', 'q4', 'q8') or
-    a safetensors directory whose `dense_weights` are quantized (mode 'q4' or 'q8')."""
-    path = cache_file(source, mode, cache_dir)
+def safetensors_quantized(directory: Path, mode: str, cache_dir: Path,
+                          dense_weights: Iterable[tuple[str, torch.Tensor]]) -> dict[str, QTensor]:
+    """A safetensors checkpoint quantized at load to 'q4' or 'q8' (cached: quantizing takes a while)."""
+    path = cache_file(directory, mode, cache_dir)
     if path.is_file():
         return load(path)
-    if source.is_file():
-        raw = read_gguf(source, cfg.num_heads, cfg.num_kv_heads)
-    else:
-        raw = ((n, QTensor("dense", str(t.dtype).removeprefix("torch."), dense=t.float())) for n, t in dense_weights)
+    raw = ((n, QTensor("dense", str(t.dtype).removeprefix("torch."), dense=t.float())) for n, t in dense_weights)
     tensors = convert(raw, mode)
     save(path, tensors)
     return tensors
