@@ -3,7 +3,7 @@ when both TRITON_INTERPRET=1 and LOOM_KERNELS=triton are set, see backend.py) an
 Shapes are the contract (see shared/design.md)."""
 import torch
 
-from loom_kernels.activation.reference import silu_and_mul_ref
+from loom_kernels.activation.reference import gelu_tanh_and_mul_ref, silu_and_mul_ref
 from loom_kernels.attention.cpu_decode import cpu_decode_available, paged_attention_decode_cpu
 from loom_kernels.attention.reference import paged_attention_decode_ref, paged_attention_prefill_ref
 from loom_kernels.backend import use_triton
@@ -19,28 +19,32 @@ from loom_kernels.rms_norm.reference import rms_norm_ref
 from loom_kernels.rotary.reference import rotary_ref
 
 __all__ = [
-    "argmax_rows", "paged_attention_decode", "paged_attention_prefill", "rms_norm", "rotary",
+    "argmax_rows", "gelu_tanh_and_mul", "paged_attention_decode", "paged_attention_prefill", "rms_norm", "rotary",
     "silu_and_mul", "write_kv"]
 
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q `[B, H, D]` -> `[B, H, D]`: one query per sequence over its first `seq_lens[b]` cached tokens."""
+                           seq_lens: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
+    """q `[B, H, D]` -> `[B, H, D]`: one query per sequence over its first `seq_lens[b]` cached tokens; with a
+    sliding `window`, over the last `window` of them."""
     if use_triton(q):
         from loom_kernels.attention.decode_triton import paged_attention_decode_triton
-        return paged_attention_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale)
+        return paged_attention_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, window)
     if q.device.type == "cpu" and cpu_decode_available():
-        return paged_attention_decode_cpu(q, k_cache, v_cache, block_tables, seq_lens, scale)
-    return paged_attention_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
+        return paged_attention_decode_cpu(q, k_cache, v_cache, block_tables, seq_lens, scale, window)
+    return paged_attention_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, window)
 
 
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                            cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q `[T, H, D]` -> `[T, H, D]`: varlen causal attention of each sequence's newest tokens over its cache."""
+                            cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                            window: int | None = None) -> torch.Tensor:
+    """q `[T, H, D]` -> `[T, H, D]`: varlen causal attention of each sequence's newest tokens over its cache; with a
+    sliding `window`, the token at position p sees positions `p - window < j <= p` only."""
     if use_triton(q):
         from loom_kernels.attention.prefill_triton import paged_attention_prefill_triton
-        return paged_attention_prefill_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale)
-    return paged_attention_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale)
+        return paged_attention_prefill_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale,
+                                              window)
+    return paged_attention_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, window)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -86,3 +90,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         from loom_kernels.activation.triton_kernel import silu_and_mul_triton
         return silu_and_mul_triton(x)
     return silu_and_mul_ref(x)
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """`gelu_tanh(x[..., :I]) * x[..., I:]` (GeGLU with the tanh-approximated GELU)."""
+    if use_triton(x):
+        from loom_kernels.activation.triton_kernel import gelu_tanh_and_mul_triton
+        return gelu_tanh_and_mul_triton(x)
+    return gelu_tanh_and_mul_ref(x)

@@ -1,5 +1,6 @@
 // Paged decode attention over the KV cache's blocks: `decode<T>`, used by the paged-decode extension
-// (cpu_decode.cpp) and compiled into the decode stack (fused_cpu/decode_stack.cpp) too.
+// (cpu_decode.cpp) and compiled into the decode stack (fused_cpu/decode_stack.cpp) too. With a sliding `window`
+// (> 0) each query reads only its sequence's last `window` tokens, positions `first .. len - 1`.
 #pragma once
 
 #include <algorithm>
@@ -20,41 +21,42 @@ static inline void prefetch_row(const T* p, int64_t n) {
 // One (sequence, KV head) with the group size and head dim known at compile time: the group's queries stay in
 // registers and every loop unrolls (2x faster than the generic loop below on 9/3 heads x 64, measured).
 template <typename T, int G, int D>
-static void decode_item(const T* qrow, int64_t q_sh, const T* kp, const T* vp, const int32_t* table, int64_t len,
-                        int64_t bs, int64_t c_sn, int64_t c_st, int64_t v_sn, int64_t v_st, float scale,
+static void decode_item(const T* qrow, int64_t q_sh, const T* kp, const T* vp, const int32_t* table, int64_t first,
+                        int64_t len, int64_t bs, int64_t c_sn, int64_t c_st, int64_t v_sn, int64_t v_st, float scale,
                         std::vector<float>& scores_buf, T* out) {
   float qf[G][D], acc[G][D], row[D];
   for (int g = 0; g < G; ++g)
     for (int d = 0; d < D; ++d) qf[g][d] = widen(qrow[g * q_sh + d]) * scale;
-  scores_buf.resize(G * len);
-  float* __restrict scores = scores_buf.data();
-  for (int64_t t = 0; t < len; ++t) {
+  const int64_t n = len - first;
+  scores_buf.resize(G * n);
+  float* __restrict scores = scores_buf.data();  // scores[g * n + t - first]
+  for (int64_t t = first; t < len; ++t) {
     const T* __restrict k = kp + table[t / bs] * c_sn + (t % bs) * c_st;
     if (t + kAhead < len) prefetch_row(kp + table[(t + kAhead) / bs] * c_sn + ((t + kAhead) % bs) * c_st, D);
     for (int d = 0; d < D; ++d) row[d] = widen(k[d]);
     for (int g = 0; g < G; ++g) {
       float s = 0.f;
       for (int d = 0; d < D; ++d) s += qf[g][d] * row[d];
-      scores[g * len + t] = s;
+      scores[g * n + t - first] = s;
     }
   }
   float inv[G];
   for (int g = 0; g < G; ++g) {
-    float* sg = scores + g * len;
+    float* sg = scores + g * n;
     float m = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < len; ++t) m = std::max(m, sg[t]);
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, sg[i]);
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < len; ++t) { sg[t] = expf(sg[t] - m); sum += sg[t]; }
-    inv[g] = len > 0 ? 1.f / sum : 0.f;
+    for (int64_t i = 0; i < n; ++i) { sg[i] = expf(sg[i] - m); sum += sg[i]; }
+    inv[g] = n > 0 ? 1.f / sum : 0.f;
     for (int d = 0; d < D; ++d) acc[g][d] = 0.f;
   }
-  for (int64_t t = 0; t < len; ++t) {
+  for (int64_t t = first; t < len; ++t) {
     const T* __restrict v = vp + table[t / bs] * v_sn + (t % bs) * v_st;
     if (t + kAhead < len) prefetch_row(vp + table[(t + kAhead) / bs] * v_sn + ((t + kAhead) % bs) * v_st, D);
     for (int d = 0; d < D; ++d) row[d] = widen(v[d]);
     for (int g = 0; g < G; ++g) {
-      const float p = scores[g * len + t];
+      const float p = scores[g * n + t - first];
       for (int d = 0; d < D; ++d) acc[g][d] += p * row[d];
     }
   }
@@ -64,22 +66,22 @@ static void decode_item(const T* qrow, int64_t q_sh, const T* kp, const T* vp, c
 
 template <typename T, int D>
 static bool decode_fixed(int64_t G, const T* qrow, int64_t q_sh, const T* kp, const T* vp, const int32_t* table,
-                         int64_t len, int64_t bs, int64_t c_sn, int64_t c_st, int64_t v_sn, int64_t v_st, float scale,
-                         std::vector<float>& buf, T* out) {
+                         int64_t first, int64_t len, int64_t bs, int64_t c_sn, int64_t c_st, int64_t v_sn,
+                         int64_t v_st, float scale, std::vector<float>& buf, T* out) {
   switch (G) {
-    case 1: decode_item<T, 1, D>(qrow, q_sh, kp, vp, table, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
-    case 2: decode_item<T, 2, D>(qrow, q_sh, kp, vp, table, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
-    case 3: decode_item<T, 3, D>(qrow, q_sh, kp, vp, table, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
-    case 4: decode_item<T, 4, D>(qrow, q_sh, kp, vp, table, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
-    case 6: decode_item<T, 6, D>(qrow, q_sh, kp, vp, table, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
-    case 8: decode_item<T, 8, D>(qrow, q_sh, kp, vp, table, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
+    case 1: decode_item<T, 1, D>(qrow, q_sh, kp, vp, table, first, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
+    case 2: decode_item<T, 2, D>(qrow, q_sh, kp, vp, table, first, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
+    case 3: decode_item<T, 3, D>(qrow, q_sh, kp, vp, table, first, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
+    case 4: decode_item<T, 4, D>(qrow, q_sh, kp, vp, table, first, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
+    case 6: decode_item<T, 6, D>(qrow, q_sh, kp, vp, table, first, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
+    case 8: decode_item<T, 8, D>(qrow, q_sh, kp, vp, table, first, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
     default: return false;
   }
 }
 
 template <typename T>
 static void decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt,
-                   const at::Tensor& sl, double scale, at::Tensor& out) {
+                   const at::Tensor& sl, double scale, at::Tensor& out, int64_t window = 0) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t bs = kc.size(1), Hkv = kc.size(2), G = H / Hkv;
   const T* qp = q.data_ptr<T>();
@@ -97,20 +99,21 @@ static void decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / Hkv, h = item % Hkv;
       const int64_t len = slp[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(len - window, 0) : 0, n = len - first;
       const T* qrow = qp + b * q_sb + h * G * q_sh;
       T* orow = op + b * H * D + h * G * D;
       const float sc = static_cast<float>(scale);
-      if (D == 64 && decode_fixed<T, 64>(G, qrow, q_sh, kp + h * c_sh, vp + h * v_sh, btp + b * bt_s, len, bs, c_sn,
-                                         c_st, v_sn, v_st, sc, scores, orow))
+      if (D == 64 && decode_fixed<T, 64>(G, qrow, q_sh, kp + h * c_sh, vp + h * v_sh, btp + b * bt_s, first, len, bs,
+                                         c_sn, c_st, v_sn, v_st, sc, scores, orow))
         continue;
-      if (D == 128 && decode_fixed<T, 128>(G, qrow, q_sh, kp + h * c_sh, vp + h * v_sh, btp + b * bt_s, len, bs,
-                                           c_sn, c_st, v_sn, v_st, sc, scores, orow))
+      if (D == 128 && decode_fixed<T, 128>(G, qrow, q_sh, kp + h * c_sh, vp + h * v_sh, btp + b * bt_s, first, len,
+                                           bs, c_sn, c_st, v_sn, v_st, sc, scores, orow))
         continue;
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d)
           qf[g * D + d] = widen(qp[b * q_sb + (h * G + g) * q_sh + d]) * static_cast<float>(scale);
-      scores.assign(G * len, 0.f);
-      for (int64_t t = 0; t < len; ++t) {
+      scores.assign(G * n, 0.f);
+      for (int64_t t = first; t < len; ++t) {
         const T* k = kp + btp[b * bt_s + t / bs] * c_sn + (t % bs) * c_st + h * c_sh;
         if (t + kAhead < len)
           prefetch_row(kp + btp[b * bt_s + (t + kAhead) / bs] * c_sn + ((t + kAhead) % bs) * c_st + h * c_sh, D);
@@ -119,28 +122,28 @@ static void decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& 
           const float* qg = &qf[g * D];
           float s = 0.f;
           for (int64_t d = 0; d < D; ++d) s += qg[d] * kf[d];
-          scores[g * len + t] = s;
+          scores[g * n + t - first] = s;
         }
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       std::vector<float> inv(G, 0.f);
       for (int64_t g = 0; g < G; ++g) {
-        float* sg = &scores[g * len];
+        float* sg = &scores[g * n];
         float m = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < len; ++t) m = std::max(m, sg[t]);
+        for (int64_t t = 0; t < n; ++t) m = std::max(m, sg[t]);
         float sum = 0.f;
         // vectorized through glibc's libmvec (expf x16 with AVX512); scalar exp dominated the whole kernel
 #pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < len; ++t) { sg[t] = expf(sg[t] - m); sum += sg[t]; }
-        inv[g] = len > 0 ? 1.f / sum : 0.f;
+        for (int64_t t = 0; t < n; ++t) { sg[t] = expf(sg[t] - m); sum += sg[t]; }
+        inv[g] = n > 0 ? 1.f / sum : 0.f;
       }
-      for (int64_t t = 0; t < len; ++t) {
+      for (int64_t t = first; t < len; ++t) {
         const T* v = vp + btp[b * bt_s + t / bs] * v_sn + (t % bs) * v_st + h * v_sh;
         if (t + kAhead < len)
           prefetch_row(vp + btp[b * bt_s + (t + kAhead) / bs] * v_sn + ((t + kAhead) % bs) * v_st + h * v_sh, D);
         for (int64_t d = 0; d < D; ++d) kf[d] = widen(v[d]);
         for (int64_t g = 0; g < G; ++g) {
-          const float p = scores[g * len + t];
+          const float p = scores[g * n + t - first];
           float* a = &acc[g * D];
           for (int64_t d = 0; d < D; ++d) a[d] += p * kf[d];
         }

@@ -5,7 +5,8 @@ costs more than the attention itself, every layer of every decode step (measured
 32 sequences x 131 tokens of the default model). This kernel reads K and V straight from the
 paged cache through the block table — one pass over K for the scores, one over V for the sum — with all query heads
 of a KV head sharing each load (GQA), parallel over (sequence, KV head). fp32 accumulation; fp32/bf16/fp16 caches.
-When no compiler is available the public op falls back to the reference."""
+A sliding `window` reads only each sequence's last `window` tokens. When no compiler is available the public op
+falls back to the reference."""
 from __future__ import annotations
 
 import torch
@@ -21,5 +22,6 @@ def cpu_decode_available() -> bool:
 
 
 def paged_attention_decode_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    return PAGED_DECODE().paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
+                               block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                               window: int | None = None) -> torch.Tensor:
+    return PAGED_DECODE().paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, window or 0)

@@ -10,7 +10,8 @@ with the usual log-sum-exp rescaling. With one split, kernel 1 normalizes and wr
 
 Nothing here reads a device value on the host, so a decode step can be captured in a CUDA graph: the split count
 comes from the block table's width (the longest context it can describe), and each sequence cuts its own length
-into that many partitions (partitions past its end are empty and merge with weight 0).
+into that many partitions (partitions past its end are empty and merge with weight 0). With a sliding `window` a
+sequence attends to its last `window` tokens only: those are what its partitions cut.
 """
 import functools
 
@@ -19,12 +20,13 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+NO_WINDOW = 1 << 30  # the window of full attention: more tokens than any context (and int32-safe)
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, scale_log2,
-                         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                         window, stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                          stride_bt, stride_ob, stride_oh, num_heads,
                          NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -33,8 +35,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, m_ptr, 
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
-    part = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N  # this sequence's partition, whole tiles
-    start = split * part
+    lo = tl.maximum(seq_len - window, 0)  # the first key the query sees
+    part = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N  # this sequence's partition, whole tiles
+    start = lo + split * part
     end = tl.minimum(start + part, seq_len)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -133,9 +136,11 @@ def dot_config(dtype: torch.dtype, device: torch.device) -> tuple[tl.dtype, str]
 
 
 def paged_attention_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                  block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, *,
-                                  num_splits: int | None = None, block_n: int = 64) -> torch.Tensor:
-    """q `[B, H, D]` -> `[B, H, D]`: one query per sequence over its first `seq_lens[b]` cached tokens.
+                                  block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                                  window: int | None = None, *, num_splits: int | None = None,
+                                  block_n: int = 64) -> torch.Tensor:
+    """q `[B, H, D]` -> `[B, H, D]`: one query per sequence over its first `seq_lens[b]` cached tokens (the last
+    `window` of them with a window).
     `num_splits` forces the context split count (1 = no split); by default `choose_num_splits` picks it."""
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -156,7 +161,7 @@ def paged_attention_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     else:
         m = l = acc = out  # unused
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc, scale * LOG2E,
+        q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc, scale * LOG2E, window or NO_WINDOW,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), num_heads, NUM_SPLITS=num_splits, GROUP=group, HEAD_DIM=head_dim,

@@ -1,5 +1,6 @@
 """Triton paged attention (decode and prefill) against the PyTorch reference: GQA ratios, block sizes, ragged and
-block-edge lengths, shuffled physical blocks, split-K on and off, chunked prefill and prefix hits, dtypes.
+block-edge lengths, shuffled physical blocks, split-K on and off, chunked prefill and prefix hits, dtypes, sliding
+windows (the references' windows against a row-by-row oracle first).
 
 Shapes are small: on a machine without a GPU these run in the Triton interpreter, 100-1000x slower than torch."""
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from loom_kernels.attention.decode_triton import choose_num_splits, paged_attention_decode_triton
 from loom_kernels.attention.prefill_triton import paged_attention_prefill_triton
-from loom_kernels.attention.reference import paged_attention_decode_ref, paged_attention_prefill_ref
+from loom_kernels.attention.reference import gather_kv, paged_attention_decode_ref, paged_attention_prefill_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Max elementwise |triton - reference| (atol + rtol * |ref|). Outputs are convex mixes of V rows, so |out| <~ 1.
@@ -155,3 +156,64 @@ def test_public_ops_dispatch(monkeypatch, kernel_env):
     if not q.is_cuda:
         kernel_env(None)
         assert not use_triton(q)  # TRITON_INTERPRET=1 alone keeps the CPU serving path on the reference
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: list[int], scale: float,
+                    window: int | None) -> torch.Tensor:
+    """Query row i at `positions[i]` over contiguous keys `k[:positions[i] + 1]` (the last `window` of them), one
+    row at a time: the oracle for the references' window semantics."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1).float(), v.repeat_interleave(group, 1).float()
+    rows = []
+    for i, p in enumerate(positions):
+        lo = 0 if window is None else max(0, p - window + 1)
+        scores = torch.einsum("hd,thd->ht", q[i].float(), k[lo:p + 1]) * scale
+        rows.append(torch.einsum("ht,thd->hd", scores.softmax(-1), v[lo:p + 1]))
+    return torch.stack(rows).to(q.dtype)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 1000])
+def test_references_window_match_naive(window):
+    """The references' sliding window: position p sees keys p - window < j <= p (Hugging Face's convention)."""
+    torch.manual_seed(window)
+    rows, lens = [9, 1, 40], [30, 17, 40]  # chunk after a prefix, a decode-like row, a whole prompt
+    k_cache, v_cache, table, seq_lens = make_paged(lens, 8, 2, 32, torch.float32)
+    cu = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(int(cu[-1]), 4, 32, device=DEVICE)
+    out = paged_attention_prefill_ref(q, k_cache, v_cache, table, cu, seq_lens, 0.2, window)
+    for b, (n, length) in enumerate(zip(rows, lens)):
+        k, v = gather_kv(k_cache, table[b], length), gather_kv(v_cache, table[b], length)
+        want = naive_attention(q[cu[b]:cu[b + 1]], k, v, list(range(length - n, length)), 0.2, window)
+        torch.testing.assert_close(out[cu[b]:cu[b + 1]], want, atol=1e-5, rtol=1e-5)
+    last = torch.stack([q[cu[b + 1] - 1] for b in range(len(rows))])
+    dec = paged_attention_decode_ref(last, k_cache, v_cache, table, seq_lens, 0.2, window)
+    torch.testing.assert_close(dec, torch.stack([out[cu[b + 1] - 1] for b in range(len(rows))]), atol=1e-5,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("window", [1, 7, 16, 50])
+def test_decode_window(window, num_splits):
+    """Windows shorter than, across and longer than the sequences, with context splits over the window only."""
+    torch.manual_seed(window + num_splits)
+    lens = [1, 8, 9, 45, 130]
+    k_cache, v_cache, table, seq_lens = make_paged(lens, 8, 2, 64, torch.float32)
+    q = torch.randn(len(lens), 8, 64, device=DEVICE)
+    out = paged_attention_decode_triton(q, k_cache, v_cache, table, seq_lens, 0.125, window,
+                                        num_splits=num_splits, block_n=16)
+    check(out, paged_attention_decode_ref(q, k_cache, v_cache, table, seq_lens, 0.125, window))
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("window", [1, 5, 16, 33, 100])
+@pytest.mark.parametrize("case", list(PREFILL_CASES))
+def test_prefill_window(case, window, block_size):
+    """Windows smaller than a query tile (rows that see none of a masked run's keys), about a tile, several tiles."""
+    torch.manual_seed(window + block_size + len(case))
+    rows, lens = zip(*PREFILL_CASES[case])
+    k_cache, v_cache, table, seq_lens = make_paged(list(lens), block_size, 2, 64, torch.float32)
+    cu = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(int(cu[-1]), 4, 64, device=DEVICE)
+    out = paged_attention_prefill_triton(q, k_cache, v_cache, table, cu, seq_lens, 0.125, window, block_m=16,
+                                         block_n=16)
+    check(out, paged_attention_prefill_ref(q, k_cache, v_cache, table, cu, seq_lens, 0.125, window))

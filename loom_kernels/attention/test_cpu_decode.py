@@ -1,4 +1,5 @@
-"""The C++ CPU decode kernel against the PyTorch reference (same cases as the Triton kernel's tests)."""
+"""The C++ CPU decode kernel against the PyTorch reference (same cases as the Triton kernel's tests, sliding windows
+included)."""
 import pytest
 import torch
 
@@ -36,3 +37,16 @@ def test_strided_query_and_zero_length():
     want = paged_attention_decode_ref(q, k_cache, v_cache, table, seq_lens, 0.125)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(got[1], torch.zeros(8, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 80])  # the specialised loop and the generic one
+@pytest.mark.parametrize("window", [1, 7, 16, 1000])
+def test_window_matches_reference(window, head_dim, dtype):
+    torch.manual_seed(window + head_dim)
+    lens = edge_lens(8) + [0]
+    k_cache, v_cache, table, seq_lens = make_paged(lens, 8, 2, head_dim, dtype)
+    q = torch.randn(len(lens), 6, head_dim).to(dtype)
+    got = paged_attention_decode_cpu(q, k_cache, v_cache, table, seq_lens, 0.1, window)
+    want = paged_attention_decode_ref(q, k_cache, v_cache, table, seq_lens, 0.1, window)
+    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
