@@ -92,8 +92,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 WORKDIR /home/loom
 
-# Bake what `loom serve` reads on its first start: the default GGUF's tokenizer (read from its metadata once; as the
-# runtime user, in the final filesystem, so the cache key -- the GGUF's path, size and mtime -- matches at run time).
+# Bake what `loom serve` reads on its first start: the default GGUF's tokenizer (read from its metadata once, cached
+# under a digest of that metadata; as the runtime user, so the cache dir is the one `loom serve` reads).
 # Kernel plans are measured per CPU at the first start on a machine and cached in LOOM_CACHE_DIR.
 RUN loom generate --model default --prompt hi --max-tokens 1 --device cpu --kv-cache-memory 0.05 \
     && ls "${LOOM_CACHE_DIR}"/gguf-tokenizers/SmolLM2-135M-Instruct*/tokenizer.json

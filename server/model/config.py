@@ -153,9 +153,9 @@ def rope_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
     kind = params.get("rope_type") or params.get("type") or "default"
     if family == "phi3" and kind in ("su", "yarn"):  # Phi-3's early names for LongRoPE (transformers maps them too)
         kind = "longrope"
-    if kind not in ("default", "llama3", "linear", "longrope") or (kind == "longrope" and family != "phi3"):
+    if kind not in ("default", "llama3", "linear", "longrope", "factors") or (kind == "longrope" and family != "phi3"):
         raise UnsupportedModelError(f"unsupported rope scaling type {kind!r} (Loom has default, linear, llama3, "
-                                    f"and longrope for Phi-3)")
+                                    f"per-frequency factors, and longrope for Phi-3)")
     if family == "llama" and out["partial_rotary_factor"] != 1.0:
         raise UnsupportedModelError("partial rotary (partial_rotary_factor) is not supported for " + family)
     if kind == "longrope":

@@ -24,6 +24,8 @@ def inverse_frequencies(rot_dim: int, theta: float, scaling: dict[str, Any] | No
     kind = scaling.get("rope_type") or scaling.get("type")
     if kind == "linear":
         return inv_freq / scaling["factor"]
+    if kind == "factors":  # one divisor per frequency, as llama.cpp stores Llama 3's scaling (rope_freqs)
+        return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32)
     # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_len = scaling["original_max_position_embeddings"]

@@ -101,3 +101,59 @@ def test_types_without_a_kernel_load_through_one_logged_fallback(tmp_path, token
     downs = [m for n, m in lm.model.named_modules() if n.endswith("down_proj")]
     assert all(m.quant_kind == "q4" for m in downs)  # re-quantized once, to Loom's 4-bit blocks
     assert len(loom_greedy(lm, random_prompts(1, 5, 10), 4)[0]) == 4
+
+
+ARCHS = {  # architecture -> (types, tied, shape changes): each loads from llama.cpp's names and metadata
+    "qwen2": ({"default": "Q4_K", "attn_v": "Q6_K", "token_embd": "Q8_0"}, True, {}),
+    "qwen3": ({"default": "Q4_K", "ffn_down": "Q6_K", "token_embd": "Q8_0"}, True, {}),
+    "gemma3": ({"default": "Q5_K", "attn_v": "Q6_K", "token_embd": "Q8_0"}, True, {"sliding_window": 16}),
+    "phi3": ({"default": "Q4_K", "attn_qkv": "Q5_K", "token_embd": "Q8_0", "output": "Q6_K"}, False, {}),
+    "smollm3": ({"default": "Q4_K", "attn_v": "Q6_K", "token_embd": "Q8_0"}, True, {"layers": 4}),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_architecture_gguf_matches_transformers(arch, tmp_path, tokenizer):
+    from tests.support.gguf_files import TinyShape
+    types, tied, shape = ARCHS[arch]
+    tiny = write_gguf(tmp_path / f"tiny-{arch}.gguf", arch, types, TinyShape(**shape), tied=tied,
+                      tokenizer_dir=tokenizer)
+    hf = hf_model(write_hf_directory(tiny, tmp_path / "hf"))
+    lm = loom(tiny.path, quantization="gguf", cache_dir=tmp_path / "cache")
+    assert lm.config.family == {"qwen2": "llama"}.get(arch, arch)
+    prompts = random_prompts(2, 20, 40, seed=5)  # longer than Gemma's 16-token window
+    for prompt, got in zip(prompts, loom_greedy(lm, prompts, 12)):
+        assert got == hf_greedy(hf, prompt, 12)
+
+
+def test_llama3_rope_frequency_factors_from_the_file(tmp_path, tokenizer):
+    """llama.cpp stores Llama 3's rope scaling as per-frequency divisors (`rope_freqs.weight`), not as config."""
+    import math
+
+    import numpy as np
+
+    from tests.support.gguf_files import TinyShape
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    shape = TinyShape(rope_base=500000.0)
+    factors = []
+    for i in range(0, shape.head_dim, 2):  # convert_hf_to_gguf's rope_freqs for this scaling
+        wavelen = 2 * math.pi / (1.0 / shape.rope_base ** (i / shape.head_dim))
+        low, high = 64 / 1.0, 64 / 4.0
+        if wavelen < high:
+            factors.append(1.0)
+        elif wavelen > low:
+            factors.append(8.0)
+        else:
+            smooth = (64 / wavelen - 1.0) / (4.0 - 1.0)
+            factors.append(1 / ((1 - smooth) / 8.0 + smooth))
+    shape.extra_tensors = {"rope_freqs.weight": np.array(factors, dtype=np.float32)}
+    tiny = write_gguf(tmp_path / "tiny-llama3.gguf", "llama", {"default": "Q4_K", "token_embd": "Q8_0"}, shape,
+                      tokenizer_dir=tokenizer)
+    tiny.rope_scaling = scaling
+    hf = hf_model(write_hf_directory(tiny, tmp_path / "hf"))
+    lm = loom(tiny.path, quantization="gguf", cache_dir=tmp_path / "cache")
+    assert lm.config.rope_scaling["rope_type"] == "factors"
+    prompts = random_prompts(2, 60, 90, seed=6)  # past the 64-token pretraining length
+    for prompt, got in zip(prompts, loom_greedy(lm, prompts, 12)):
+        assert got == hf_greedy(hf, prompt, 12)

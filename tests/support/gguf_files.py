@@ -29,6 +29,7 @@ class TinyShape:
     rope_base: float = 10000.0
     sliding_window: int = 32
     extra: dict = field(default_factory=dict)  # more metadata, key after "<arch>."
+    extra_tensors: dict = field(default_factory=dict)  # float32 tensors written as they are (e.g. rope_freqs)
 
 
 def random_blocks(qtype: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -119,6 +120,8 @@ def write_gguf(path: Path, arch: str, types: dict[str, str], shape: TinyShape | 
             value = dequantize(raw, GGMLQuantizationType[qtype]) if keep_floats else None
         if keep_floats:
             floats[name] = np.asarray(value, dtype=np.float32)
+    for name, value in s.extra_tensors.items():
+        w.add_tensor(name, value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -187,7 +190,7 @@ def hf_config(arch: str, s: TinyShape, vocab: int, tied: bool):
     common = dict(vocab_size=vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
                   num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
                   head_dim=s.head_dim, max_position_embeddings=s.context, rms_norm_eps=1e-6, rope_theta=s.rope_base,
-                  tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+                  tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=None)
     if arch == "gemma3":
         return transformers.Gemma3TextConfig(**common, query_pre_attn_scalar=s.head_dim,
                                              sliding_window=s.sliding_window, rope_local_base_freq=10000.0,
@@ -207,6 +210,8 @@ def write_hf_directory(tiny: TinyGGUF, directory: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     cfg = hf_config(tiny.arch, tiny.shape, tiny.vocab, tiny.tied)
+    if tiny.rope_scaling:
+        cfg.rope_scaling = cfg.rope_parameters = {**tiny.rope_scaling, "rope_theta": tiny.shape.rope_base}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).float()
     missing, unexpected = model.load_state_dict(hf_state_dict(tiny.arch, tiny.shape, tiny.floats), strict=False)
@@ -228,3 +233,4 @@ class TinyGGUF:
     tied: bool
     floats: dict[str, np.ndarray]  # every tensor as gguf-py de-quantizes it, by GGUF name
     tokenizer_dir: Path
+    rope_scaling: dict | None = None  # what the Hugging Face config says where the file holds factors

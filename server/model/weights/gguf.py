@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from server.model.config import UnsupportedModelError
-from server.model.weights.gguf_file import GGUFHeader
+from server.model.weights.gguf_file import GGUFHeader, read_header, write_tokenizer_only
 from server.model.weights.gguf_tensors import read_float
 
 log = logging.getLogger("loom.model")
@@ -120,8 +120,10 @@ ARCH_EXTRAS = {"gemma3_text": _gemma3, "smollm3": _smollm3}
 
 
 def tokenizer_dir(gguf_path: Path, cache_dir: Path) -> Path:
-    """A directory holding the GGUF's tokenizer and chat template as Hugging Face files (built once, cached)."""
-    target = cache_dir.expanduser() / "gguf-tokenizers" / file_key(gguf_path)
+    """A directory holding the GGUF's tokenizer and chat template as Hugging Face files (built once, cached by the
+    tokenizer's own metadata: every quantization of a model shares it)."""
+    digest = read_header(gguf_path).tokenizer_digest
+    target = cache_dir.expanduser() / "gguf-tokenizers" / f"{gguf_path.stem.split('.')[0]}-{digest}"
     if (target / "tokenizer_config.json").is_file():
         return target
     started = time.perf_counter()
@@ -129,7 +131,16 @@ def tokenizer_dir(gguf_path: Path, cache_dir: Path) -> Path:
 
     tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(tmp)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except ValueError as exc:  # transformers knows the tokenizer but not this architecture (e.g. SmolLM3)
+        if "not supported" not in str(exc):
+            raise
+        tmp.mkdir(parents=True)
+        write_tokenizer_only(read_header(gguf_path), tmp / "tokenizer.gguf", "llama")
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file="tokenizer.gguf")
+        (tmp / "tokenizer.gguf").unlink()
+    tokenizer.save_pretrained(tmp)
     _publish(tmp, target)
     log.info("tokenizer read from the GGUF", extra={"into": str(target),
                                                     "seconds": round(time.perf_counter() - started, 1)})

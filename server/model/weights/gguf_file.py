@@ -8,6 +8,7 @@ Layout: magic, version, tensor count, metadata count, metadata (key, type, value
 innermost first, ggml type, offset), padding to `general.alignment`, tensor data."""
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ class GGUFHeader:
     path: Path
     metadata: dict[str, Any]
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    tokenizer_digest: str = ""  # of the `tokenizer.*` entries as stored: files sharing a tokenizer share its cache
+    tokenizer_spans: list[tuple[str, int, int]] = field(default_factory=list)  # (key, value start, end) in the file
 
     @property
     def architecture(self) -> str:
@@ -117,15 +120,21 @@ def read_header(path: Path) -> GGUFHeader:
         if version not in (2, 3):
             raise GGUFFormatError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
         n_tensors, n_meta = _unpack(f, "<Q"), _unpack(f, "<Q")
-        metadata = {}
+        metadata, tokenizer_spans = {}, []
         for _ in range(n_meta):
-            key = _string(f)
+            key, start = _string(f), f.tell()
             metadata[key] = _value(f, _unpack(f, "<I"))
+            if key.startswith("tokenizer."):
+                tokenizer_spans.append((key, start, f.tell()))
         infos = [_tensor_info(f) for _ in range(n_tensors)]
         align = int(metadata.get("general.alignment", 32))
         start = -(-f.tell() // align) * align
+        digest = hashlib.sha256()
+        for key, begin, end in tokenizer_spans:
+            f.seek(begin)
+            digest.update(key.encode() + f.read(end - begin))
     size = path.stat().st_size
-    header = GGUFHeader(path, metadata)
+    header = GGUFHeader(path, metadata, tokenizer_digest=digest.hexdigest()[:16], tokenizer_spans=tokenizer_spans)
     for name, shape, qtype, offset in infos:
         info = TensorInfo(name, shape, qtype, start + offset, tensor_nbytes(shape, qtype))
         if info.offset + info.nbytes > size:
@@ -133,3 +142,17 @@ def read_header(path: Path) -> GGUFHeader:
         header.tensors[name] = info
     return header
 
+
+
+def write_tokenizer_only(header: GGUFHeader, out: Path, architecture: str) -> None:
+    """A GGUF of no tensors holding `header`'s tokenizer entries byte for byte, under another architecture name
+    (for a tokenizer converter that knows the tokenizer but not the model)."""
+    def string(text: str) -> bytes:
+        return struct.pack("<Q", len(text.encode())) + text.encode()
+
+    with open(header.path, "rb") as src, open(out, "wb") as f:
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, 0, len(header.tokenizer_spans) + 1))
+        f.write(string("general.architecture") + struct.pack("<I", STRING) + string(architecture))
+        for key, begin, end in header.tokenizer_spans:
+            src.seek(begin)
+            f.write(string(key) + src.read(end - begin))
