@@ -24,20 +24,22 @@ from loom_kernels.quant import (
     block_q4_linear,
     block_q8_linear,
     gguf_linear,
+    gguf_linear_tiled,
     q4_linear,
     q8_linear,
 )
 from loom_kernels.quant.kquants import ggml_type_id
 
-KINDS = {"q4": 0, "q8": 1, "dense": 2, "mkldnn": 3, "q4_blocks": 4, "q8_blocks": 5, "gguf_blocks": 6}
+KINDS = {"q4": 0, "q8": 1, "dense": 2, "mkldnn": 3, "q4_blocks": 4, "q8_blocks": 5, "gguf_blocks": 6, "gguf_tiled": 7}
+GGUF_KINDS = ("gguf_blocks", "gguf_tiled")
 
 
 @dataclass
 class StackLinear:
     """One linear in the form the step runs it: `q4` (Q4Packed), `q8` (Q8Packed), `q4_blocks` / `q8_blocks`
     (BlockQ4 / BlockQ8), `gguf_blocks` (GGUFBlocks: a GGUF file's blocks as stored, segments of mixed types),
-    `dense` (a weight `[N, K]`, any dtype: the input is cast to it) or `mkldnn` (a oneDNN-packed bf16 weight with
-    its `out_features`)."""
+    `gguf_tiled` (the same GGUFBlocks through `gguf_linear_tiled`, the large-M GEMM), `dense` (a weight `[N, K]`,
+    any dtype: the input is cast to it) or `mkldnn` (a oneDNN-packed bf16 weight with its `out_features`)."""
     kind: str
     weight: Q4Packed | Q8Packed | BlockQ4 | BlockQ8 | GGUFBlocks | torch.Tensor
     bias: torch.Tensor | None = None
@@ -46,6 +48,8 @@ class StackLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "gguf_blocks":
             out = gguf_linear(x, self.weight)
+        elif self.kind == "gguf_tiled":
+            out = gguf_linear_tiled(x, self.weight)
         elif self.kind == "q4_blocks":
             out = block_q4_linear(x, self.weight)
         elif self.kind == "q8_blocks":
@@ -90,18 +94,18 @@ def decode_stack_available() -> bool:
 
 
 def _gguf_segments(lin: StackLinear) -> tuple[list[torch.Tensor], list[int]]:
-    """A `gguf_blocks` linear's segments and their ggml type ids (none for the other kinds)."""
-    if lin.kind != "gguf_blocks":
+    """A `gguf_blocks` / `gguf_tiled` linear's segments and their ggml type ids (none for the other kinds)."""
+    if lin.kind not in GGUF_KINDS:
         return [], []
     return [raw for raw, _ in lin.weight.segments], [ggml_type_id(qtype) for _, qtype in lin.weight.segments]
 
 
 def _linear_args(lin: StackLinear) -> tuple[list[torch.Tensor], list[int]]:
-    """The linear's 4 tensors and 4 ints (kind, N, K, group; a `gguf_blocks` linear's group: its segment count)."""
+    """The linear's 4 tensors and 4 ints (kind, N, K, group; a GGUF linear's group: its segment count)."""
     bias, none = (torch.empty(0) if lin.bias is None else lin.bias), torch.empty(0)
     w = lin.weight
-    if lin.kind == "gguf_blocks":
-        return [none, none, none, bias], [KINDS["gguf_blocks"], w.n, w.k, len(w.segments)]
+    if lin.kind in GGUF_KINDS:
+        return [none, none, none, bias], [KINDS[lin.kind], w.n, w.k, len(w.segments)]
     if lin.kind == "q4":
         return [w.packed, w.scales_zeros, none, bias], [KINDS["q4"], w.n, w.k, w.group]
     if lin.kind == "q8":

@@ -87,22 +87,23 @@ GGUF_LAYERS = [(("Q4_K", "Q4_K", "Q6_K"), "Q5_K", ("Q4_K", "Q5_0"), "Q6_K"),
                (("Q5_K", "Q8_0", "Q6_K"), "Q4_K", ("Q6_K", "Q4_K"), "Q5_K")]
 
 
-def gguf_linear_of(types: tuple[str, ...], rows: tuple[int, ...], k: int, seed: int, bias=None) -> StackLinear:
+def gguf_linear_of(types: tuple[str, ...], rows: tuple[int, ...], k: int, seed: int, bias=None,
+                   kind: str = "gguf_blocks") -> StackLinear:
     parts = [random_blocks(t, n, k, seed=seed + i, scale=2.0 / k ** 0.5) for i, (t, n) in enumerate(zip(types, rows))]
-    return StackLinear("gguf_blocks", concat_gguf_blocks(parts), bias)
+    return StackLinear(kind, concat_gguf_blocks(parts), bias)
 
 
-def make_gguf_layers(dtype: torch.dtype) -> list[StackLayer]:
+def make_gguf_layers(dtype: torch.dtype, kind: str = "gguf_blocks") -> list[StackLayer]:
     q, kv = G_H * G_D, G_HKV * G_D
     layers = []
     for i, (qkv, o, gate_up, down) in enumerate(GGUF_LAYERS):
         layers.append(StackLayer(
             input_norm=(1 + 0.1 * torch.randn(G_HIDDEN)).to(dtype),
-            qkv=gguf_linear_of(qkv, (q, kv, kv), G_HIDDEN, 10 * i, 0.1 * torch.randn(q + 2 * kv, dtype=dtype)),
-            o=gguf_linear_of((o,), (G_HIDDEN,), q, 10 * i + 3),
+            qkv=gguf_linear_of(qkv, (q, kv, kv), G_HIDDEN, 10 * i, 0.1 * torch.randn(q + 2 * kv, dtype=dtype), kind),
+            o=gguf_linear_of((o,), (G_HIDDEN,), q, 10 * i + 3, kind=kind),
             post_norm=(1 + 0.1 * torch.randn(G_HIDDEN)).to(dtype),
-            gate_up=gguf_linear_of(gate_up, (G_INTER, G_INTER), G_HIDDEN, 10 * i + 4),
-            down=gguf_linear_of((down,), (G_HIDDEN,), G_INTER, 10 * i + 6)))
+            gate_up=gguf_linear_of(gate_up, (G_INTER, G_INTER), G_HIDDEN, 10 * i + 4, kind=kind),
+            down=gguf_linear_of((down,), (G_HIDDEN,), G_INTER, 10 * i + 6, kind=kind)))
     return layers
 
 
@@ -113,6 +114,13 @@ def test_decode_stack_runs_gguf_blocks_of_mixed_types(dtype):
     assert [lin.weight.qtypes for lin in (layers[0].qkv, layers[0].gate_up)] == [["Q4_K", "Q4_K", "Q6_K"],
                                                                                   ["Q4_K", "Q5_0"]]
     check_stack(layers, dtype, StackShape(G_H, G_HKV, G_D, 1e-5, G_D ** -0.5), G_HIDDEN)
+
+
+def test_decode_stack_runs_gguf_tiled_linears():
+    """The large-M GEMM as a linear kind: the same segments, run through gguf_linear_tiled."""
+    torch.manual_seed(0)
+    layers = make_gguf_layers(torch.bfloat16, kind="gguf_tiled")
+    check_stack(layers, torch.bfloat16, StackShape(G_H, G_HKV, G_D, 1e-5, G_D ** -0.5), G_HIDDEN)
 
 
 def check_stack(layers: list[StackLayer], dtype: torch.dtype, shape: StackShape, hidden: int) -> None:

@@ -4,5 +4,6 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the GIL is released only after the arguments are converted, and taken back before the result is
   m.def("gguf_linear", &gguf_linear, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("gguf_linear_tiled", &gguf_linear_tiled, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("gguf_dequantize", &gguf_dequantize, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

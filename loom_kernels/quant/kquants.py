@@ -10,7 +10,13 @@ passes), widening its codes to float32 in registers straight from the bytes (no 
 accumulates in float32: each scale group's sum of code * x is scaled once, and the min terms (Q4_1, Q5_1, Q4_K,
 Q5_K; Q4_0 / Q5_0's -8 d / -16 d) are taken against per-sub-block activation sums computed once per call. Threads
 split the output rows (OpenMP, 16-row tasks). Paths chosen at compile time: AVX-512, AVX2 + FMA + F16C, plain C++.
-De-quantization is bit for bit gguf-py's `gguf.quants.dequantize`."""
+De-quantization is bit for bit gguf-py's `gguf.quants.dequantize`.
+
+That GEMM decodes every weight once per 4 activation rows, so at large M it is bound by decoding. `gguf_linear_tiled`
+decodes each weight once per call instead: each thread de-quantizes a panel of rows (~1 MB of float32) into its own
+reused buffer and multiplies all the activations by it in a float32 matmul, panel after panel. It loses at small M
+(it writes and re-reads the weight as float32); where the two cross depends on the CPU (M ~ 20 on a 2-core AVX2
+one), so the caller picks per batch size."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -122,13 +128,26 @@ def _args(w: GGUFBlocks) -> tuple[list[torch.Tensor], list[int]]:
     return [raw for raw, _ in w.segments], [ggml_type_id(qtype) for _, qtype in w.segments]
 
 
-def gguf_linear(x: torch.Tensor, w: GGUFBlocks) -> torch.Tensor:
-    """x `[..., K]` (float32 / bfloat16 / float16) -> `[..., N]` in x's dtype, accumulated in float32."""
+def _run_linear(name: str, x: torch.Tensor, w: GGUFBlocks) -> torch.Tensor:
+    """The extension's GEMM `name` over x's rows, shaped back as x's leading dimensions."""
     if x.shape[-1] != w.k:
         raise ValueError(f"the weight takes {w.k} input features, got {x.shape[-1]}")
     raws, types = _args(w)
-    out = _ext().gguf_linear(x.reshape(-1, w.k), raws, types, w.k)
+    out = getattr(_ext(), name)(x.reshape(-1, w.k), raws, types, w.k)
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def gguf_linear(x: torch.Tensor, w: GGUFBlocks) -> torch.Tensor:
+    """x `[..., K]` (float32 / bfloat16 / float16) -> `[..., N]` in x's dtype, accumulated in float32. Streams the
+    weight once per 4 activation rows: the fast one at small M (decode)."""
+    return _run_linear("gguf_linear", x, w)
+
+
+def gguf_linear_tiled(x: torch.Tensor, w: GGUFBlocks) -> torch.Tensor:
+    """`gguf_linear` for large M (prefill): panels of weight rows de-quantized (bit for bit `dequantize_gguf`'s) into
+    a reused float32 buffer per thread, each multiplied by all the activations in a float32 matmul (bfloat16 /
+    float16 activations widened first, the output rounded once to x's dtype). No dense copy of the weight is kept."""
+    return _run_linear("gguf_linear_tiled", x, w)
 
 
 def dequantize_gguf(w: GGUFBlocks) -> torch.Tensor:

@@ -2,7 +2,9 @@
 every type on random blocks (random quants and packed scales, odd fp16 d / dmin: negative, subnormal, zero), and the
 GEMM against `x.float() @ dequantize_gguf(w).T` at every activation-row count the kernel treats apart (1..4 per
 pass, remainders, several passes), on rows that are not a multiple of its 16-row tasks, K past a 256-weight tile
-(a short last tile for the 32-weight types), and fused weights that mix types.
+(a short last tile for the 32-weight types), and fused weights that mix types. The large-M GEMM (gguf_linear_tiled)
+against the same reference at small and large M, across chunks of de-quantized rows that cross segments and do not
+divide N.
 
 Tolerances, elementwise against the sum of absolute products `|x| @ |W|.T` (the scale any float32 summation order
 errs relative to): float32 activations 1e-5 of it (~170 float32 roundings; the kernel's and the reference's own
@@ -23,6 +25,7 @@ from loom_kernels.quant import (
     gguf_blocks,
     gguf_kernels_available,
     gguf_linear,
+    gguf_linear_tiled,
     row_bytes,
 )
 from loom_kernels.quant.kquants import _args, _compiled
@@ -147,6 +150,78 @@ def test_strided_and_batched_activations():
     assert_matches(out, half, weight)
 
 
+# Segments of 275 rows at K = 2048, where a panel is 128 rows (1 MB of float32): panels cross segments, and N = 1100
+# ends in a short one.
+TILED_QTYPES = ["Q4_K", "Q6_K", "Q8_0", "Q5_1"]
+
+
+@pytest.mark.parametrize("m", [1, 5, 64, 300])
+def test_gguf_linear_tiled_float32(m):
+    w = concat_gguf_blocks([random_blocks(t, 275, 2048, seed=i, scale=0.05) for i, t in enumerate(TILED_QTYPES)])
+    x = torch.randn(m, 2048, generator=torch.Generator().manual_seed(m))
+    out = gguf_linear_tiled(x, w)
+    assert out.shape == (m, 1100) and out.dtype == torch.float32
+    assert_matches(out, x, dequantize_gguf(w))
+
+
+def test_gguf_linear_tiled_under_inference_mode_and_one_thread():
+    """The worker threads' matmuls write an inference tensor (the server runs in inference mode), and one thread
+    runs every panel itself."""
+    w = concat_gguf_blocks([random_blocks("Q4_K", 300, 2048, seed=4, scale=0.05),
+                            random_blocks("Q8_0", 30, 2048, seed=5, scale=0.05)])
+    x = torch.randn(40, 2048)
+    weight = dequantize_gguf(w)
+    with torch.inference_mode():
+        out = gguf_linear_tiled(x, w)
+    assert out.is_inference()
+    assert_matches(out, x, weight)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert_matches(gguf_linear_tiled(x, w), x, weight)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("m", [1, 3, 33])
+def test_gguf_linear_tiled_mixed_segments(m):
+    w = fused_qkv()
+    weight = dequantize_gguf(w)
+    x = torch.randn(m, 512)
+    out = gguf_linear_tiled(x, w)
+    assert out.shape == (m, w.n)
+    assert_matches(out, x, weight)
+    assert_matches(gguf_linear(x, w), x, weight)  # the two GEMMs agree through the reference
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gguf_linear_tiled_half_activations(dtype):
+    w = concat_gguf_blocks([random_blocks("Q4_K", 40, 256, seed=1), random_blocks("Q6_K", 9, 256, seed=2)])
+    x = torch.randn(2, 35, 256).to(dtype)
+    out = gguf_linear_tiled(x, w)
+    assert out.shape == (2, 35, 49) and out.dtype == dtype
+    assert_matches(out, x, dequantize_gguf(w))
+
+
+def test_gguf_linear_tiled_strided_activations_and_errors():
+    w = random_blocks("Q5_K", 20, 256, seed=9)
+    weight = dequantize_gguf(w)
+    big = torch.randn(7, 300)
+    for x in (big[:, 10:266], big[:, 10:266].t().contiguous().t()):  # rows 300 apart, column-major
+        assert_matches(gguf_linear_tiled(x, w), x, weight)
+    x = torch.randn(3, 256, requires_grad=True)  # read as data, as gguf_linear reads it
+    assert_matches(gguf_linear_tiled(x, w).detach(), x.detach(), weight)
+    with pytest.raises(ValueError, match="256 input features"):
+        gguf_linear_tiled(torch.randn(1, 512), w)
+    with pytest.raises(ValueError, match="needs uint8 rows of 176 bytes"):
+        gguf_linear_tiled(torch.randn(1, 256), GGUFBlocks([(torch.zeros(4, 128, dtype=torch.uint8), "Q5_K")], 256))
+    ext = _compiled()
+    with pytest.raises(RuntimeError, match="bytes per row"):
+        ext.gguf_linear_tiled(torch.randn(1, 256), [torch.zeros(4, 128, dtype=torch.uint8)], [12], 256)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        ext.gguf_linear_tiled(torch.randn(1, 256).double(), *_args(w), 256)
+
+
 def test_row_bytes_and_flat_raw():
     assert [row_bytes(t, 256) for t in GGUF_KERNEL_TYPES] == [144, 160, 176, 192, 272, 144, 176, 210]
     w = random_blocks("Q6_K", 6, 512, seed=3)
@@ -196,6 +271,7 @@ def test_other_instruction_set_paths(isa):
     for m in (1, 6):
         x = torch.randn(m, w.k)
         assert_matches(ext.gguf_linear(x, raws, types, w.k), x, weight)
+        assert_matches(ext.gguf_linear_tiled(x, raws, types, w.k), x, weight)
 
 
 def test_without_a_compiler_the_kernels_say_so(monkeypatch):
@@ -205,5 +281,7 @@ def test_without_a_compiler_the_kernels_say_so(monkeypatch):
     assert not gguf_kernels_available()
     with pytest.raises(RuntimeError, match="need a C\\+\\+ compiler"):
         gguf_linear(torch.randn(1, 256), w)
+    with pytest.raises(RuntimeError, match="need a C\\+\\+ compiler"):
+        gguf_linear_tiled(torch.randn(1, 256), w)
     with pytest.raises(RuntimeError, match="need a C\\+\\+ compiler"):
         dequantize_gguf(w)

@@ -85,7 +85,8 @@ def test_gguf_runs_its_own_blocks_within_the_memory_budget(llama_gguf, tmp_path)
     lean = loom(tiny.path, quantization="gguf", cache_dir=tmp_path, weight_memory=1.0)
     linears = [m for m in lean.model.modules() if isinstance(m, QuantLinear)]
     for m in linears:  # the file's blocks (for Q4_0/Q4_1/Q8_0 maybe the same codes re-laid), no dense copy
-        allowed = {"gguf_blocks"} | ({"q4_blocks", "q8_blocks", "q4", "q8"} if m.quant_kind in CODE_TYPES else set())
+        codes = {"q4_blocks", "q8_blocks", "q4", "q8"} if m.quant_kind in CODE_TYPES else set()
+        allowed = {"gguf_blocks", "gguf_tiled"} | codes
         assert {b for _, b in m.plan} <= allowed, (m.quant_kind, m.plan)
     assert resident_weight_bytes(lean.model) <= 1.05 * stored
 

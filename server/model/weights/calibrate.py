@@ -48,6 +48,22 @@ def time_backend(mods: list[QuantLinear], backend: str, m: int, dtype: torch.dty
     return best
 
 
+def time_buckets(mods: list[QuantLinear], backend: str, dtype: torch.dtype) -> dict[int, float]:
+    """Milliseconds per call at each M bucket. Once a kernel's time grows in proportion to M (two buckets in a row
+    within 15% of the same time per row: compute-bound), the larger buckets are extrapolated, not run: a decoding
+    kernel at M = 512 would take most of a start."""
+    out: dict[int, float] = {}
+    for m in BUCKETS:
+        done = sorted(out)
+        if len(done) >= 2:
+            (m1, t1), (m2, t2) = [(b, out[b]) for b in done[-2:]]
+            if abs((t2 / m2) / (t1 / m1) - 1) < 0.15:
+                out[m] = t2 * m / m2
+                continue
+        out[m] = time_backend(mods, backend, m, dtype)
+    return out
+
+
 def measure_group(mods: list[QuantLinear], candidates: list[str], dtype: torch.dtype) -> dict[int, dict[str, float]]:
     timings: dict[int, dict[str, float]] = {m: {} for m in BUCKETS}
     for backend in candidates:
@@ -57,8 +73,8 @@ def measure_group(mods: list[QuantLinear], candidates: list[str], dtype: torch.d
         except RuntimeError as exc:  # e.g. oneDNN's bf16 prepack refuses CPUs without avx512bw
             log.info("kernel unavailable", extra={"backend": backend, "error": str(exc)[:120]})
             continue
-        for m in BUCKETS:
-            timings[m][backend] = round(time_backend(mods, backend, m, dtype), 4)
+        for m, ms in time_buckets(mods, backend, dtype).items():
+            timings[m][backend] = round(ms, 4)
         for mod in mods:  # free the copy before building the next one
             mod.forms.pop(backend, None)
     return timings
@@ -87,7 +103,7 @@ def fit_choice(choice: dict[int, str], timings: dict[int, dict[str, float]], mod
 def heuristic_plan(candidates: list[str]) -> dict[int, str]:
     """Without calibration: the quantized form for small M (bandwidth-bound), the best dense form (if any) above."""
     small = candidates[0]
-    dense = next((b for b in ("bf16_packed", "bf16", "f32") if b in candidates), small)
+    dense = next((b for b in ("bf16_packed", "bf16", "f32", "gguf_tiled") if b in candidates), small)
     if small not in QUANTIZED:
         small = dense
     return {m: small if m <= 8 else dense for m in BUCKETS}
@@ -151,6 +167,8 @@ def choose(mods: list[QuantLinear], info, dtype: torch.dtype, calibrate: bool, q
     if quantized_only and candidates[0] in QUANTIZED:
         candidates = [c for c in candidates if c in QUANTIZED]
     candidates = affordable(mods, candidates, allowance)
+    if len(candidates) == 1:  # nothing to choose between
+        return {m: candidates[0] for m in BUCKETS}, 0.0
     if not calibrate:
         choice = heuristic_plan(candidates)
         return choice, sum(form_bytes(mods[0].source, b) for b in set(choice.values()) - {candidates[0]}) * len(mods)

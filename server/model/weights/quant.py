@@ -24,10 +24,11 @@ from loom_kernels.quant import (
 )
 from server.model.weights.gguf_tensors import QTensor, dequantize_blocks
 
-BACKENDS = ("gguf_blocks", "q4_blocks", "q8_blocks", "q4", "q8", "bf16", "bf16_packed", "f32")
-QUANTIZED = ("gguf_blocks", "q4_blocks", "q8_blocks", "q4", "q8")
-FORM_OF_BACKEND = {"gguf_blocks": "gguf_blocks", "q4_blocks": "q4_blocks", "q8_blocks": "q8_blocks", "q4": "q4",
-                   "q8": "q8", "bf16": "dense", "f32": "dense", "bf16_packed": "mkldnn"}
+BACKENDS = ("gguf_blocks", "gguf_tiled", "q4_blocks", "q8_blocks", "q4", "q8", "bf16", "bf16_packed", "f32")
+QUANTIZED = ("gguf_blocks", "gguf_tiled", "q4_blocks", "q8_blocks", "q4", "q8")
+FORM_OF_BACKEND = {"gguf_blocks": "gguf_blocks", "gguf_tiled": "gguf_tiled", "q4_blocks": "q4_blocks",
+                   "q8_blocks": "q8_blocks", "q4": "q4", "q8": "q8", "bf16": "dense", "f32": "dense",
+                   "bf16_packed": "mkldnn"}
 BYTES_PER_WEIGHT = {"q4_blocks": 0.625, "q4": 0.625, "q8_blocks": 1.0625, "q8": 1.0, "bf16": 2.0,
                     "bf16_packed": 2.0, "f32": 4.0}  # with their scales; gguf_blocks: the file's own size
 CODE_FORMS = {"Q4_0": "q4", "Q4_1": "q4", "Q8_0": "q8"}  # GGUF types the int4pack / block kernels also run
@@ -43,7 +44,7 @@ def backends_for(source: QTensor, native_bf16: bool, fast_int8: bool, blocks: bo
     if kind == "gguf":  # the file's blocks under the GGUF kernel; Q4_0/Q4_1/Q8_0 also under the code kernels
         segments = source.blocks.segments
         kind = CODE_FORMS.get(segments[0][1], "") if len(segments) == 1 else ""
-        own["gguf"] = ["gguf_blocks"] + own.get(kind, [])
+        own["gguf"] = ["gguf_blocks", "gguf_tiled"] * blocks + own.get(kind, [])
         kind = "gguf"
     return own.get(kind, []) + (["bf16", "bf16_packed"] if native_bf16 and not float_output else []) + ["f32"]
 
@@ -52,6 +53,8 @@ def form_bytes(source: QTensor, backend: str) -> int:
     """Resident bytes of one form of `source`, known before it is built (for the memory budget)."""
     if backend == "gguf_blocks":
         return source.nbytes()
+    if backend == "gguf_tiled":  # the same blocks, de-quantized a few rows at a time
+        return 0
     n, k = source.shape
     return int(n * k * BYTES_PER_WEIGHT[backend])
 
@@ -79,8 +82,8 @@ class QuantLinear(nn.Module):
         s = self.source
         if s.kind == "gguf" and backend in ("q4_blocks", "q8_blocks", "q4", "q8"):
             s = s.as_codes()
-        if backend == "gguf_blocks":
-            self.forms["gguf_blocks"] = s.blocks
+        if backend in ("gguf_blocks", "gguf_tiled"):
+            self.forms[backend] = s.blocks
         elif backend == "q4_blocks":
             self.forms["q4_blocks"] = pack_block_q4(s.codes, s.scale, s.zero)
         elif backend == "q8_blocks":
