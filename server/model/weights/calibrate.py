@@ -22,7 +22,7 @@ from server.model.weights.quant import QUANTIZED, QuantLinear, backends_for, for
 log = logging.getLogger("loom.model")
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
-KERNELS_VERSION = 5  # bump when the candidate kernels change: cached plans of older sets are measured again
+KERNELS_VERSION = 7  # bump when the candidate kernels change: cached plans of older sets are measured again
 
 
 def group_linears(model: nn.Module) -> dict[str, list[QuantLinear]]:
@@ -49,13 +49,14 @@ def time_backend(mods: list[QuantLinear], backend: str, m: int, dtype: torch.dty
 
 
 def time_buckets(mods: list[QuantLinear], backend: str, dtype: torch.dtype) -> dict[int, float]:
-    """Milliseconds per call at each M bucket. Once a kernel's time grows in proportion to M (two buckets in a row
-    within 15% of the same time per row: compute-bound), the larger buckets are extrapolated, not run: a decoding
-    kernel at M = 512 would take most of a start."""
+    """Milliseconds per call at each M bucket. Above M = 64, once a kernel's time grows in proportion to M (the two
+    buckets before within 15% of the same time per row: compute-bound), the larger buckets are extrapolated, not
+    run: a decoding kernel at M = 512 would take most of a start. (Below, small-M kernels and tiled GEMMs change
+    their efficiency with M, so every bucket is measured.)"""
     out: dict[int, float] = {}
     for m in BUCKETS:
         done = sorted(out)
-        if len(done) >= 2:
+        if m > 64 and len(done) >= 2:
             (m1, t1), (m2, t2) = [(b, out[b]) for b in done[-2:]]
             if abs((t2 / m2) / (t1 / m1) - 1) < 0.15:
                 out[m] = t2 * m / m2
