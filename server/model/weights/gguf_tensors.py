@@ -100,11 +100,12 @@ def dequantize_blocks(blocks: GGUFBlocks) -> torch.Tensor:
 
 
 def merge_same_types(blocks: GGUFBlocks) -> GGUFBlocks:
-    """Neighbouring segments of one type as one (a copy of those rows): a single-type weight keeps the choice of
-    every kernel that runs its type, and the GEMM walks fewer segments."""
+    """Neighbouring Q4_0 / Q4_1 / Q8_0 segments of one type as one (a copy of those rows): such a weight can also
+    run under the int4pack and code-block kernels, which take one type. Other types stay separate segments (the
+    GGUF kernel walks them without a copy)."""
     merged: list[tuple[torch.Tensor, str]] = []
     for raw, qtype in blocks.segments:
-        if merged and merged[-1][1] == qtype:
+        if merged and merged[-1][1] == qtype and qtype in ("Q4_0", "Q4_1", "Q8_0"):
             merged[-1] = (torch.cat([merged[-1][0], raw]), qtype)
         else:
             merged.append((raw, qtype))

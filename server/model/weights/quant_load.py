@@ -116,6 +116,12 @@ def fused_parts(model: nn.Module) -> dict[str, list[str]]:
     return {fused: [p for _, p in sorted(v)] for fused, v in parts.items()}
 
 
+def take(tensors: dict[str, QTensor], key: str) -> QTensor:
+    """A linear's weight, out of `tensors` so a fused copy never lives beside its parts (a tied head shares the
+    embedding, which stays)."""
+    return tensors[key] if key.startswith("model.embed_tokens.") else tensors.pop(key)
+
+
 def build_quantized(family: type[nn.Module], cfg: ModelConfig, dtype: torch.dtype,
                     tensors: dict[str, QTensor]) -> nn.Module:
     """The decoder with QuantLinear/QuantEmbedding in place of nn.Linear/nn.Embedding, norms in `dtype`."""
@@ -131,7 +137,7 @@ def build_quantized(family: type[nn.Module], cfg: ModelConfig, dtype: torch.dtyp
             names = [f"{parent_name}.{p}" for p in fused.get(child, [child])] if parent_name else [name]
             if name == "lm_head" and "lm_head.weight" not in tensors:
                 names = ["model.embed_tokens"]  # tied head
-            weight = cat_rows([tensors[f"{n}.weight"] for n in names])
+            weight = cat_rows([take(tensors, f"{n}.weight") for n in names])
             bias = (torch.cat([tensors[f"{n}.bias"].dequantize() for n in names]).to(dtype)
                     if mod.bias is not None else None)
             setattr(parent, child, QuantLinear(weight, bias, float_output=name == "lm_head"))
