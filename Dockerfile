@@ -96,7 +96,7 @@ WORKDIR /home/loom
 # under a digest of that metadata; as the runtime user, so the cache dir is the one `loom serve` reads).
 # Kernel plans are measured per CPU at the first start on a machine and cached in LOOM_CACHE_DIR.
 RUN loom generate --model default --prompt hi --max-tokens 1 --device cpu --kv-cache-memory 0.05 \
-    && ls "${LOOM_CACHE_DIR}"/gguf-tokenizers/SmolLM2-135M-Instruct*/tokenizer.json
+    && ls "${LOOM_CACHE_DIR}"/gguf-tokenizers/*/tokenizer.json
 
 # Mount model directories or .gguf files here: `-v /path/to/models:/models:ro`, then `--model /models/...`.
 # (GGUF files run as stored; their tokenizers and the kernel plans are cached in LOOM_CACHE_DIR: mount a volume there

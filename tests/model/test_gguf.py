@@ -28,8 +28,14 @@ Q5_K_M = {"default": "Q5_K", "attn_v": "Q6_K", "ffn_down": "Q4_1", "attn_q": "Q5
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return tokenizer_dir(default_gguf(), tmp_path_factory.mktemp("cache"))
+def cache(tmp_path_factory):
+    """One cache dir for the module: every tiny file carries the default model's tokenizer, built here once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(cache):
+    return tokenizer_dir(default_gguf(), cache)
 
 
 @pytest.fixture(scope="module", params=[("llama", Q4_K_M, False), ("llama", Q5_K_M, True)], ids=["q4_k_m", "q5_k_m"])
@@ -41,12 +47,14 @@ def llama_gguf(request, tmp_path_factory, tokenizer):
 
 
 def loom(path, **kw):
-    return load_model(ModelSettings(model=str(path), dtype="float32", **kw), progress=False)
+    """Loom on `path` in float32; the heuristic kernel plan (calibration is timed elsewhere and costs seconds)."""
+    return load_model(ModelSettings(model=str(path), dtype="float32", kernel_calibration=False, **kw),
+                      progress=False)
 
 
-def test_kquant_gguf_greedy_matches_transformers(llama_gguf, tmp_path):
+def test_kquant_gguf_greedy_matches_transformers(llama_gguf, cache):
     tiny, hf_dir = llama_gguf
-    lm, hf = loom(tiny.path, quantization="gguf", cache_dir=tmp_path), hf_model(hf_dir)
+    lm, hf = loom(tiny.path, quantization="gguf", cache_dir=cache), hf_model(hf_dir)
     assert lm.quantization == "gguf"
     prompts = random_prompts(3, 5, 40, seed=3)
     for prompt, got in zip(prompts, loom_greedy(lm, prompts, 16)):
@@ -66,9 +74,9 @@ def loom_greedy_logits(lm, prompt: list[int]) -> torch.Tensor:
         return lm.model.compute_logits(lm.model(batch, cache))[-1]
 
 
-def test_dequantized_gguf_is_transformers_exactly(llama_gguf, tmp_path):
+def test_dequantized_gguf_is_transformers_exactly(llama_gguf, cache):
     tiny, hf_dir = llama_gguf
-    lm, hf = loom(tiny.path, quantization="none", cache_dir=tmp_path), hf_model(hf_dir)
+    lm, hf = loom(tiny.path, quantization="none", cache_dir=cache), hf_model(hf_dir)
     prompts = random_prompts(2, 5, 30, seed=4)
     for prompt, got in zip(prompts, loom_greedy(lm, prompts, 16)):
         assert got == hf_greedy(hf, prompt, 16)
@@ -91,11 +99,11 @@ def test_gguf_runs_its_own_blocks_within_the_memory_budget(llama_gguf, tmp_path)
     assert resident_weight_bytes(lean.model) <= 1.05 * stored
 
 
-def test_types_without_a_kernel_load_through_one_logged_fallback(tmp_path, tokenizer, caplog):
+def test_types_without_a_kernel_load_through_one_logged_fallback(tmp_path, cache, tokenizer, caplog):
     tiny = write_gguf(tmp_path / "q3.gguf", "llama", {"default": "Q4_K", "ffn_down": "Q3_K", "attn_v": "Q2_K"},
                       tokenizer_dir=tokenizer)
     with caplog.at_level(logging.WARNING, logger="loom.model"):
-        lm = loom(tiny.path, quantization="gguf", cache_dir=tmp_path / "cache")
+        lm = loom(tiny.path, quantization="gguf", cache_dir=cache)
     (record,) = [r for r in caplog.records if "without a Loom kernel" in r.getMessage()]
     assert set(record.types) == {"Q3_K", "Q2_K"} and "blk.0.ffn_down.weight" in record.types["Q3_K"]
     assert record.tensors == 4
@@ -114,20 +122,20 @@ ARCHS = {  # architecture -> (types, tied, shape changes): each loads from llama
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_architecture_gguf_matches_transformers(arch, tmp_path, tokenizer):
+def test_architecture_gguf_matches_transformers(arch, tmp_path, cache, tokenizer):
     from tests.support.gguf_files import TinyShape
     types, tied, shape = ARCHS[arch]
     tiny = write_gguf(tmp_path / f"tiny-{arch}.gguf", arch, types, TinyShape(**shape), tied=tied,
                       tokenizer_dir=tokenizer)
     hf = hf_model(write_hf_directory(tiny, tmp_path / "hf"))
-    lm = loom(tiny.path, quantization="gguf", cache_dir=tmp_path / "cache")
+    lm = loom(tiny.path, quantization="gguf", cache_dir=cache)
     assert lm.config.family == {"qwen2": "llama"}.get(arch, arch)
     prompts = random_prompts(2, 20, 40, seed=5)  # longer than Gemma's 16-token window
     for prompt, got in zip(prompts, loom_greedy(lm, prompts, 12)):
         assert got == hf_greedy(hf, prompt, 12)
 
 
-def test_llama3_rope_frequency_factors_from_the_file(tmp_path, tokenizer):
+def test_llama3_rope_frequency_factors_from_the_file(tmp_path, cache, tokenizer):
     """llama.cpp stores Llama 3's rope scaling as per-frequency divisors (`rope_freqs.weight`), not as config."""
     import math
 
@@ -153,7 +161,7 @@ def test_llama3_rope_frequency_factors_from_the_file(tmp_path, tokenizer):
                       tokenizer_dir=tokenizer)
     tiny.rope_scaling = scaling
     hf = hf_model(write_hf_directory(tiny, tmp_path / "hf"))
-    lm = loom(tiny.path, quantization="gguf", cache_dir=tmp_path / "cache")
+    lm = loom(tiny.path, quantization="gguf", cache_dir=cache)
     assert lm.config.rope_scaling["rope_type"] == "factors"
     prompts = random_prompts(2, 60, 90, seed=6)  # past the 64-token pretraining length
     for prompt, got in zip(prompts, loom_greedy(lm, prompts, 12)):

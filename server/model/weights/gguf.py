@@ -123,7 +123,7 @@ def tokenizer_dir(gguf_path: Path, cache_dir: Path) -> Path:
     """A directory holding the GGUF's tokenizer and chat template as Hugging Face files (built once, cached by the
     tokenizer's own metadata: every quantization of a model shares it)."""
     digest = read_header(gguf_path).tokenizer_digest
-    target = cache_dir.expanduser() / "gguf-tokenizers" / f"{gguf_path.stem.split('.')[0]}-{digest}"
+    target = cache_dir.expanduser() / "gguf-tokenizers" / digest
     if (target / "tokenizer_config.json").is_file():
         return target
     started = time.perf_counter()
