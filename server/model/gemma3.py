@@ -12,11 +12,12 @@ weight loading this reuses; module names mirror Hugging Face.
 import torch
 from torch import nn
 
-from loom_kernels import gelu_tanh_and_mul, rotary
+from loom_kernels import gelu_tanh_and_mul
 from server.model.attention import PagedAttention
 from server.model.batch import FlatBatch, KVCache
 from server.model.config import ModelConfig
 from server.model.llama import LlamaForCausalLM
+from server.model.qwen3 import Qwen3Attention
 from server.model.rope import cos_sin_cache
 from server.model.weights.head import float_logits
 
@@ -34,27 +35,16 @@ class GemmaRMSNorm(nn.Module):
         return (h * (1.0 + self.weight.float())).to(x.dtype)
 
 
-class Gemma3Attention(nn.Module):
+class Gemma3Attention(Qwen3Attention):
+    """Qwen3's attention (per-head q/k norms before rotary) with Gemma's norms and `query_pre_attn_scalar` scale."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
+        super().__init__(cfg, layer)
         self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps)
         self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps)
         self.is_sliding = cfg.layer_window(layer) is not None  # local layer: windowed, local rotary table
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.query_pre_attn_scalar ** -0.5,
                                    cfg.layer_window(layer))
-
-    def forward(self, x: torch.Tensor, batch: FlatBatch, cos_sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
-        k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
-        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        rotary(q, k, batch.positions, cos_sin)
-        return self.o_proj(self.attn(q, k, v, batch, k_cache, v_cache))
 
 
 class Gemma3MLP(nn.Module):

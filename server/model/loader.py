@@ -212,7 +212,7 @@ def load_gguf(settings: ModelSettings, source: Path, dtype: torch.dtype, device:
     de-quantized into a dense model); config and tokenizer from its metadata."""
     header = read_header(source)
     cfg = ModelConfig.from_dict(hf_config(header))
-    tokenizer = Tokenizer.from_pretrained(str(tokenizer_dir(source, settings.cache_dir)), cfg.eos_token_ids)
+    tokenizer = Tokenizer.from_pretrained(str(tokenizer_dir(source, settings.cache_dir, header)), cfg.eos_token_ids)
     quantization = resolve_mode(settings.quantization, settings.dtype, True, device, cfg.family)
     log.info("reading GGUF", extra={"file": str(source), "architecture": header.architecture,
                                     "types": header.types(), "mb": round(header.tensor_bytes() / 1e6)})

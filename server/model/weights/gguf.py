@@ -119,10 +119,11 @@ def _smollm3(header: GGUFHeader, raw: dict[str, Any]) -> dict[str, Any]:
 ARCH_EXTRAS = {"gemma3_text": _gemma3, "smollm3": _smollm3}
 
 
-def tokenizer_dir(gguf_path: Path, cache_dir: Path) -> Path:
+def tokenizer_dir(gguf_path: Path, cache_dir: Path, header: GGUFHeader | None = None) -> Path:
     """A directory holding the GGUF's tokenizer and chat template as Hugging Face files (built once, cached by the
-    tokenizer's own metadata: every quantization of a model shares it)."""
-    digest = read_header(gguf_path).tokenizer_digest
+    tokenizer's own metadata: every quantization of a model shares it). `header`: the file's, if already read."""
+    header = header or read_header(gguf_path)
+    digest = header.tokenizer_digest
     target = cache_dir.expanduser() / "gguf-tokenizers" / digest
     if (target / "tokenizer_config.json").is_file():
         return target
@@ -137,7 +138,7 @@ def tokenizer_dir(gguf_path: Path, cache_dir: Path) -> Path:
         if "not supported" not in str(exc):
             raise
         tmp.mkdir(parents=True)
-        write_tokenizer_only(read_header(gguf_path), tmp / "tokenizer.gguf", "llama")
+        write_tokenizer_only(header, tmp / "tokenizer.gguf", "llama")
         tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file="tokenizer.gguf")
         (tmp / "tokenizer.gguf").unlink()
     tokenizer.save_pretrained(tmp)
