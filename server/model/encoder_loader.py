@@ -10,8 +10,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
-import shutil
 import time
 import zipfile
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from pathlib import Path
 import torch
 
 from server.model.bert import EncoderConfig, EncoderModel, Pooling
+from server.model.cache_files import publish_directory, temporary_for
 from server.model.config import UnsupportedModelError
 from server.model.loader import iter_safetensors, pick_dtype
 from server.model.weights.head import FloatHead
@@ -83,11 +82,10 @@ def default_encoder_dir(cache_dir: Path) -> Path:
     target = cache_dir.expanduser() / f"{DEFAULT_ENCODER}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
     if (target / "config.json").is_file():
         return target
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_for(target)
     with zipfile.ZipFile(archive) as z:
         z.extractall(tmp)
-    tmp.replace(target) if not target.exists() else shutil.rmtree(tmp)
+    publish_directory(tmp, target)
     log.info("extracted the default encoder", extra={"into": str(target)})
     return target
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import nn
 
 from loom_kernels.cpu.platform import cpu_info, trim_heap
 from loom_kernels.quant import block_kernels_available
+from server.model.cache_files import write_file_atomically
 from server.model.weights.quant import QUANTIZED, QuantLinear, backends_for, form_bytes, resident_weight_bytes
 
 log = logging.getLogger("loom.model")
@@ -139,6 +139,8 @@ def plan_kernels(model: nn.Module, dtype: torch.dtype, cache_dir: Path, calibrat
     started = time.perf_counter()
     allowance = (memory_factor - 1) * resident_weight_bytes(model)  # the weights as read, each storage once
     plans, choices, timings = {}, {}, {}
+    if calibrate and not cached:  # tens of seconds on a large model: say what the wait is
+        log.info("measuring kernels for this CPU", extra={"groups": len(groups), "into": str(path)})
     for key, mods in groups.items():
         if cached and key in cached["plans"]:
             choice = {int(m): b for m, b in cached["plans"][key].items()}
@@ -181,9 +183,7 @@ def choose(mods: list[QuantLinear], info, dtype: torch.dtype, calibrate: bool, q
 
 
 def save_plans(path: Path, info, dtype: torch.dtype, choices: dict, timings: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"cpu": info.model, "flags": sorted(info.flags), "torch": torch.__version__,
-                               "threads": torch.get_num_threads(), "dtype": str(dtype), "plans": choices,
-                               "timings_ms": timings}, indent=1))
-    tmp.replace(path)
+    text = json.dumps({"cpu": info.model, "flags": sorted(info.flags), "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "dtype": str(dtype), "plans": choices,
+                       "timings_ms": timings}, indent=1)
+    write_file_atomically(path, lambda tmp: tmp.write_text(text))

@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from server.model.cache_files import publish_directory, temporary_for
 from server.model.config import UnsupportedModelError
 from server.model.weights.gguf_file import GGUFHeader, read_header, write_tokenizer_only
 from server.model.weights.gguf_tensors import read_float
@@ -130,8 +130,7 @@ def tokenizer_dir(gguf_path: Path, cache_dir: Path, header: GGUFHeader | None = 
     started = time.perf_counter()
     from transformers import AutoTokenizer
 
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_for(target)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except ValueError as exc:  # transformers knows the tokenizer but not this architecture (e.g. SmolLM3)
@@ -142,20 +141,10 @@ def tokenizer_dir(gguf_path: Path, cache_dir: Path, header: GGUFHeader | None = 
         tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file="tokenizer.gguf")
         (tmp / "tokenizer.gguf").unlink()
     tokenizer.save_pretrained(tmp)
-    _publish(tmp, target)
+    publish_directory(tmp, target)
     log.info("tokenizer read from the GGUF", extra={"into": str(target),
                                                     "seconds": round(time.perf_counter() - started, 1)})
     return target
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    """Rename a finished directory into place; a concurrent start that won the race keeps its copy."""
-    try:
-        tmp.replace(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not target.is_dir():
-            raise
 
 
 def export_hf_directory(gguf_path: Path, cache_dir: Path) -> Path:
@@ -166,8 +155,7 @@ def export_hf_directory(gguf_path: Path, cache_dir: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM
 
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_for(target)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype="float32")
     model.hf_quantizer = None  # the weights are plain float tensors now: save them as such
     model.config.quantization_config = None
@@ -177,5 +165,5 @@ def export_hf_directory(gguf_path: Path, cache_dir: Path) -> Path:
     for f in tokenizer_dir(gguf_path, cache_dir).iterdir():
         shutil.copy(f, tmp / f.name)
     (tmp / "loom-exported.json").write_text(json.dumps({"source": str(gguf_path)}))
-    _publish(tmp, target)
+    publish_directory(tmp, target)
     return target

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from loom_kernels.quant import quantize_q4, quantize_q8
+from server.model.cache_files import write_file_atomically
 from server.model.config import ModelConfig
 from server.model.weights.gguf_file import GGUFHeader
 from server.model.weights.gguf_tensors import FLOAT_TYPES, QTensor, cat_rows, read_gguf
@@ -82,10 +82,7 @@ def save(path: Path, tensors: dict[str, QTensor]) -> None:
         for f in FIELDS:
             if getattr(q, f) is not None:
                 flat[f"{name}::{f}"] = getattr(q, f).contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(flat, str(tmp), metadata=meta)
-    tmp.replace(path)
+    write_file_atomically(path, lambda tmp: save_file(flat, str(tmp), metadata=meta))
 
 
 def load(path: Path) -> dict[str, QTensor]:
