@@ -20,6 +20,7 @@ import torch
 from server.model.bert import EncoderConfig, EncoderModel, Pooling
 from server.model.cache_files import publish_directory, temporary_for
 from server.model.config import UnsupportedModelError
+from server.model.empty import empty_modules
 from server.model.loader import iter_safetensors, pick_dtype
 from server.model.weights.head import FloatHead
 from server.model.weights.linear import prepack_linears
@@ -146,7 +147,7 @@ def load_encoder(spec: str, cache_dir: Path, dtype: str = "float32", task: str =
         raise UnsupportedModelError(f"{directory} is a {cfg.architecture}, not a *ForSequenceClassification model")
     if task == "embed" and cfg.is_classifier:  # its head is not used: an embedding of its encoder
         cfg.architecture, cfg.id2label = cfg.architecture.replace("ForSequenceClassification", "Model"), {}
-    with torch.device("meta"):
+    with empty_modules():
         model = EncoderModel(cfg, read_pooling(directory) if task == "embed" else None)
     model = model.to_empty(device="cpu")
     with torch.no_grad():

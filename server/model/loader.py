@@ -20,6 +20,7 @@ from loom_kernels.cpu.build import build_cpu_kernels
 from loom_kernels.cpu.platform import cpu_info, force_isa
 from server.model.config import ModelConfig, UnsupportedModelError
 from server.model.dummy import dummy_config, fill_random
+from server.model.empty import empty_modules
 from server.model.families import FAMILIES
 from server.model.settings import ModelSettings
 from server.model.tokenizer import Tokenizer
@@ -128,7 +129,7 @@ def pick_device(name: str) -> torch.device:
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """An uninitialised decoder (weights are allocated but not filled)."""
-    with torch.device("meta"):
+    with empty_modules():
         model = FAMILIES[cfg.family](cfg)
     model = model.to_empty(device=device).to(dtype)
     model.post_init()

@@ -14,6 +14,7 @@ from torch import nn
 from loom_kernels.quant import quantize_q4, quantize_q8
 from server.model.cache_files import write_file_atomically
 from server.model.config import ModelConfig
+from server.model.empty import empty_modules
 from server.model.weights.gguf_file import GGUFHeader
 from server.model.weights.gguf_tensors import FLOAT_TYPES, QTensor, cat_rows, read_gguf
 from server.model.weights.quant import QuantEmbedding, QuantLinear
@@ -122,7 +123,7 @@ def take(tensors: dict[str, QTensor], key: str) -> QTensor:
 def build_quantized(family: type[nn.Module], cfg: ModelConfig, dtype: torch.dtype,
                     tensors: dict[str, QTensor]) -> nn.Module:
     """The decoder with QuantLinear/QuantEmbedding in place of nn.Linear/nn.Embedding, norms in `dtype`."""
-    with torch.device("meta"):
+    with empty_modules():
         model = family(cfg)
     fused = fused_parts(model)
     for name, mod in list(model.named_modules()):
