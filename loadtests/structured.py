@@ -15,7 +15,8 @@ import statistics
 import time
 
 from server.engine import EngineCore, EngineSettings, SamplingParams
-from server.engine.grammar import GrammarCompiler, GrammarSpec
+from server.engine.grammar import GrammarSpec
+from server.engine.grammar_compiler import GrammarCompiler
 from server.model import ModelSettings, load_model
 
 PERSON = {  # a typical 10-field record

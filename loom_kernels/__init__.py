@@ -15,12 +15,13 @@ from loom_kernels.fused_cpu.cpu_ops import (
     rotary_cpu,
 )
 from loom_kernels.kv_write.reference import write_kv_ref
+from loom_kernels.lora.reference import lora_add_ref
 from loom_kernels.rms_norm.reference import rms_norm_ref
 from loom_kernels.rotary.reference import rotary_ref
 
 __all__ = [
-    "argmax_rows", "gelu_tanh_and_mul", "paged_attention_decode", "paged_attention_prefill", "rms_norm", "rotary",
-    "silu_and_mul", "write_kv"]
+    "argmax_rows", "gelu_tanh_and_mul", "lora_add", "paged_attention_decode", "paged_attention_prefill", "rms_norm",
+    "rotary", "silu_and_mul", "write_kv"]
 
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -98,3 +99,15 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
         from loom_kernels.activation.triton_kernel import gelu_tanh_and_mul_triton
         return gelu_tanh_and_mul_triton(x)
     return gelu_tanh_and_mul_ref(x)
+
+
+def lora_add(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, rows: torch.Tensor,
+             seg_starts: torch.Tensor, seg_slots: torch.Tensor, max_seg_len: int) -> None:
+    """Segmented LoRA, in place: `y [T, N] += (x [T, K] @ A[s].T) @ B[s].T` on the rows of each adapter segment.
+    `a_stack [S, R, K]`, `b_stack [S, N, R]` (the scaling folded in); `rows [M]` int64 are the token rows that carry
+    an adapter, grouped by segment; segment `g` is `rows[seg_starts[g]:seg_starts[g + 1]]` (int32) on slot
+    `seg_slots[g]`; `max_seg_len` is the longest segment."""
+    if use_triton(x):
+        from loom_kernels.lora.triton_kernel import lora_add_triton
+        return lora_add_triton(y, x, a_stack, b_stack, rows, seg_starts, seg_slots, max_seg_len)
+    return lora_add_ref(y, x, a_stack, b_stack, rows, seg_starts, seg_slots)

@@ -15,13 +15,17 @@ def get_lifecycle(request: Request) -> Lifecycle:
     return request.app.state.lifecycle
 
 
-def get_ready_model(request: Request) -> ServedModel:
-    """Every /v1 route's gate: the model is loaded and warm, the engine stepping, the server not draining."""
-    return request.app.state.lifecycle.require_ready()
+async def get_ready_model(request: Request) -> ServedModel:
+    """Every /v1 route's gate: the model is loaded and warm, the engine stepping, the server not draining; with
+    --models-dir, the model the body names (loaded on first use)."""
+    return await request.app.state.lifecycle.served_for(request)
 
 
-def get_tracker(request: Request) -> RequestTracker:
-    return request.app.state.tracker
+async def get_tracker(request: Request) -> RequestTracker:
+    lifecycle = request.app.state.lifecycle
+    if lifecycle.pool is None:
+        return request.app.state.tracker
+    return (await lifecycle.served_for(request)).tracker
 
 
 def get_settings(request: Request) -> ServerSettings:

@@ -1,7 +1,7 @@
 """OpenAI-style errors: every failure answers `{"error": {"message", "type", "param", "code"}}` with a fitting status.
 
 FastAPI's own 422 validation body becomes a 400 `invalid_request_error` naming the offending field, each engine
-error type maps to one status (invalid 400, queue full 429, timeout 504, engine dead 503, failed step 500), and
+error type maps to one status (invalid 400, queue full 429, timeout 504, engine dead or busy 503, failed step 500), and
 anything unexpected is a 500 in the same shape (never a stack trace)."""
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from server.engine import (
     InvalidRequestError,
     QueueFullError,
     RequestTimeoutError,
+    ServerBusyError,
 )
 
 log = logging.getLogger("loom.api")
@@ -64,6 +65,8 @@ def from_engine_error(exc: BaseException, retry_after: int = 1) -> APIError:
     if isinstance(exc, QueueFullError):  # Retry-After: the engine's estimate of the drain, else the setting
         return APIError(429, f"the server is busy: {exc}; retry later", code="rate_limit_exceeded",
                         headers={"Retry-After": str(exc.retry_after or retry_after)})
+    if isinstance(exc, ServerBusyError):
+        return APIError(503, str(exc), code=exc.code, headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, RequestTimeoutError):
         return APIError(504, str(exc), code="request_timeout")
     if isinstance(exc, EngineDeadError):

@@ -11,8 +11,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import APIError
@@ -21,7 +22,11 @@ from server.api.settings import ServerSettings
 from server.api.tracking import RequestTracker
 from server.engine import AsyncEngine, SamplingParams
 from server.model import LoadedEncoder, Tokenizer
+from server.model.lora import LoraAdapter
 from server.tasks import Classifier, Summarizer, TaskSettings
+
+if TYPE_CHECKING:
+    from server.api.model_pool import ModelPool
 
 log = logging.getLogger("loom.api")
 
@@ -39,11 +44,30 @@ class ServedModel:
     classifier: Classifier  # keeps its calibration cache across requests
     created: int
     encoders: dict[str, LoadedEncoder] = field(default_factory=dict)  # embedding / classifier models by name
+    tool_call_parser: str | None = None  # --tool-call-parser (None: the chat template's format)
+    tracker: RequestTracker | None = None  # a --models-dir model's own (None: the app's)
+    siblings: Callable[[], list[str]] = list  # the other models served here (--models-dir), for the 404's list
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.name!r}",
-                           param="model", code="model_not_found")
+        """The base model only (routes that do not run adapters: summarize, classify)."""
+        if self.resolve_model(model) is not None:
+            raise APIError(400, f"{model!r} is a LoRA adapter; adapters serve completions, chat, messages and "
+                                f"responses, not this route", param="model", code="model_not_supported")
+
+    def answered_by(self, params: SamplingParams) -> str:
+        """The `model` an answer names: its adapter's name, else the base model's."""
+        return params.lora.name if params.lora is not None else self.name
+
+    def resolve_model(self, model: str | None) -> LoraAdapter | None:
+        """The LoRA adapter `model` names, or None for the base model; 404 for any other name."""
+        if model is None or model == self.name:
+            return None
+        adapter = self.engine.loras.get(model)
+        if adapter is None:
+            known = [self.name] + [a.name for a in self.engine.loras.adapters()] + self.siblings()
+            raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                                f"{', '.join(repr(k) for k in known)}", param="model", code="model_not_found")
+        return adapter
 
 
 class Lifecycle:
@@ -54,21 +78,53 @@ class Lifecycle:
         self.load_error: str | None = None
         self.warmed_up = False
         self.draining = False  # SIGTERM: /ready fails, new requests are refused, in-flight ones finish
+        self.pool: ModelPool | None = None  # --models-dir: the models served beside the default one
+        self.trackers = [tracker]  # the app's, then each --models-dir model's
 
     def attach(self, engine: AsyncEngine, name: str, tokenizer: Tokenizer) -> ServedModel:
+        self.model = self.build_served(engine, name, tokenizer, self.tracker)
+        self.tracker.engine = engine
+        self.metrics.watch(engine)
+        return self.model
+
+    def build_served(self, engine: AsyncEngine, name: str, tokenizer: Tokenizer,
+                     tracker: RequestTracker) -> ServedModel:
         t = self.task_settings
-        generate = self.tracker.generate
-        self.model = ServedModel(
+        generate = tracker.generate
+        return ServedModel(
             engine=engine, name=name, tokenizer=tokenizer, max_model_len=engine.max_model_len,
             summarizer=Summarizer(functools.partial(generate, endpoint="summarize"), tokenizer,
                                   engine.max_model_len, chunk_tokens=t.summarize_chunk_tokens,
                                   max_tokens=t.summarize_max_tokens, max_input_chars=t.summarize_max_input_chars),
             classifier=Classifier(functools.partial(generate, endpoint="classify"), tokenizer,
                                   engine.max_model_len, permutations=t.classify_permutations),
-            created=int(time.time()), encoders=dict(engine.encoders))
-        self.tracker.engine = engine
-        self.metrics.watch(engine)
-        return self.model
+            created=int(time.time()), encoders=dict(engine.encoders),
+            tool_call_parser=self.settings.tool_call_parser, tracker=tracker,
+            siblings=lambda: [n for n in (self.pool.entries if self.pool else ()) if n != name])
+
+    def build_pooled(self, engine: AsyncEngine, name: str, tokenizer: Tokenizer) -> ServedModel:
+        """A --models-dir model: its own tracker (the drain waits for and aborts its requests too)."""
+        tracker = RequestTracker(self.metrics, self.settings.request_timeout)
+        tracker.engine = engine
+        self.trackers.append(tracker)
+        return self.build_served(engine, name, tokenizer, tracker)
+
+    async def served_for(self, request: Request) -> ServedModel:
+        """The model a /v1 request names in its body's `model`: the default one, or a --models-dir model (loaded
+        first if need be, held until the request's last byte)."""
+        default = self.require_ready()
+        if self.pool is None:
+            return default
+        memo = request.scope.get("loom.served")
+        if memo is not None:
+            return memo
+        name = await requested_model(request)
+        served = default
+        if name is not None and name != default.name and name in self.pool:
+            served, release = await self.pool.acquire(name, self.tracker.deadline(await requested_timeout(request)))
+            request.scope.setdefault("loom.release", []).append(release)
+        request.scope["loom.served"] = served
+        return served
 
     def not_ready_reason(self) -> str | None:
         if self.draining:
@@ -120,9 +176,10 @@ class Lifecycle:
         self.draining = True
         tracker = self.tracker
         deadline = time.monotonic() + timeout
-        while (tracker.http_inflight or tracker.active) and time.monotonic() < deadline and not hurry():
+        while (tracker.http_inflight or any(t.active for t in self.trackers)) and time.monotonic() < deadline \
+                and not hurry():
             await asyncio.sleep(0.05)
-        aborted = tracker.abort_all()
+        aborted = sum(t.abort_all() for t in self.trackers)
         if aborted:
             log.warning("drain timeout: aborting requests", extra={"count": aborted})
         grace = time.monotonic() + 5.0  # let aborted responses send their last chunk
@@ -148,16 +205,22 @@ def make_lifespan(lifecycle: Lifecycle, loader: Loader | None, on_fatal: Callabl
                 if on_fatal:
                     on_fatal(lifecycle.load_error)
 
-        task = asyncio.create_task(start())
+        tasks = [asyncio.create_task(start())]
+        pool = lifecycle.pool
+        if pool is not None and pool.idle_unload > 0:
+            tasks.append(asyncio.create_task(pool.unload_idle()))
         try:
             yield
         finally:
             lifecycle.draining = True
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
             if shutdown_engine and lifecycle.model is not None:
                 await asyncio.to_thread(lifecycle.model.engine.shutdown)
+            if pool is not None:
+                await asyncio.to_thread(pool.shutdown)
 
     return lifespan
 
@@ -177,3 +240,27 @@ class InflightMiddleware:
             await self.app(scope, receive, send)
         finally:
             self.tracker.http_inflight -= 1
+            for release in scope.get("loom.release", ()):  # the --models-dir model this request held
+                release()
+
+
+async def requested_model(request: Request) -> str | None:
+    """The `model` a POST's JSON body names (None without one: the route's own validation answers bad bodies)."""
+    body = await json_body(request)
+    model = body.get("model")
+    return model if isinstance(model, str) else None
+
+
+async def requested_timeout(request: Request) -> float | None:
+    timeout = (await json_body(request)).get("timeout")
+    return float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
+
+
+async def json_body(request: Request) -> dict:
+    if request.method != "POST":
+        return {}
+    try:
+        body = await request.json()  # cached on the request: the route's own parsing reads it again for free
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}

@@ -50,9 +50,14 @@ class EngineCollector(Collector):
                     ("loom_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache", s.prefix_hit_tokens),
                     ("loom_prefix_cache_query_tokens", "prompt tokens looked up in the prefix cache",
                      s.prefix_query_tokens),
-                    ("loom_engine_steps", "engine steps run", s.steps)]
+                    ("loom_engine_steps", "engine steps run", s.steps),
+                    ("loom_spec_decode_draft_tokens", "speculative draft tokens verified", s.spec_draft_tokens),
+                    ("loom_spec_decode_accepted_tokens", "speculative draft tokens accepted", s.spec_accepted_tokens)]
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)
+        rate = s.spec_accepted_tokens / s.spec_draft_tokens if s.spec_draft_tokens else 0.0
+        yield GaugeMetricFamily("loom_spec_decode_acceptance_ratio", "accepted / verified draft tokens (0..1)",
+                                value=rate)
 
 
 class Metrics:

@@ -1,6 +1,7 @@
 """HTTP-layer configuration (pydantic-settings, `LOOM_*` environment variables, overridden by `loom serve` flags)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -27,3 +28,21 @@ class ServerSettings(BaseSettings):
     warmup: bool = Field(True, description="run a short request through the engine before /ready turns 200")
     sse_ping_seconds: float = Field(15.0, ge=0, description="keep-alive comment interval on SSE streams (0: off)")
     webui: bool = Field(True, description="serve the browser playground at / (off: / answers 404)")
+    responses_store_max_entries: int = Field(
+        1024, ge=0, description="/v1/responses kept in memory for GET and previous_response_id, least recently used "
+                                "out first (0: none are stored)")
+    responses_store_max_age: float = Field(3600.0, gt=0, description="seconds a stored response is kept")
+    reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = Field(
+        None, description="split the model's <think>...</think> out of answers (chat `reasoning_content`, Messages "
+                          "thinking blocks); off unless set")
+    tool_call_parser: Literal["hermes", "llama3_json", "qwen3_coder", "pythonic", "mistral"] | None = Field(
+        None, description="the format tool calls are parsed from, forced in and written into prompts (default: the "
+                          "chat template's, else hermes)")
+    models_dir: Path | None = Field(None, description="serve every .gguf file and Hugging Face directory here by its "
+                                                      "name, loaded on first use, beside the default model")
+    max_loaded_models: int = Field(1, ge=1, description="--models-dir models loaded at once (the default model is "
+                                                        "not counted); least recently used unloaded first")
+    model_idle_unload: float = Field(0.0, ge=0, description="seconds unused after which a --models-dir model is "
+                                                            "unloaded (0: never)")
+    model_load_wait: float = Field(300.0, gt=0, description="seconds a request without a timeout waits for its "
+                                                            "model to load before a 503 with Retry-After")

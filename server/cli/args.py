@@ -50,13 +50,34 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--priority-step-seconds", type=float, default=None,
                    help="waiting time one `priority` level is worth (default 10): lower first, none starves")
     e.add_argument("--grammar-compile-timeout", type=float, default=None,
-                   help="seconds a request waits for its grammar (JSON schema, regex, tools) to compile, else 400 "
-                        "(LOOM_GRAMMAR_COMPILE_TIMEOUT, default 10)")
+                   help="seconds a grammar (JSON schema, regex, tools) may compile before it is stopped (400), and a "
+                        "request may wait for a compile worker (503) (LOOM_GRAMMAR_COMPILE_TIMEOUT, default 10)")
+    e.add_argument("--grammar-compile-workers", type=int, default=None,
+                   help="grammar compile processes (LOOM_GRAMMAR_COMPILE_WORKERS, default 2)")
+    e.add_argument("--grammar-compile-queue", type=int, default=None,
+                   help="new grammars waiting for a compile worker beyond which requests get 503 "
+                        "(LOOM_GRAMMAR_COMPILE_QUEUE, default 8)")
     e.add_argument("--grammar-cache-size", type=int, default=None,
                    help="distinct compiled grammars kept, LRU (LOOM_GRAMMAR_CACHE_SIZE, default 256)")
+    add_speculative_args(e)
     e.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
     e.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None)
+    e.add_argument("--enable-lora", action="store_true", default=None,
+                   help="serve LoRA adapters (implied by --lora); also enables /v1/load_lora_adapter")
+    e.add_argument("--max-loras", type=int, default=None,
+                   help="most distinct LoRA adapters in one step; requests of further adapters wait (default 4)")
+    e.add_argument("--max-lora-rank", type=int, default=None, help="largest LoRA rank accepted (default 16)")
     p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+
+
+def add_speculative_args(e: argparse._ArgumentGroup) -> None:
+    e.add_argument("--speculative", default=None, choices=["auto", "ngram", "none"],
+                   help="speculative decoding from n-grams of the prompt and output, verified losslessly: auto "
+                        "(default) where it is measured to pay, ngram whenever a draft is found, none off")
+    e.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="most draft tokens verified per sequence and step (default 5)")
+    e.add_argument("--ngram-min", type=int, default=None, help="shortest suffix n-gram drafts are looked up by (2)")
+    e.add_argument("--ngram-max", type=int, default=None, help="longest suffix n-gram drafts are looked up by (4)")
 
 
 def settings_of(cls: type[S], args: argparse.Namespace) -> S:

@@ -17,6 +17,7 @@ import threading
 import uvicorn
 
 from server.cli.args import add_model_args, settings_of
+from server.cli.models_dir import add_models_dir_args
 
 
 def add_serve_command(subparsers) -> None:
@@ -24,6 +25,8 @@ def add_serve_command(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler for unseeded requests (LOOM_SEED)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", type=lora_spec,
+                   help="serve the PEFT LoRA adapter in directory PATH as model NAME (repeatable)")
     g = p.add_argument_group("server")
     g.add_argument("--host", default=None, help="interface to listen on (LOOM_HOST, default 127.0.0.1)")
     g.add_argument("--port", type=int, default=None, help="TCP port (LOOM_PORT, default 8000)")
@@ -44,6 +47,19 @@ def add_serve_command(subparsers) -> None:
                    help="mark ready without a warm-up request")
     g.add_argument("--no-webui", dest="webui", action="store_false", default=None,
                    help="do not serve the browser playground at / (LOOM_WEBUI=false)")
+    g.add_argument("--responses-store-max-entries", type=int, default=None,
+                   help="responses /v1/responses keeps for GET and previous_response_id, least recently used out "
+                        "first; 0 stores none (LOOM_RESPONSES_STORE_MAX_ENTRIES, default 1024)")
+    g.add_argument("--responses-store-max-age", type=float, default=None,
+                   help="seconds a stored response is kept (LOOM_RESPONSES_STORE_MAX_AGE, default 3600)")
+    g.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
+                   help="split the model's <think>...</think> out of answers: chat `reasoning_content` / `reasoning`, "
+                        "Messages thinking blocks (LOOM_REASONING_PARSER, default off)")
+    g.add_argument("--tool-call-parser", default=None,
+                   choices=["hermes", "llama3_json", "qwen3_coder", "pythonic", "mistral"],
+                   help="the format of tool calls: parsed from answers, forced by tool_choice, written into prompts "
+                        "(LOOM_TOOL_CALL_PARSER, default: the one the chat template shows, else hermes)")
+    add_models_dir_args(p)
     x = p.add_argument_group("encoders")
     x.add_argument("--embedding-model", default=None,
                    help="encoder for /v1/embeddings, /v1/rerank, /v1/score: 'default' (all-MiniLM-L6-v2 from the "
@@ -73,11 +89,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from server.tasks import TaskSettings
 
     model_settings, engine_settings = settings_of(ModelSettings, args), settings_of(EngineSettings, args)
+    if args.lora:
+        engine_settings = engine_settings.model_copy(update={"enable_lora": True})
     settings = settings_of(ServerSettings, args)
+    opener = None
+    if settings.models_dir is not None:  # the default model and the directory's share the KV budget
+        from server.cli.models_dir import DirectoryModels, kv_share
+        engine_settings = kv_share(engine_settings, settings.max_loaded_models + 1)
+        opener = DirectoryModels(model_settings, engine_settings)
     holder: dict = {}
     loaded: queue.Queue = queue.Queue()
     server = build_server(settings, settings_of(TaskSettings, args), (args.log_level or "warning").lower(),
-                          holder, loaded)
+                          holder, loaded, opener)
     # uvicorn runs on a second thread, where it installs no signal handlers: the main thread forwards them.
     signal.signal(signal.SIGTERM, server.handle_exit)
     signal.signal(signal.SIGINT, server.handle_exit)
@@ -95,13 +118,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     http = threading.Thread(target=serve_http, name="loom-http")
     http.start()
-    run_engine(model_settings, engine_settings, holder, loaded, http)
+    run_engine(model_settings, engine_settings, holder, loaded, http, dict(args.lora))
     http.join()
     if "failed" in holder:
         sys.exit(f"error: {holder['failed']}")
 
 
-def build_server(settings, task_settings, level: str, holder: dict, loaded: queue.Queue) -> DrainingServer:
+def build_server(settings, task_settings, level: str, holder: dict, loaded: queue.Queue,
+                 opener=None) -> DrainingServer:
     """The app and its uvicorn server; the app's lifespan waits on `loaded` for the engine the main thread builds."""
     from sse_starlette.sse import AppStatus
 
@@ -120,7 +144,8 @@ def build_server(settings, task_settings, level: str, holder: dict, loaded: queu
         if "server" in holder:
             holder["server"].should_exit = True
 
-    app = create_app(None, settings, task_settings=task_settings, loader=loader, on_fatal=on_fatal)
+    app = create_app(None, settings, task_settings=task_settings, loader=loader, on_fatal=on_fatal,
+                     model_opener=opener)
     http = protocol_class(settings.read_timeout, on_error=lambda status: count_error(app, status))
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=level,
                             access_log=level in ("debug", "info"), timeout_graceful_shutdown=10,
@@ -131,7 +156,15 @@ def build_server(settings, task_settings, level: str, holder: dict, loaded: queu
     return server
 
 
-def run_engine(model_settings, engine_settings, holder: dict, loaded: queue.Queue, http: threading.Thread) -> None:
+def lora_spec(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def run_engine(model_settings, engine_settings, holder: dict, loaded: queue.Queue, http: threading.Thread,
+               loras: dict[str, str] | None = None) -> None:
     """Load the model and run the step loop on this thread until the app's shutdown (or the end of HTTP) stops it;
     a load failure goes to the app's lifespan, which reports it and ends the server."""
     from server.engine import AsyncEngine, EngineCore
@@ -141,6 +174,8 @@ def run_engine(model_settings, engine_settings, holder: dict, loaded: queue.Queu
         lm = load_model(model_settings, progress=False)
         encoders = load_encoders(model_settings, engine_settings, lm.name)
         engine = holder["engine"] = AsyncEngine(EngineCore(lm, engine_settings), own_thread=False, encoders=encoders)
+        for name, path in (loras or {}).items():  # a bad adapter fails the start, saying which and why
+            engine.loras.load(name, path)
     except Exception as exc:  # noqa: BLE001 - any load failure ends the server through the lifespan
         loaded.put(exc)
         return

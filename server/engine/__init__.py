@@ -11,6 +11,7 @@ from server.engine.errors import (
     InvalidRequestError,
     QueueFullError,
     RequestTimeoutError,
+    ServerBusyError,
 )
 from server.engine.gather import collect, gather_all
 from server.engine.grammar import Grammar, GrammarSpec
@@ -46,6 +47,7 @@ __all__ = [
            "RequestOutput",
            "RequestTimeoutError",
            "SamplingParams",
+           "ServerBusyError",
            "StepObserver",
            "StepStats",
            "TokenLogprob",

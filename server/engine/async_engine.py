@@ -25,7 +25,8 @@ from server.engine.encoder import EncodeBatchStats, EncodeJob, EncoderBatcher
 from server.engine.engine_core import EngineCore
 from server.engine.engine_loop import Abort, EngineLoop, Submit
 from server.engine.errors import EngineDeadError
-from server.engine.grammar import Grammar, GrammarCompiler, GrammarSpec
+from server.engine.grammar import Grammar, GrammarSpec
+from server.engine.grammar_compiler import GrammarCompiler
 from server.engine.outputs import EngineStats, Liveness, RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.engine.step_hooks import StepObserver
@@ -50,13 +51,16 @@ class AsyncEngine:
         self.encoder_batcher = encoders or EncoderBatcher({})
         self.encoders = self.encoder_batcher.encoders  # name -> LoadedEncoder (embedding / classifier models)
         self.limits = core.limits
+        self.loras = core.loras  # LoRA adapters by name: load, unload, get (server/engine/lora_registry.py)
         self.tokenizer = core.tokenizer
         self.max_model_len = core.max_model_len
         self.admission = Admission(core.settings.max_waiting if max_waiting is None else max_waiting,
                                    core.settings.max_waiting_tokens)
         self.grammars = GrammarCompiler(core.tokenizer, core.lm.config.vocab_size,
                                         cache_size=core.settings.grammar_cache_size,
-                                        timeout=core.settings.grammar_compile_timeout)
+                                        workers=core.settings.grammar_compile_workers,
+                                        timeout=core.settings.grammar_compile_timeout,
+                                        queue_size=core.settings.grammar_compile_queue)
         self._loop = EngineLoop(core, self.admission, self.encoder_batcher)
         self._running = True  # without its own thread, the owner is about to call run()
         self._thread = threading.Thread(target=self._loop.run, name="loom-engine", daemon=True) if own_thread else None
@@ -152,7 +156,8 @@ class AsyncEngine:
 
     async def compile_grammar(self, spec: GrammarSpec, param: str | None = None) -> Grammar:
         """Compile (or fetch from the cache) the grammar of a structured-output request, off the event loop and the
-        engine thread; InvalidRequestError naming `param` if it is invalid or takes too long to compile."""
+        engine thread; InvalidRequestError naming `param` if it is invalid or takes too long to compile,
+        ServerBusyError if the compilers are congested (server/engine/grammar_compiler.py)."""
         return await self.grammars.compile_async(spec, param)
 
     def abort(self, request_id: str) -> None:

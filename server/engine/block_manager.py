@@ -55,6 +55,13 @@ class BlockManager:
     def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
         return hash((parent, token_ids))
 
+    @staticmethod
+    def root_hash(seq: Sequence) -> int | None:
+        """The parent of a sequence's first block: its LoRA adapter's, so adapters never share cached blocks (the
+        same tokens have other K/V under another adapter)."""
+        lora = seq.params.lora
+        return None if lora is None else hash(("lora", lora.id))
+
     def _evict_lru(self) -> int:
         """Take the least recently freed block, forgetting the prefix it held."""
         if not self.free and self.fresh:
@@ -77,7 +84,7 @@ class BlockManager:
         computable = seq.num_tokens - 1
         if seq.params.prompt_logprobs is not None:
             computable = min(computable, seq.params.prompt_logprobs_start - 1)
-        hits, parent = [], None
+        hits, parent = [], self.root_hash(seq)
         usable = computable // self.block_size
         for i in range(usable):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
@@ -114,7 +121,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         first = seq.num_hashed_blocks
-        parent = self.blocks[seq.block_table[first - 1]].hash if first else None
+        parent = self.blocks[seq.block_table[first - 1]].hash if first else self.root_hash(seq)
         for i in range(first, seq.num_computed_tokens // self.block_size):
             block = self.blocks[seq.block_table[i]]
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
@@ -122,6 +129,19 @@ class BlockManager:
             block.hash, block.token_ids = parent, tokens
             self.cached.setdefault(parent, block.block_id)
             seq.num_hashed_blocks = i + 1
+
+    def release_uncomputed(self, seq: Sequence) -> None:
+        """Free `seq`'s blocks past those its computed tokens need: the slots of rejected draft tokens. Such a block
+        is this sequence's alone and holds no cached prefix, so it goes where the next allocation takes first."""
+        keep = self.blocks_needed(seq.num_computed_tokens)
+        while len(seq.block_table) > keep:
+            block_id = seq.block_table.pop()
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                block.hash, block.token_ids = None, ()
+                self.free[block_id] = None
+                self.free.move_to_end(block_id, last=False)
 
     def free_sequence(self, seq: Sequence) -> None:
         """Drop `seq`'s references; the tail goes to the free list first so shared prefixes are evicted last."""

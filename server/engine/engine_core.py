@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import itertools
 import logging
-
-import torch
+import time
 
 from server.engine.block_manager import BlockManager
 from server.engine.errors import InternalEngineError, InvalidRequestError
+from server.engine.grammar import GRAMMAR_DEAD_END
 from server.engine.limits import RequestLimits, context_window
+from server.engine.lora_registry import LoraRegistry
 from server.engine.model_runner import ModelRunner, StepLogits
 from server.engine.output_processor import OutputProcessor
 from server.engine.outputs import EngineStats, RequestOutput, StepOutput, TokenLogprob
-from server.engine.sampler import Sampler
+from server.engine.sampler import Sampler, SampleResult
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler, SchedulerOutput
+from server.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from server.engine.sequence import Sequence
 from server.engine.settings import EngineSettings
+from server.engine.speculation import Speculator, num_accepted
 from server.model import LoadedModel
 
 log = logging.getLogger("loom.engine")
@@ -32,8 +34,10 @@ class EngineCore:
         self.block_manager = BlockManager(self.runner.num_blocks, settings.block_size, settings.enable_prefix_caching,
                                           touch_fresh_last=lm.device.type == "cpu")  # lazily committed pool
         self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens,
-                                   settings.max_prefill_chunk)
+                                   settings.max_prefill_chunk, settings.max_loras if settings.enable_lora else None)
+        self.loras = LoraRegistry(self.runner.lora, getattr(lm.model, "shard_sizes", None))
         self.sampler = Sampler(settings.seed)
+        self.speculator = Speculator(settings, self.max_model_len)
         self.processor = OutputProcessor(lm.tokenizer)
         self.limits = RequestLimits(self.max_model_len, self.runner.num_blocks * settings.block_size,
                                     lm.config.vocab_size)
@@ -62,6 +66,8 @@ class EngineCore:
         """Queue a request. `max_tokens` is the value `limits.check` resolved, when the caller already checked."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
+        if params.lora is not None and not self.loras.enabled:
+            raise InvalidRequestError("this engine serves no LoRA adapters (--enable-lora)", "model")
         if max_tokens is None:
             max_tokens = self.limits.check(prompt_token_ids, params)
         seqs: list[Sequence] = []
@@ -102,13 +108,18 @@ class EngineCore:
 
     # -- the step -------------------------------------------------------------------------------------------
     def step(self) -> StepOutput:
-        sched = self.scheduler.schedule()
+        sched = self.scheduler.schedule(self._drafts())
         if sched.is_empty:
             return StepOutput()
         self.steps += 1
         self.last_step_seqs, self.last_step_tokens = len(sched.prefills) + len(sched.decodes), sched.num_tokens
+        context = sum(item.seq.num_tokens for item in sched.decodes) // max(len(sched.decodes), 1)
         try:
-            return self._process(sched, self.runner.run(sched))
+            started = time.perf_counter()
+            out = self._process(sched, self.runner.run(sched))
+            if not sched.prefills:  # what a decode step of this many rows costs: speculation's `auto` weighs it
+                self.speculator.times.observe(sched.num_tokens, context, time.perf_counter() - started)
+            return out
         except Exception as exc:  # a failing forward pass fails its requests, not the engine
             log.exception("engine step failed; failing its requests")
             error = InternalEngineError(f"internal error: {type(exc).__name__}: {exc}")
@@ -116,6 +127,14 @@ class EngineCore:
             for request_id in request_ids:
                 self.abort(request_id)
             return StepOutput(failed=dict.fromkeys(request_ids, error))
+
+    def _drafts(self) -> dict[int, list[int]]:
+        """This step's draft tokens by seq_id; a failure to propose costs the speculation, never the step."""
+        try:
+            return self.speculator.propose(self.scheduler.running)
+        except Exception:  # noqa: BLE001 - drafts are an optimisation: decode without them
+            log.exception("proposing draft tokens failed; decoding without them")
+            return {}
 
     def _process(self, sched: SchedulerOutput, step: StepLogits) -> StepOutput:
         items = sched.prefills + sched.decodes
@@ -125,41 +144,29 @@ class EngineCore:
                 row, count, position = step.prompt_rows[seq.seq_id]
                 self.processor.record_prompt_logprobs(seq, step.logits[row:row + count], position)
             self.prefilled_tokens += max(min(item.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens), 0)
-            seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(seq)
-        ready = [item.seq for item in items if item.seq.seq_id in step.sample_rows]
-        finished = [s for s in ready if s.max_tokens == 0]  # prompt scoring only (echo / classification)
+            if not item.draft_token_ids:  # a verified chunk's progress is known once its drafts are judged
+                seq.num_computed_tokens += item.num_new_tokens
+                self.block_manager.cache_full_blocks(seq)
+        ready = [item for item in items if item.seq.seq_id in step.sample_rows]
+        finished = [item.seq for item in ready if item.seq.max_tokens == 0]  # prompt scoring (echo, classify)
         for seq in finished:
             self.prompt_tokens += seq.num_prompt_tokens
             self.scheduler.finish(seq, "length")
-        to_sample = [s for s in ready if s.max_tokens > 0]
+        to_sample = [item for item in ready if item.seq.max_tokens > 0]
         outputs: list[RequestOutput] = []
         failed: dict[str, InternalEngineError] = {}
-        if to_sample:
-            rows = [step.sample_rows[s.seq_id] for s in to_sample]
-            # a decode step's rows are all of the logits, in order: no [N, vocab] copy (0.55 ms at 32 x 49,152)
-            logits = step.logits if rows == list(range(len(step.logits))) else step.logits[rows]
-            sampled = self._sample(logits, to_sample, failed)
-            for seq, token, logprob in sampled:
-                if seq.num_output_tokens == 0:
-                    self.prompt_tokens += seq.num_prompt_tokens
-                self.generation_tokens += 1
-                seq.token_ids.append(token)
-                finish = self._token_finish(seq, token)
-                if seq.grammar_state is not None:
-                    if not seq.grammar_state.accept(token):
-                        failed[seq.request_id] = InternalEngineError(f"token {token} violates the request's grammar")
-                        continue
-                    if seq.grammar_state.terminated:  # the grammar is complete (its stop token accepted)
-                        finish = "stop"
-                reason = self.processor.add_token(seq, token, logprob, finish)
-                if reason:
-                    self.scheduler.finish(seq, reason)
-                    finished.append(seq)
-                else:
-                    out = self.processor.output(seq)
-                    if out.token_ids or out.text:
-                        outputs.append(out)
+        for item, result in self._sample(step, to_sample, failed) if to_sample else ():
+            seq = item.seq
+            reason = self._advance(item, result, failed)
+            if seq.request_id in failed:
+                continue
+            if reason:
+                self.scheduler.finish(seq, reason)
+                finished.append(seq)
+            else:
+                out = self.processor.output(seq)
+                if out.token_ids or out.text:
+                    outputs.append(out)
         for seq in finished:
             outputs.append(self.processor.output(seq))
             if all(s.is_finished for s in self.requests.get(seq.request_id, [])):
@@ -168,24 +175,75 @@ class EngineCore:
             self.abort(request_id)
         return StepOutput([o for o in outputs if o.request_id not in failed], failed)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence],
-                failed: dict[str, InternalEngineError]) -> list[tuple[Sequence, int, TokenLogprob | None]]:
-        """Sample the batch at once; if that fails, sample each sequence alone, so that only the sequences that
-        cannot be sampled fail (their requests go into `failed`) and the rest of the batch carries on."""
+    def _sample(self, step: StepLogits, items: list[ScheduledSeq],
+                failed: dict[str, InternalEngineError]) -> list[tuple[ScheduledSeq, SampleResult]]:
+        """Sample the batch at once (a sequence verifying drafts has a row per position); if that fails, sample each
+        sequence alone, so that only the sequences that cannot be sampled fail (their requests go into `failed`) and
+        the rest of the batch carries on."""
+        rows, seqs, drafts, spans = [], [], [], []
+        for item in items:
+            first, draft = step.sample_rows[item.seq.seq_id], item.draft_token_ids
+            spans.append((len(rows), len(rows) + len(draft) + 1))
+            rows.extend(range(first, first + len(draft) + 1))
+            seqs.extend([item.seq] * (len(draft) + 1))
+            drafts.extend([draft[:j] for j in range(len(draft) + 1)] if draft else [None])
+        # a decode step's rows are all of the logits, in order: no [N, vocab] copy (0.55 ms at 32 x 49,152)
+        logits = step.logits if rows == list(range(len(step.logits))) else step.logits[rows]
+        speculating = len(rows) > len(items)
         try:
-            result = self.sampler(logits, seqs)
-            return list(zip(seqs, result.token_ids, result.logprobs))
-        except Exception:  # noqa: BLE001 - isolated below, row by row
+            result = self.sampler(logits, seqs, drafts) if speculating else self.sampler(logits, seqs)
+            return [(item, result.rows(lo, hi)) for item, (lo, hi) in zip(items, spans)]
+        except Exception:  # noqa: BLE001 - isolated below, sequence by sequence
             log.warning("batched sampling failed; sampling sequences one by one", exc_info=True)
         sampled = []
-        for row, seq in enumerate(seqs):
+        for item, (lo, hi) in zip(items, spans):
             try:
-                result = self.sampler(logits[row:row + 1], [seq])
-                sampled.append((seq, result.token_ids[0], result.logprobs[0]))
+                extra = (drafts[lo:hi],) if speculating else ()
+                sampled.append((item, self.sampler(logits[lo:hi], seqs[lo:hi], *extra)))
             except Exception as exc:  # noqa: BLE001 - this sequence's own parameters broke sampling
-                log.exception("sampling failed for one request", extra={"request_id": seq.request_id})
-                failed[seq.request_id] = InternalEngineError(f"sampling failed: {type(exc).__name__}: {exc}")
-        return [item for item in sampled if item[0].request_id not in failed]
+                log.exception("sampling failed for one request", extra={"request_id": item.seq.request_id})
+                failed[item.seq.request_id] = InternalEngineError(f"sampling failed: {type(exc).__name__}: {exc}")
+        return [entry for entry in sampled if entry[0].seq.request_id not in failed]
+
+    def _advance(self, item: ScheduledSeq, result: SampleResult, failed: dict[str, InternalEngineError]) -> str | None:
+        """Append what the step gives `item.seq`: its sampled token, or its accepted drafts and the token after them,
+        up to the first that finishes it. A verified sequence then keeps K/V and blocks for accepted tokens only, and
+        a seeded one's generator resumes after the last row used. Returns the finish reason."""
+        seq, draft = item.seq, item.draft_token_ids
+        count = 1
+        if draft:
+            accepted = num_accepted(draft, result.token_ids)
+            self.speculator.record(seq, len(draft), accepted)
+            count = accepted + 1
+        for i in range(count):
+            reason = self._append(seq, result.token_ids[i], result.logprobs[i], failed)
+            if reason or seq.request_id in failed:
+                return reason
+        if draft:
+            seq.num_computed_tokens += count
+            if result.generator_states and result.generator_states[count - 1] is not None:
+                seq.generator.set_state(result.generator_states[count - 1])
+            self.block_manager.release_uncomputed(seq)
+            self.block_manager.cache_full_blocks(seq)
+        return None
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None,
+                failed: dict[str, InternalEngineError]) -> str | None:
+        """One new token: counted, checked against the end conditions and the grammar, detokenized."""
+        if seq.num_output_tokens == 0:
+            self.prompt_tokens += seq.num_prompt_tokens
+        self.generation_tokens += 1
+        seq.token_ids.append(token)
+        finish = self._token_finish(seq, token)
+        if seq.grammar_state is not None:
+            if not seq.grammar_state.accept(token):
+                if not seq.grammar_state.dead_end:
+                    failed[seq.request_id] = InternalEngineError(f"token {token} violates the request's grammar")
+                    return None
+                finish = GRAMMAR_DEAD_END  # nothing may follow: the answer ends here (the drawn token is not text)
+            elif seq.grammar_state.terminated:  # the grammar is complete (its stop token accepted)
+                finish = "stop"
+        return self.processor.add_token(seq, token, logprob, finish)
 
     def _token_finish(self, seq: Sequence, token: int) -> str | None:
         """Does the token just appended end the sequence on its own (EOS, a stop token, no room left)?"""
@@ -202,4 +260,5 @@ class EngineCore:
                            free_blocks=bm.num_free_blocks, preemptions=s.num_preemptions,
                            prefix_hit_tokens=s.prefix_hit_tokens, prefix_query_tokens=s.prefix_query_tokens,
                            prompt_tokens=self.prompt_tokens, generation_tokens=self.generation_tokens, steps=self.steps,
-                           block_size=bm.block_size)
+                           block_size=bm.block_size, spec_draft_tokens=self.speculator.drafted,
+                           spec_accepted_tokens=self.speculator.accepted)

@@ -25,6 +25,15 @@ class QueueFullError(EngineError):
         self.retry_after = retry_after
 
 
+class ServerBusyError(EngineError):
+    """A resource that requests share is saturated (every grammar compile worker busy and its queue full, say): the
+    server's capacity, not the client's rate. Retry after `retry_after` seconds; `code` names the resource."""
+
+    def __init__(self, message: str, code: str, retry_after: int):
+        super().__init__(message)
+        self.code, self.retry_after = code, retry_after
+
+
 class RequestTimeoutError(EngineError):
     """The request's deadline passed before it finished; it was aborted."""
 

@@ -11,6 +11,7 @@ import torch
 from server.engine.scheduler import SchedulerOutput
 from server.engine.settings import EngineSettings
 from server.model import FlatBatch, KVCache, LoadedModel
+from server.model.lora import LoraBatch, LoraSlots
 
 log = logging.getLogger("loom.engine")
 
@@ -18,7 +19,7 @@ log = logging.getLogger("loom.engine")
 @dataclass
 class StepLogits:
     logits: torch.Tensor  # [N, V] float32 on CPU
-    sample_rows: dict[int, int]  # seq_id -> row of `logits` to sample from
+    sample_rows: dict[int, int]  # seq_id -> row of `logits` to sample from (the first of 1 + its drafts rows)
     prompt_rows: dict[int, tuple[int, int, int]]  # seq_id -> (first row, count, prompt position of the first row)
 
 
@@ -79,6 +80,8 @@ class ModelRunner:
         self.model = lm.model
         self.device = lm.device
         self.block_size = settings.block_size
+        self.lora = LoraSlots(self.model, settings.max_loras, settings.max_lora_rank, lm.dtype, lm.device) \
+            if settings.enable_lora else None  # adapters' slots beside every projection
         if lm.device.type == "cuda":
             self._profile(settings)
         sizing = size_kv_cache(lm, settings, max_model_len)
@@ -120,16 +123,22 @@ class ModelRunner:
     def build_batch(self, sched: SchedulerOutput) -> tuple[FlatBatch, StepLogits]:
         """Lay the step out with `FlatBatch.build` and pick the logits rows: the last row of every sequence whose
         tokens all have K/V after this step (it samples), and the prompt rows of prompt-logprob requests that predict
-        a token from their `prompt_logprobs_start` on."""
+        a token from their `prompt_logprobs_start` on. A decoding sequence's last token and its drafts take a decode
+        row each, attending up to its own position: every layer writes all rows' K/V before any row attends, so row
+        j sees the rows before it, and verification runs on the decode path (the fused CPU step, CUDA graphs) with
+        logits at every row."""
         logits_rows, sample_rows, prompt_rows = [], {}, {}
         parts: tuple[list, list] = ([], [])
         row = 0
         for is_decode, items in enumerate((sched.prefills, sched.decodes)):
             for item in items:
-                seq = item.seq
+                seq, drafts = item.seq, item.draft_token_ids
                 start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
-                tokens = seq.token_ids[start:end]
-                parts[is_decode].append((tokens[0] if is_decode else tokens, start, seq.block_table))
+                tokens = seq.token_ids[start:end - len(drafts)] + drafts
+                if is_decode:
+                    parts[1].extend((token, start + j, seq.block_table) for j, token in enumerate(tokens))
+                else:
+                    parts[0].append((tokens, start, seq.block_table))
                 if seq.params.prompt_logprobs is not None:
                     # the row at position p predicts token p + 1: none before `prompt_logprobs_start` is wanted, so
                     # their rows take no logits (a classify's shared context would cost [T, vocab] for nothing)
@@ -138,23 +147,46 @@ class ModelRunner:
                         prompt_rows[seq.seq_id] = (len(logits_rows), stop - first, first)
                         logits_rows.extend(range(row + first - start, row + stop - start))
                 row += len(tokens)
-                if end == seq.num_tokens:
+                if drafts:
+                    sample_rows[seq.seq_id] = len(logits_rows)
+                    logits_rows.extend(range(row - 1 - len(drafts), row))
+                elif end == seq.num_tokens:
                     if not logits_rows or logits_rows[-1] != row - 1:
                         logits_rows.append(row - 1)
                     sample_rows[seq.seq_id] = len(logits_rows) - 1
         batch = FlatBatch.build(parts[0], parts[1], self.block_size, logits_rows)
         return batch, StepLogits(torch.empty(0), sample_rows, prompt_rows)
 
+    def lora_batch(self, sched: SchedulerOutput) -> LoraBatch | None:
+        """The step's adapter rows, each adapter in a slot: a sequence takes `num_new_tokens` rows, in `build_batch`'s
+        order (prefills, then decodes)."""
+        items = sched.prefills + sched.decodes
+        adapters = {i.seq.params.lora.id: i.seq.params.lora for i in items if i.seq.params.lora is not None}
+        if not adapters or self.lora is None:
+            return None
+        slots = self.lora.slot_of(list(adapters.values()))
+        spans, row = [], 0
+        for item in items:
+            if item.seq.params.lora is not None:
+                spans.append((slots[item.seq.params.lora.id], row, item.num_new_tokens))
+            row += item.num_new_tokens
+        return LoraBatch.build(spans, self.device)
+
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput) -> StepLogits:
         batch, step = self.build_batch(sched)
-        if self.graphs is not None and self.graphs.can_run(batch):
+        batch.lora = self.lora_batch(sched)
+        if self.graphs is not None and batch.lora is None and self.graphs.can_run(batch):
             hidden = self.graphs.run(batch)  # decode rows are exactly the logits rows, in order
             step.logits = self.model.compute_logits(hidden).cpu()
             return step
         if self.device.type != "cpu":
             batch = batch.to(self.device)
-        hidden = self.model(batch, self.kv_cache)
+        if batch.lora is None:
+            hidden = self.model(batch, self.kv_cache)
+        else:
+            with self.lora.bound(batch.lora):
+                hidden = self.model(batch, self.kv_cache)
         if batch.logits_indices.numel():
             step.logits = self.model.compute_logits(hidden[batch.logits_indices]).cpu()
         return step

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.engine.grammar import GRAMMAR_DEAD_END
 from server.engine.outputs import RequestOutput, TokenLogprob
 from server.engine.sampler import gather_logprobs
 from server.engine.sequence import Sequence
@@ -58,7 +59,7 @@ class OutputProcessor:
         state = self.states[seq.seq_id]
         if logprob is not None:
             state.logprobs.append(logprob)
-        if finish == "stop":  # EOS or a stop token: its own text is not part of the answer
+        if finish in ("stop", GRAMMAR_DEAD_END):  # EOS, a stop token, a token past a dead end: not answer text
             state.text += state.detokenizer.flush()
             return finish
         delta = state.detokenizer.add(token)

@@ -114,6 +114,8 @@ class EngineStats:
     steps: int
     block_size: int = 16
     healthy: bool = True
+    spec_draft_tokens: int = 0  # speculative decoding: draft tokens verified, and of those accepted
+    spec_accepted_tokens: int = 0
 
 
 @dataclass(frozen=True)

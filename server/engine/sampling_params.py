@@ -8,6 +8,7 @@ from server.engine.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from server.engine.grammar import Grammar
+    from server.model.lora import LoraAdapter
 
 
 @dataclass
@@ -31,6 +32,9 @@ class SamplingParams:
     prompt_logprobs_start: int = 1  # prompt logprobs are wanted from this token on; the prefix cache may serve the rest
     skip_special_tokens: bool = True
     grammar: Grammar | None = None  # structured output: compiled off the engine thread (GrammarCompiler)
+    # the LoRA adapter the request runs with (None: the base model); held here, an unloaded adapter's weights live on
+    # until its last request finishes
+    lora: LoraAdapter | None = None
 
     MAX_LOGPROBS = 20
     MAX_N = 16

@@ -10,6 +10,7 @@ import torch
 
 from server.engine.grammar import GrammarState
 from server.engine.sampling_params import SamplingParams
+from server.engine.spec_state import SpecState
 
 
 class Status(enum.Enum):
@@ -41,6 +42,7 @@ class Sequence:
     first_scheduled_time: float | None = None
     group_leader: Sequence | None = None  # n > 1: siblings wait for the leader's prompt blocks to be cached
     grammar_state: GrammarState | None = None  # structured output: this sequence's own matcher
+    spec: SpecState | None = None  # speculative decoding: its n-gram index and acceptance record
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

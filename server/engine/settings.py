@@ -1,5 +1,7 @@
-"""Engine configuration: KV cache size and batching limits."""
-from pydantic import Field
+"""Engine configuration: KV cache size, batching limits and speculative decoding."""
+from typing import Literal
+
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,7 +32,30 @@ class EngineSettings(BaseSettings):
                                                                "is also held to about one decode step's time")
     enable_prefix_caching: bool = True
     seed: int | None = Field(None, description="seed of the engine's sampler for unseeded requests")
-    grammar_compile_timeout: float = Field(10.0, gt=0, description="seconds a request waits for its grammar (JSON "
-                                                                   "schema, regex, tools) to compile before a 400")
+    grammar_compile_timeout: float = Field(10.0, gt=0, description="seconds a grammar (JSON schema, regex, tools) "
+                                                                   "may compile before it is stopped (400), and a "
+                                                                   "request may wait for a compile worker (503)")
+    grammar_compile_workers: int = Field(2, ge=1, description="grammar compile processes (each compiles one grammar "
+                                                              "at a time)")
+    grammar_compile_queue: int = Field(8, ge=1, description="new grammars waiting for a compile worker beyond which "
+                                                            "requests get 503 grammar_compiler_busy")
     grammar_cache_size: int = Field(256, ge=1, description="distinct compiled grammars kept (LRU)")
     cuda_graphs: bool = Field(True, description="capture decode steps in CUDA graphs on GPU")
+    enable_lora: bool = Field(False, description="serve LoRA adapters (implied by --lora): slots for --max-loras "
+                                                 "adapters beside every q/k/v/o and gate/up/down projection")
+    max_loras: int = Field(4, ge=1, le=64, description="most distinct LoRA adapters in one step; requests of further "
+                                                       "adapters wait for a slot")
+    max_lora_rank: int = Field(16, ge=1, le=256, description="largest LoRA rank an adapter may have")
+    speculative: Literal["auto", "ngram", "none"] = Field(
+        "auto", description="speculative decoding from n-grams of the prompt and output: auto = where it pays on this "
+                            "machine and batch size (measured) and per request while its drafts are accepted; "
+                            "ngram = whenever a draft is found; none = off")
+    num_speculative_tokens: int = Field(5, ge=1, le=16, description="most draft tokens verified per sequence and step")
+    ngram_min: int = Field(2, ge=1, le=16, description="shortest suffix n-gram looked up for a draft")
+    ngram_max: int = Field(4, ge=1, le=16, description="longest suffix n-gram looked up for a draft (tried first)")
+
+    @model_validator(mode="after")
+    def _ngram_range(self) -> "EngineSettings":
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"ngram_min ({self.ngram_min}) must not exceed ngram_max ({self.ngram_max})")
+        return self

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from server.model.lora.batch import LoraBatch
 
 
 @dataclass
@@ -23,6 +27,7 @@ class FlatBatch:
     num_prefill_seqs: int
     num_prefill_tokens: int
     logits_indices: torch.Tensor  # [N] int64: rows whose logits are wanted
+    lora: LoraBatch | None = None  # the rows that carry a LoRA adapter, by slot (built on the model's device)
 
     @property
     def num_tokens(self) -> int:

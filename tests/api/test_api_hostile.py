@@ -9,7 +9,10 @@ answer:
 - a valid body with random in-range parameters: 200, streamed to its end when it asks for a stream;
 - random bodies of the right shape, many fields at once: an answer those fields explain (200, a 400 naming one of
   them or a field the route requires, a 404 for a wrong model, a 504 for a tiny timeout);
-- GET routes with junk query strings and bodies: 200.
+- GET routes with junk query strings and bodies: 200;
+- a grammar that cannot be enforced exactly (a JSON Schema keyword the grammar engine would ignore, a grammar that
+  matches nothing) or a tool result that answers no call: 400 naming the field; a grammar that runs into a dead end
+  after some output: 200, finished with `grammar_dead_end`.
 Across all of them: never a 5xx otherwise, never a hang, every error in OpenAI's shape; the real requests finish
 normally with all their tokens, and every KV block is back at the end. Bounded (`max_examples`) to stay within a
 few minutes on two cores."""
@@ -401,6 +404,66 @@ def test_random_bodies_get_an_answer_their_fields_explain(client, traffic, path,
 def test_get_routes_ignore_junk(client, traffic, path, query, body):
     r = client.request("GET", path, params=query, content=body)
     assert r.status_code == 200, r.text[:500]
+
+
+def schema_format(schema) -> dict:
+    return {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+
+
+UNENFORCEABLE = [  # (the request's grammar fields, the field its 400 names)
+    *[(schema_format(schema), "response_format.json_schema.schema") for schema in [
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]},
+        {"type": "integer", "allOf": [{"minimum": 0}]}, {"$defs": {"n": {"type": "integer"}}, "$ref": "#/$defs/n",
+                                                          "maximum": 3},
+        {"type": "number", "multipleOf": 0.1}, {"oneOf": [{"type": "integer"}, {"type": "number"}]},
+        {"type": "object", "propertyNames": {"maxLength": 2}, "minProperties": 3},
+        {"type": "string", "pattern": "^(?=a)\\w+$"}, {"type": "string", "pattern": "^(a)\\1$"},
+        {"minimum": 1}, {"type": "string", "enum": [1, 2]}, {"type": "string", "format": "hostname"}]],
+    ({"structured_outputs": {"regex": "[^\\s\\S]"}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"regex": "(?<=a)b"}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"grammar": "root ::= root"}}, "structured_outputs.grammar"),
+    ({"structured_outputs": {"json": {"type": "array", "contains": {"const": 1}}}}, "structured_outputs.json"),
+]
+CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+UNANSWERED = [  # (messages, the index of the tool message named)
+    ([{"role": "tool", "content": "x", "tool_call_id": "call_1"}], 0),
+    ([{"role": "user", "content": "a"}, {"role": "tool", "content": "x"}], 1),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [CALL]},
+      {"role": "tool", "content": "x", "tool_call_id": "call_9"}], 2),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [CALL]},
+      {"role": "tool", "content": "x", "tool_call_id": "call_1"},
+      {"role": "tool", "content": "y", "tool_call_id": "call_1"}], 3),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [CALL]}, {"role": "user", "content": "b"},
+      {"role": "tool", "content": "x", "tool_call_id": "call_1"}], 3),
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@settings(HYPOTHESIS, max_examples=8)
+@given(case=st.sampled_from(UNENFORCEABLE))
+def test_grammars_that_cannot_be_enforced_are_400_naming_them(client, traffic, path, case):
+    fields, param = case
+    err = expect_400(post(client, path, {**VALID[path], **fields}), param)
+    assert err["param"] == param, err
+
+
+@settings(HYPOTHESIS, max_examples=5)
+@given(case=st.sampled_from(UNANSWERED))
+def test_tool_results_that_answer_no_call_are_400_naming_them(client, traffic, case):
+    messages, index = case
+    err = expect_400(post(client, "/v1/chat/completions", {**VALID["/v1/chat/completions"], "messages": messages}),
+                     f"messages.{index}.tool_call_id")
+    assert err["param"] == f"messages.{index}.tool_call_id", err
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_grammar_dead_end_is_a_clean_finish(client, traffic, path):
+    body = {**VALID[path], "max_tokens": 8, "temperature": 1.0, "structured_outputs": {"regex": "ab[^\\s\\S]"}}
+    answer = post(client, path, body)
+    assert answer.status == 200, answer.text
+    (choice,) = answer.body["choices"]
+    assert (choice.get("text", choice.get("message", {}).get("content")), choice["finish_reason"]) == \
+        ("ab", "grammar_dead_end"), choice
 
 
 def test_real_requests_unharmed_and_every_block_back(hostile_server, traffic):

@@ -57,6 +57,34 @@ def schema_format(schema) -> dict:
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"enum": ["a", "b"]}}}],
       "tool_choice": "required"}, "tools.0.function.parameters", "type object"),
     ({"tools": [WEATHER, WEATHER]}, "tools", "unique"),
+    # keywords the grammar engine would ignore, and grammars that match nothing: refused, naming what
+    (schema_format({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"],
+                    "additionalProperties": False}), "response_format.json_schema.schema", "'required' names 'b'"),
+    (schema_format({"type": "string", "allOf": [{"maxLength": 3}]}), "response_format.json_schema.schema", "allOf"),
+    (schema_format({"$defs": {"s": {"type": "string"}}, "$ref": "#/$defs/s", "maxLength": 3}),
+     "response_format.json_schema.schema", "$ref"),
+    (schema_format({"type": "number", "multipleOf": 0.5}), "response_format.json_schema.schema", "multipleOf"),
+    ({"structured_outputs": {"json": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}},
+     "structured_outputs.json", "oneOf"),
+    ({"structured_outputs": {"json": {"type": "object", "additionalProperties": {"type": "integer"},
+                                      "minProperties": 2}}}, "structured_outputs.json", "minProperties"),
+    (schema_format({"type": "string", "pattern": "^(?!abc)[a-c]{3}$"}), "response_format.json_schema.schema",
+     "lookahead"),
+    ({"structured_outputs": {"regex": "[^\\s\\S]"}}, "structured_outputs.regex", "matches no text"),
+    ({"structured_outputs": {"grammar": "root ::= root"}}, "structured_outputs.grammar", "matches no text"),
+    ({"structured_outputs": {"regex": "a^b"}}, "structured_outputs.regex", "cannot be enforced exactly"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string", "allOf": [{"maxLength": 2}]}}}}}],
+      "tool_choice": "required"}, "tools.0.function.parameters", "allOf"),
+    # tool results that answer no call
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "22C"}]},
+     "messages.1.tool_call_id", "needs tool_call_id"),
+    ({"messages": [{"role": "tool", "content": "22C", "tool_call_id": "call_1"}]}, "messages.0.tool_call_id",
+     "not an unanswered tool call"),
+    ({"messages": [{"role": "user", "content": "weather?"}, {"role": "assistant", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+                   {"role": "tool", "content": "22C", "tool_call_id": "call_2"}]}, "messages.2.tool_call_id",
+     "'call_2'"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
      "cannot be combined"),
 ])
@@ -139,3 +167,41 @@ def test_slow_schema_is_refused_and_does_not_delay_others(dummy_lm):
             assert max(beside) < baseline * 3 + 0.25, (baseline, beside)
     finally:
         engine.shutdown()
+
+
+def test_integer_bounds_may_be_fractional(client):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 2.5, "maximum": 4.5}},
+              "required": ["n"]}
+    r = client.post("/v1/chat/completions", json={**CHAT, "temperature": 1.0, "seed": 3, "n": 4,
+                                                  **schema_format(schema)})
+    assert r.status_code == 200, r.text
+    assert {json.loads(c["message"]["content"])["n"] for c in r.json()["choices"]} <= {3, 4}
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_grammar_dead_end_is_a_clean_finish(client, path):
+    """`a[^\\s\\S]` allows "a" and then nothing: the answer stops there, with a finish reason that says so."""
+    body = {"max_tokens": 10, "n": 2, "temperature": 1.0, "seed": 5, "structured_outputs": {"regex": "a[^\\s\\S]"}}
+    body |= {"prompt": "x"} if path == "/v1/completions" else {"messages": CHAT["messages"]}
+    r = client.post(path, json=body)
+    assert r.status_code == 200, r.text
+    for c in r.json()["choices"]:
+        assert (c.get("text", c.get("message", {}).get("content")), c["finish_reason"]) == ("a", "grammar_dead_end")
+
+
+def test_a_forced_call_cut_by_max_tokens_has_no_content(client):
+    body = {**CHAT, "max_tokens": 3, "tools": [WEATHER], "tool_choice": "required"}
+    (choice,) = client.post("/v1/chat/completions", json=body).json()["choices"]
+    assert choice["finish_reason"] == "length" and choice["message"]["content"] is None, choice
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    contents = [c["choices"][0]["delta"].get("content") for c in chunks if c.get("choices")]
+    assert set(contents) <= {"", None} and chunks[-1]["choices"][0]["finish_reason"] == "length", chunks
+
+
+def test_tool_results_answering_calls_are_accepted(client):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    messages = [{"role": "user", "content": "weather?"}, {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "content": "22C", "tool_call_id": "call_1"}]
+    r = client.post("/v1/chat/completions", json={**CHAT, "messages": messages, "tools": [WEATHER]})
+    assert r.status_code == 200, r.text

@@ -1,9 +1,14 @@
 """Fixtures for the deployment tests: the metric names Loom really exports and the LOOM_* settings it reads."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.support.deploy import exported_metric_names
+
+# The image built and run for real takes minutes: collected only when asked for (`.ci/run` does), never by `make test`.
+collect_ignore = [] if os.environ.get("LOOM_DOCKER_TEST") == "1" else ["test_docker_image.py"]
 
 
 @pytest.fixture(scope="session")

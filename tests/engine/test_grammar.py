@@ -4,15 +4,19 @@ model that finish with valid output under n > 1, seeds, logprobs, stop strings a
 block."""
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import re
+import time
 
 import jsonschema
 import pytest
 import torch
 
-from server.engine import EngineCore, EngineSettings, InvalidRequestError, SamplingParams
-from server.engine.grammar import GrammarCompiler, GrammarSpec, apply_grammar_masks
+from server.engine import EngineCore, EngineSettings, InvalidRequestError, SamplingParams, ServerBusyError
+from server.engine.grammar import GRAMMAR_DEAD_END, GrammarSpec, apply_grammar_masks
+from server.engine.grammar_compiler import GrammarCompiler
 from server.engine.offline import generate
 from server.engine.sampler import Sampler
 from tests.support.models import make_seq
@@ -131,3 +135,92 @@ def test_state_rebuilt_by_replaying_output_tokens(dummy_lm, compiler):
     eos = min(dummy_lm.tokenizer.eos_token_ids)
     assert Sampler()(logits, [seq]).token_ids == [eos]  # caught up: only the stop token is left
     assert seq.grammar_state.num_accepted == len(tokens)
+
+
+# -- compile congestion: abandoned compiles stop, congestion is "busy", never a timeout blamed on a simple grammar --
+def slow_choice(tag: str, n: int = 50_000) -> GrammarSpec:
+    """A choice that takes tens of seconds to compile (far past any limit below): it only ever runs until stopped."""
+    return GrammarSpec.choice([f"{tag}-{i:05d}-option" for i in range(n)])
+
+
+def test_a_compile_over_its_limit_is_stopped_and_frees_its_worker(dummy_lm):
+    compiler = GrammarCompiler(dummy_lm.tokenizer, dummy_lm.config.vocab_size, workers=1, timeout=1.5)
+    try:
+        compiler.compile(GrammarSpec("regex", "[a-z]"))  # the compile process is up (its start is not timed)
+        started = time.monotonic()
+        with pytest.raises(InvalidRequestError) as info:
+            compiler.compile(slow_choice("a"), param="p")
+        assert info.value.code == "grammar_compile_timeout" and info.value.param == "p"
+        assert 1.5 <= time.monotonic() - started < 4
+        started = time.monotonic()
+        compiler.compile(GrammarSpec("regex", "[0-9]{3}"))  # the one worker is free again at once
+        assert time.monotonic() - started < 3
+    finally:
+        compiler.shutdown()
+
+
+def test_a_compile_nobody_waits_for_is_stopped_at_once(dummy_lm):
+    compiler = GrammarCompiler(dummy_lm.tokenizer, dummy_lm.config.vocab_size, workers=1, timeout=120)
+
+    async def scenario() -> float:
+        await compiler.compile_async(GrammarSpec("regex", "[a-z]"))
+        waiting = asyncio.ensure_future(compiler.compile_async(slow_choice("b")))
+        await asyncio.sleep(0.5)  # it compiles
+        waiting.cancel()  # its client went away
+        started = time.monotonic()
+        await compiler.compile_async(GrammarSpec("regex", "[0-9]{3}"))
+        return time.monotonic() - started
+
+    try:
+        assert asyncio.run(scenario()) < 3
+    finally:
+        compiler.shutdown()
+
+
+def test_congestion_is_busy_with_a_retry_after(dummy_lm):
+    """One worker and a queue of one: a third new grammar is refused at once; a queued one whose compile cannot
+    start within the limit is refused after it. Both as ServerBusyError with the time until a worker is free."""
+    compiler = GrammarCompiler(dummy_lm.tokenizer, dummy_lm.config.vocab_size, workers=1, timeout=2, queue_size=2)
+    try:
+        compiler.compile(GrammarSpec("regex", "[a-z]"))
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            running = pool.submit(compiler.compile, slow_choice("c"))
+            time.sleep(0.3)
+            queued = [pool.submit(compiler.compile, slow_choice("d")), pool.submit(compiler.compile, slow_choice("e"))]
+            time.sleep(0.3)
+            with pytest.raises(ServerBusyError) as full:
+                compiler.compile(GrammarSpec("regex", "[0-9]{3}"))
+            assert full.value.code == "grammar_compiler_busy" and 1 <= full.value.retry_after <= 2
+            assert "2 compiles are already waiting" in str(full.value)
+            with pytest.raises(InvalidRequestError, match="longer than 2 s"):
+                running.result()
+            outcomes = [f.exception() for f in queued]  # "d" ran once "c" stopped; "e" waited past its limit
+            assert any(isinstance(e, ServerBusyError) and "no compile worker was free" in str(e) for e in outcomes)
+            assert all(isinstance(e, (ServerBusyError, InvalidRequestError)) for e in outcomes), outcomes
+    finally:
+        compiler.shutdown()
+
+
+@pytest.mark.parametrize("spec, needle", [
+    (GrammarSpec("regex", r"[^\s\S]"), "matches no text"), (GrammarSpec("grammar", "root ::= root"), "matches no text"),
+    (GrammarSpec("regex", "a^b"), "cannot be enforced exactly"),
+    (GrammarSpec.json_schema({"type": "string", "pattern": "^(?!x)[a-z]$"}), "lookahead"),
+])
+def test_unsatisfiable_or_partly_ignored_grammars_are_refused(compiler, spec, needle):
+    with pytest.raises(InvalidRequestError, match=needle) as info:
+        compiler.compile(spec, param="p")
+    assert info.value.param == "p"
+
+
+def test_a_grammar_dead_end_finishes_cleanly(dummy_lm, compiler):
+    """`a[^\\s\\S]` allows "a", then nothing: the sequence ends there with its own finish reason, never an error."""
+    core = EngineCore(dummy_lm, EngineSettings(num_kv_blocks=64, max_model_len=512))
+    grammar = compiler.compile(GrammarSpec("regex", r"a[^\s\S]"))
+    params = [SamplingParams(max_tokens=10, temperature=0.0, grammar=grammar),
+              SamplingParams(max_tokens=10, temperature=1.0, seed=3, n=2, grammar=grammar),
+              SamplingParams(max_tokens=6, temperature=1.0, seed=4)]  # unconstrained, beside them
+    results = generate(core, [[1, 2, 3]] * 3, params)
+    for c in results[0] + results[1]:
+        assert (c.text, c.finish_reason) == ("a", GRAMMAR_DEAD_END), c
+    assert results[2][0].finish_reason == "length"
+    assert core.block_manager.num_free_blocks == core.block_manager.num_blocks

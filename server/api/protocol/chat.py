@@ -95,6 +95,8 @@ class ChatLogprobs(Body):
 class ChatResponseMessage(Body):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = Field(None, description="the thinking, split out by --reasoning-parser")
+    reasoning: str | None = Field(None, description="the same text as reasoning_content (its newer name)")
     tool_calls: list[ToolCall] | None = None
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_serializer
 
 from server.api.protocol.common import Body
 
@@ -15,6 +15,17 @@ class ModelCard(Body):
     owned_by: str = "loom"
     max_model_len: int | None = None
     capabilities: list[str] | None = Field(None, description="the routes this model serves")
+    root: str | None = Field(None, description="a LoRA adapter's directory")
+    parent: str | None = Field(None, description="the base model a LoRA adapter runs on")
+    state: Literal["loaded", "loading", "unloaded", "unloading"] | None = Field(
+        None, description="with --models-dir: whether the model is loaded (absent otherwise)")
+
+    @model_serializer(mode="wrap")
+    def _state_only_when_known(self, handler):
+        data = handler(self)
+        if isinstance(data, dict) and data.get("state") is None:
+            data.pop("state", None)
+        return data
 
 
 class ModelList(Body):

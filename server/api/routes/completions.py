@@ -116,13 +116,14 @@ async def completion_chunks(body: CompletionRequest, streams: list[AsyncIterator
              summary="Complete prompts (OpenAI completions API)")
 async def create_completion(body: CompletionRequest, served: ReadyModel, tracker: Tracker, settings: Settings,
                             request: Request):
-    served.check_model(body.model)
+    adapter = served.resolve_model(body.model)
     check_supported(body)
     grammar = await compile_request_grammar(body, served.engine)
     prompts = await asyncio.to_thread(prompt_ids, body, served.tokenizer, served.max_model_len)
     wants_prompt_lp = body.echo and (body.logprobs is not None or body.max_tokens == 0)
     params = build_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, grammar=grammar,
                           prompt_logprobs=(body.logprobs or 0) if wants_prompt_lp else None)
+    params.lora = adapter
     text = TokenText(served.tokenizer)
     request_id, created, deadline = new_id("cmpl"), now(), tracker.deadline(body.timeout)
     streams = [for_prompt(tracker.generate(ids, params, "completions", f"{request_id}-{i}", body.priority, deadline),
@@ -130,10 +131,11 @@ async def create_completion(body: CompletionRequest, served: ReadyModel, tracker
     if not body.stream:
         results = await until_disconnect(request, gather_all(collect(s, body.n) for s in streams))
         echoes = [EchoPrefix(body, ids, text, served.tokenizer) for ids in prompts]  # ids checked by the engine
-        base = {"id": request_id, "created": created, "model": served.name}
+        base = {"id": request_id, "created": created, "model": served.answered_by(params)}
         return completion_response(body, base, echoes, results, text)
     streams = await prime(streams)
     echoes = [EchoPrefix(body, ids, text, served.tokenizer) for ids in prompts]
-    envelope = ChunkEnvelope(body, id=request_id, object="text_completion", created=created, model=served.name)
+    envelope = ChunkEnvelope(body, id=request_id, object="text_completion", created=created,
+                             model=served.answered_by(params))
     return sse(completion_chunks(body, streams, echoes, envelope, text), settings.sse_ping_seconds,
                settings.retry_after)

@@ -23,7 +23,7 @@ router = APIRouter()
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES,
              summary="Token ids of a text, or of a conversation in the chat template")
 async def tokenize(body: TokenizeRequest, served: ReadyModel) -> TokenizeResponse:
-    served.check_model(body.model)
+    served.resolve_model(body.model)  # adapters share the tokenizer
     tok = served.tokenizer
     if body.messages is not None:
         ids = await asyncio.to_thread(render_messages, body.messages, tok, body.add_generation_prompt, None,
@@ -36,7 +36,7 @@ async def tokenize(body: TokenizeRequest, served: ReadyModel) -> TokenizeRespons
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES,
              summary="The text of token ids")
 async def detokenize(body: DetokenizeRequest, served: ReadyModel) -> DetokenizeResponse:
-    served.check_model(body.model)
+    served.resolve_model(body.model)  # adapters share the tokenizer
     vocab = served.engine.vocab_size
     bad = next((i for i, t in enumerate(body.tokens) if not 0 <= t < vocab), None)
     if bad is not None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from loom_kernels.fused_cpu.decode_stack import DecodeStack, StackLayer, StackLinear, StackShape, decode_stack_available
 from server.model.batch import FlatBatch, KVCache
+from server.model.lora.layer import LoraLinear
 from server.model.weights.linear import PackedLinear
 from server.model.weights.quant import QuantLinear
 
@@ -20,6 +21,8 @@ log = logging.getLogger("loom.model")
 
 def stack_linear(module: nn.Module, m: int) -> StackLinear:
     """`module`'s weight in the form the Python path runs at batch size `m`."""
+    if isinstance(module, LoraLinear):  # only base-model steps run on the stack
+        module = module.base
     if isinstance(module, QuantLinear):
         return module.form(module.pick(m))
     if isinstance(module, PackedLinear):
