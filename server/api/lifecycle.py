@@ -226,21 +226,20 @@ def make_lifespan(lifecycle: Lifecycle, loader: Loader | None, on_fatal: Callabl
 
 
 class InflightMiddleware:
-    """Counts /v1 requests from their start to the last byte sent (SSE streams included)."""
+    """Counts /v1 requests from their start to the last byte sent (SSE streams included), and then releases the
+    --models-dir model a request held (/tokenize and /detokenize hold one too)."""
 
     def __init__(self, app: ASGIApp, tracker: RequestTracker):
         self.app, self.tracker = app, tracker
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
-            await self.app(scope, receive, send)
-            return
-        self.tracker.http_inflight += 1
+        counted = int(scope["type"] == "http" and scope.get("path", "").startswith("/v1/"))
+        self.tracker.http_inflight += counted
         try:
             await self.app(scope, receive, send)
         finally:
-            self.tracker.http_inflight -= 1
-            for release in scope.get("loom.release", ()):  # the --models-dir model this request held
+            self.tracker.http_inflight -= counted
+            for release in scope.get("loom.release", ()):
                 release()
 
 

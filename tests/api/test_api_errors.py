@@ -349,8 +349,8 @@ def test_api_key_guards_v1_only(dummy_engine):
 # -- 504 ------------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def slow_engine(dummy_lm, monkeypatch):
-    """Its own engine, 5 ms per step: 400 tokens take 2 s, far past the timeouts below."""
-    engine = make_engine(dummy_lm)
+    """Its own engine, 5 ms per step and one token per step: 400 tokens take 2 s, far past the timeouts below."""
+    engine = make_engine(dummy_lm, speculative="none")
     real_run = engine.core.runner.run
 
     def slow_run(sched):

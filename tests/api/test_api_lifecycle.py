@@ -26,8 +26,9 @@ def read_stream(url: str, body: dict, started: threading.Event, result: dict, he
                         result["done"] = True
                         continue
                     chunk = json.loads(payload)
+                    if chunk.get("usage"):  # a chunk may carry several tokens (speculative decoding)
+                        result["tokens"] = chunk["usage"]["completion_tokens"]
                     if chunk.get("choices"):
-                        result["tokens"] = result.get("tokens", 0) + 1
                         result["finish"] = chunk["choices"][0]["finish_reason"] or result.get("finish")
     except httpx.HTTPError as exc:
         result["error"] = repr(exc)
@@ -63,7 +64,8 @@ def wait_proc_ready(proc, headers=None) -> None:
 def stream_in_background(proc, max_tokens: int, headers=None) -> tuple[threading.Thread, dict]:
     """A streamed completion of `max_tokens` read on a thread; returns once its first chunk arrived."""
     started, result = threading.Event(), {}
-    body = {"prompt": "long", "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True}
+    body = {"prompt": "long", "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     reader = threading.Thread(target=read_stream, args=(proc.url, body, started, result, headers))
     reader.start()
     assert started.wait(30)

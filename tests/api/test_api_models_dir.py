@@ -155,3 +155,17 @@ def test_idle_model_unloads_by_itself(dummy_engine, models_dir):
             time.sleep(0.05)
         assert states(c)["beta"] == "unloaded"
         assert complete(c, "beta").status_code == 200  # and loads again on the next request
+
+
+def test_a_stopped_engine_is_reloaded_and_others_keep_serving(client, opener):
+    pool = client.app.state.lifecycle.pool
+    assert complete(client, "beta").status_code == 200
+    r = client.post("/tokenize", json={"model": "beta", "prompt": "Hello"})  # outside /v1: still released
+    assert r.status_code == 200 and r.json()["max_model_len"] == 2048
+    assert pool.entries["beta"].inflight == 0
+    pool.entries["beta"].served.engine.shutdown()  # as if its step loop had died
+    assert complete(client, None).status_code == 200  # the default model is untouched
+    loads = opener.calls.count("beta")
+    r = complete(client, "beta")
+    assert r.status_code == 200 and r.json()["model"] == "beta"
+    assert opener.calls.count("beta") == loads + 1
