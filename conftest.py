@@ -1,7 +1,14 @@
 """Fixtures shared by the server tests (tests/) and the kernel tests (loom_kernels/)."""
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The suite runs two test processes (and their servers) on two cores: OpenMP threads that spin while they wait for
+# work starve the other process's threads, and a step takes several times longer. Sleeping waits cost a test nothing.
+# Set before torch (and its OpenMP runtime) is loaded; servers the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
 
+from loom_kernels.cpu.platform import cpu_model
 from server.engine import EngineCore, EngineSettings, SamplingParams
 from server.engine.offline import generate
 from server.model import ModelSettings, load_model
@@ -28,16 +28,6 @@ TEXT = ("The city council met on Tuesday evening to discuss the new library proj
         "architect's drawings will open at the town hall on Saturday.")
 PROMPTS = {"copy": f"Rewrite the following text, correcting nothing and keeping every sentence:\n\n{TEXT}",
            "plain": "Write a short story about a lighthouse keeper who finds a message in a bottle."}
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def measure(lm, mode: str, prompt: list[int], tokens: int, concurrency: int, repeats: int) -> dict:
@@ -65,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json")
     args = p.parse_args(argv)
     lm = load_model(ModelSettings(model=args.model), progress=False)
-    report: dict = {"model": args.model, "cpu": cpu_name(), "threads": torch.get_num_threads(), "runs": []}
+    report: dict = {"model": args.model, "cpu": cpu_model(), "threads": torch.get_num_threads(), "runs": []}
     for name, text in PROMPTS.items():
         prompt = lm.tokenizer.encode_chat([{"role": "user", "content": text}])
         for c in args.concurrency:

@@ -2,7 +2,11 @@
 block-edge lengths, shuffled physical blocks, split-K on and off, chunked prefill and prefix hits, dtypes, sliding
 windows (the references' windows against a row-by-row oracle first).
 
-Shapes are small: on a machine without a GPU these run in the Triton interpreter, 100-1000x slower than torch."""
+Shapes are small: on a machine without a GPU these run in the Triton interpreter, 100-1000x slower than torch, so
+there the larger grids run a covering subset (every value of each parameter, and every pair of the two that interact
+most) instead of the full product, which a GPU runs."""
+import itertools
+
 import pytest
 import torch
 
@@ -11,6 +15,13 @@ from loom_kernels.attention.prefill_triton import paged_attention_prefill_triton
 from loom_kernels.attention.reference import gather_kv, paged_attention_decode_ref, paged_attention_prefill_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HEADS = {"mha": (4, 4), "gqa4": (8, 2), "gqa8": (8, 1)}
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+
+def grid(axes: list[list], covering: list[tuple]) -> list[tuple]:
+    """The full product of `axes` on a GPU; `covering` in the interpreter."""
+    return list(itertools.product(*axes)) if DEVICE == "cuda" else covering
 # Max elementwise |triton - reference| (atol + rtol * |ref|). Outputs are convex mixes of V rows, so |out| <~ 1.
 # fp32: fp32 math on both sides (ieee dots), only the summation order differs.
 # fp16: both round the output to fp16 (ulp 2^-11..2^-10 here); on GPU P is also rounded to fp16 for the PV dot.
@@ -46,12 +57,13 @@ def check(out: torch.Tensor, ref: torch.Tensor) -> None:
     torch.testing.assert_close(out, ref, **TOL[out.dtype])
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("block_size", [1, 8, 16, 32, 64])
-@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)], ids=["mha", "gqa4", "gqa8"])
+@pytest.mark.parametrize("heads,block_size,num_splits", grid(
+    [list(HEADS), [1, 8, 16, 32, 64], [1, 3]],
+    [("mha", 1, 1), ("gqa4", 1, 3), ("gqa8", 8, 1), ("mha", 8, 3), ("gqa4", 16, 1), ("gqa8", 16, 3),
+     ("mha", 32, 1), ("gqa4", 32, 3), ("gqa4", 64, 1), ("gqa8", 64, 3)]))
 def test_decode_block_sizes(heads, block_size, num_splits):
     torch.manual_seed(block_size * 10 + num_splits)
-    num_heads, num_kv_heads = heads
+    num_heads, num_kv_heads = HEADS[heads]
     lens = edge_lens(block_size) if block_size > 1 else [1, 2, 17]
     k_cache, v_cache, table, seq_lens = make_paged(lens, block_size, num_kv_heads, 64, torch.float32)
     q = torch.randn(len(lens), num_heads, 64, device=DEVICE)
@@ -59,9 +71,10 @@ def test_decode_block_sizes(heads, block_size, num_splits):
     check(out, paged_attention_decode_ref(q, k_cache, v_cache, table, seq_lens, 0.125))
 
 
-@pytest.mark.parametrize("num_splits", [1, 4])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("head_dim", [64, 80, 96, 128])
+@pytest.mark.parametrize("head_dim,dtype,num_splits", grid(
+    [[64, 80, 96, 128], [F16, BF16, F32], [1, 4]],
+    [(64, F16, 1), (64, BF16, 4), (80, F32, 1), (80, F16, 4), (96, BF16, 1), (96, F32, 4), (128, F16, 1),
+     (128, BF16, 4), (128, F32, 1)]), ids=str)
 def test_decode_dtypes_head_dims(head_dim, dtype, num_splits):
     torch.manual_seed(head_dim + num_splits)
     lens = [5, 16, 70, 33]
@@ -111,12 +124,13 @@ PREFILL_CASES = {
 }
 
 
-@pytest.mark.parametrize("block_size", [1, 8, 16, 32, 64])
-@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)], ids=["mha", "gqa4", "gqa8"])
-@pytest.mark.parametrize("case", list(PREFILL_CASES))
+@pytest.mark.parametrize("case,heads,block_size", grid(
+    [list(PREFILL_CASES), list(HEADS), [1, 8, 16, 32, 64]],
+    [(case, list(HEADS)[(i + j) % 3], block) for i, case in enumerate(PREFILL_CASES)
+     for j, block in enumerate([1, 8, 16, 32, 64])]))
 def test_prefill(case, heads, block_size):
     torch.manual_seed(block_size + len(case))
-    num_heads, num_kv_heads = heads
+    num_heads, num_kv_heads = HEADS[heads]
     rows, lens = zip(*PREFILL_CASES[case])
     k_cache, v_cache, table, seq_lens = make_paged(list(lens), block_size, num_kv_heads, 64, torch.float32)
     cu = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
@@ -125,8 +139,9 @@ def test_prefill(case, heads, block_size):
     check(out, paged_attention_prefill_ref(q, k_cache, v_cache, table, cu, seq_lens, 0.125))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("head_dim", [64, 80, 96, 128])
+@pytest.mark.parametrize("head_dim,dtype", grid(
+    [[64, 80, 96, 128], [F16, BF16, F32]],
+    [(64, F16), (64, F32), (80, BF16), (96, F16), (128, BF16), (128, F32)]), ids=str)
 def test_prefill_dtypes_head_dims(head_dim, dtype):
     """Default tile sizes (64 x 64), GQA 4, a chunk ending mid-block and a prompt spanning several query tiles."""
     torch.manual_seed(head_dim)
@@ -204,9 +219,10 @@ def test_decode_window(window, num_splits):
     check(out, paged_attention_decode_ref(q, k_cache, v_cache, table, seq_lens, 0.125, window))
 
 
-@pytest.mark.parametrize("block_size", [1, 16])
-@pytest.mark.parametrize("window", [1, 5, 16, 33, 100])
-@pytest.mark.parametrize("case", list(PREFILL_CASES))
+@pytest.mark.parametrize("case,window,block_size", grid(
+    [list(PREFILL_CASES), [1, 5, 16, 33, 100], [1, 16]],
+    [(case, window, [1, 16][(i + j) % 2]) for i, case in enumerate(PREFILL_CASES)
+     for j, window in enumerate([1, 5, 16, 33, 100])]))
 def test_prefill_window(case, window, block_size):
     """Windows smaller than a query tile (rows that see none of a masked run's keys), about a tile, several tiles."""
     torch.manual_seed(window + block_size + len(case))

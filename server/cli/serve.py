@@ -204,7 +204,8 @@ def warm_grammar_compiler(engine, holder: dict, limit: float = 600.0) -> None:
     try:
         engine.grammars.compile(GrammarSpec("regex", "[0-9]"))
     except EngineError as exc:  # a start that fails here fails again, loudly, for the request that needs it
-        log.warning("grammar compiler warm-up failed", extra={"error": str(exc)})
+        if not engine.grammars.closed:
+            log.warning("grammar compiler warm-up failed", extra={"error": str(exc)})
 
 
 def load_encoders(ms, es, generator_name: str):

@@ -58,8 +58,10 @@ class GrammarCompiler:
         self._info: tuple[Any, str] | None = None
         self._info_lock = threading.Lock()
         self.hits = self.misses = 0
-        for i in range(workers):
-            threading.Thread(target=self._serve, name=f"loom-grammar-{i}", daemon=True).start()
+        self._threads = [threading.Thread(target=self._serve, name=f"loom-grammar-{i}", daemon=True)
+                         for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
 
     # -- waiting for a grammar ----------------------------------------------------------------------------------
     def compile(self, spec: GrammarSpec, param: str | None = None) -> Grammar:
@@ -210,8 +212,13 @@ class GrammarCompiler:
                 self._info = info, info.serialize_json()
             return self._info
 
-    def shutdown(self) -> None:
-        """Stop the workers and their processes; queued and running compiles are abandoned."""
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the workers and their processes; queued and running compiles are abandoned. Waits for the workers:
+        one left inside xgrammar's C++ while the interpreter exits would abort the process."""
         with self._lock:
             self._closed = True
             for job in self._jobs.values():
@@ -220,6 +227,10 @@ class GrammarCompiler:
                 job.started.set_exception(EngineDeadError("the grammar compiler has shut down"))
             self._queue.clear()
             self._lock.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _awaitable(future: concurrent.futures.Future) -> asyncio.Future:

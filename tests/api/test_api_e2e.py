@@ -244,7 +244,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def test_64_concurrent_streaming_clients(real_server):
-    n, max_tokens = 64, 24
+    n, max_tokens = 64, 12
 
     async def client(c: httpx.AsyncClient, i: int) -> dict:
         body = {"model": "default", "messages": [{"role": "user", "content": f"Tell me a fact about number {i}."}],

@@ -38,6 +38,7 @@ def api_schema(dummy_lm):
 OPERATIONS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/v1/responses"),
               ("GET", "/v1/responses/{response_id}"), ("DELETE", "/v1/responses/{response_id}"),
               ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"),
+              ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter"),
               ("POST", "/v1/summarize"),
               ("POST", "/v1/classify"), ("POST", "/v1/embeddings"), ("POST", "/v1/rerank"), ("POST", "/v1/score"),
               ("GET", "/v1/models"), ("GET", "/v1/status"), ("GET", "/health"), ("GET", "/ready"),

@@ -11,6 +11,7 @@ known: it is cut off here and reported as `stop_sequence`."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -35,6 +36,26 @@ from server.api.protocol.anthropic import (
 from server.engine import CompletionOutput, RequestOutput
 
 TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+# the chat request's field names (and the engine's) -> the Messages field a client sent; chat's message indices are
+# not the request's (system prompt, tool results), so those name the whole list
+_PARAMS = [(re.compile(p), r) for p, r in (
+    (r"^(messages|prompt)(\..*)?$", "messages"),
+    (r"^tools\.(\d+)\.function\.parameters(.*)$", r"tools.\1.input_schema\2"),
+    (r"^tools\.(\d+)\.function\.(.+)$", r"tools.\1.\2"),
+    (r"^response_format\.json_schema\.schema(.*)$", r"output_config.format.schema\1"),
+    (r"^response_format(\.json_schema)?$", "output_config.format"),
+    (r"^max_(completion_)?tokens$", "max_tokens"),
+    (r"^stop$", "stop_sequences"),
+    (r"^chat_template_kwargs(\..*)?$", "thinking"),
+)]
+
+
+def messages_param(param: str | None) -> str | None:
+    """The Messages request's name for a chat request's (or the engine's) field."""
+    for pattern, replacement in _PARAMS:
+        if param is not None and pattern.match(param):
+            return pattern.sub(replacement, param)
+    return param
 
 
 def _refuse_unreadable(block: Any, where: str) -> None:
@@ -100,7 +121,7 @@ def chat_messages(body: CountTokensRequest) -> list[dict]:
             out.append(_assistant_turn(m.content, f"messages.{i}.content"))
     if body.messages[-1].role == "assistant":
         raise APIError(400, "the last message is an assistant turn: continuing it (prefill) is not supported; end "
-                            "with a user turn")
+                            "with a user turn", param="messages")
     return out
 
 
@@ -142,7 +163,7 @@ def chat_request(body: CountTokensRequest) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate(fields)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise APIError(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise APIError(400, first["msg"], param=".".join(map(str, first["loc"]))) from None
 
 
 def cut_stop_sequence(text: str, c: CompletionOutput | RequestOutput,

@@ -6,6 +6,7 @@ engine's errors, goes through `AnthropicRoute`, so none of them reaches the app'
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -17,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from server.api.errors import APIError, ClientGoneError, _validation_message, count_error, from_engine_error
+from server.api.messages.convert import messages_param
 from server.engine import EngineError
 
 log = logging.getLogger("loom.api")
@@ -40,9 +42,19 @@ def anthropic_error(exc: BaseException, retry_after: int = 1) -> APIError:
     if isinstance(exc, StarletteHTTPException):
         return APIError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
     if isinstance(exc, (APIError, EngineError)):
-        return from_engine_error(exc, retry_after)
+        return naming_its_field(from_engine_error(exc, retry_after))
     log.exception("unhandled error", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}")
+
+
+def naming_its_field(err: APIError) -> APIError:
+    """Anthropic's errors carry no `param`: the message starts with the field it is about, under the Messages
+    request's name for it (`max_tokens: ...`), as Anthropic's own messages do."""
+    field = messages_param(err.param)
+    if field is None or re.match(rf"{re.escape(field)}\b", err.message):
+        return err
+    return APIError(err.status, f"{field}: {err.message}", param=field, code=err.code, type=err.type,
+                    headers=err.headers)
 
 
 def anthropic_response(request: Request, exc: BaseException) -> JSONResponse:

@@ -110,16 +110,29 @@ def fuse(name: str, parts: dict[int | None, dict[str, torch.Tensor]], in_feature
             raise AdapterError(f"{name}: lora_A {tuple(pa.shape)} / lora_B {tuple(pb.shape)} do not fit the "
                                f"model's projection ({in_features} in, {size} out)")
         b[start:start + size, j * rank:(j + 1) * rank] = pb.float() * scaling
-    return a.to(dtype), b.to(dtype)
+    a, b = a.to(dtype), b.to(dtype)
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # NaN/inf would poison every answer it touches
+        raise AdapterError(f"{name}: the weights (B scaled by {scaling:g}) hold values that are not finite in {dtype}")
+    return a, b
+
+
+def adapter_directory(path: str) -> Path:
+    """The directory `path` names; AdapterError for anything else, paths the OS will not look up included (names
+    too long, NUL bytes, `~user` of no user): a client's path is never the server's fault."""
+    try:
+        directory = Path(path).expanduser()
+        if directory.is_dir():
+            return directory
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(f"{path[:300]!r} is not a usable path: {exc}") from None
+    raise AdapterError(f"{path} is not a directory (expected a PEFT adapter directory)")
 
 
 def read_adapter(name: str, path: str, adapter_id: int, modules: dict[str, nn.Module],
                  shard_sizes: Callable[[str], list[int]], max_rank: int, dtype: torch.dtype) -> LoraAdapter:
     """Read and check a PEFT adapter against the model's wrapped projections (`modules`, by Loom name); raises
     AdapterError with the reason when it does not fit. Nothing served is touched."""
-    directory = Path(path).expanduser()
-    if not directory.is_dir():
-        raise AdapterError(f"{path} is not a directory (expected a PEFT adapter directory)")
+    directory = adapter_directory(path)
     rank, scaling = read_config(directory, max_rank)
     grouped: dict[str, dict[int | None, dict[str, torch.Tensor]]] = {}
     for (module, part), pair in read_tensors(directory, rank).items():
