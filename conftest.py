@@ -9,6 +9,8 @@ import pytest
 # work starve the other process's threads, and a step takes several times longer. Sleeping waits cost a test nothing.
 # Set before torch (and its OpenMP runtime) is loaded; servers the tests start inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# The servers tests start compile grammars only where a test asks for one (a process that imports torch otherwise).
+os.environ.setdefault("LOOM_GRAMMAR_WARMUP", "0")
 
 
 @pytest.fixture

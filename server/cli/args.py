@@ -56,7 +56,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="grammar compile processes (LOOM_GRAMMAR_COMPILE_WORKERS, default 2)")
     e.add_argument("--grammar-compile-queue", type=int, default=None,
                    help="new grammars waiting for a compile worker beyond which requests get 503 "
-                        "(LOOM_GRAMMAR_COMPILE_QUEUE, default 8)")
+                        "(LOOM_GRAMMAR_COMPILE_QUEUE, default 64)")
     e.add_argument("--grammar-cache-size", type=int, default=None,
                    help="distinct compiled grammars kept, LRU (LOOM_GRAMMAR_CACHE_SIZE, default 256)")
     add_speculative_args(e)

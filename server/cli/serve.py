@@ -184,8 +184,9 @@ def run_engine(model_settings, engine_settings, holder: dict, loaded: queue.Queu
         loaded.put(exc)
         return
     loaded.put((engine, lm.name, lm.tokenizer))
-    threading.Thread(target=warm_grammar_compiler, args=(engine, holder), name="loom-grammar-warmup",
-                     daemon=True).start()
+    if engine_settings.grammar_warmup:
+        threading.Thread(target=warm_grammar_compiler, args=(engine, holder), name="loom-grammar-warmup",
+                         daemon=True).start()
     if not http.is_alive():
         engine.shutdown()
     engine.run()

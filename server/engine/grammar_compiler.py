@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import math
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,10 +60,10 @@ class GrammarCompiler:
         self._info: tuple[Any, str] | None = None
         self._info_lock = threading.Lock()
         self.hits = self.misses = 0
-        self._threads = [threading.Thread(target=self._serve, name=f"loom-grammar-{i}", daemon=True)
-                         for i in range(workers)]
-        for thread in self._threads:
-            thread.start()
+        self._in_native = 0  # workers inside xgrammar's C++ in this process (guarded by _native_done)
+        self._native_done = threading.Condition()
+        for i in range(workers):
+            threading.Thread(target=self._serve, name=f"loom-grammar-{i}", daemon=True).start()
 
     # -- waiting for a grammar ----------------------------------------------------------------------------------
     def compile(self, spec: GrammarSpec, param: str | None = None) -> Grammar:
@@ -186,11 +188,13 @@ class GrammarCompiler:
         started = time.perf_counter()
         try:
             kind, text = compile_request(job.spec)
-            info, info_json = self._tokenizer_info()
+            with self._native():
+                info, info_json = self._tokenizer_info()
             compiled = process.compile(info_json, kind, text, self.timeout, job.abandoned)
             import xgrammar as xgr
-            grammar = Grammar(job.spec, xgr.CompiledGrammar.deserialize_json(compiled, info),
-                              time.perf_counter() - started)
+            with self._native():
+                grammar = Grammar(job.spec, xgr.CompiledGrammar.deserialize_json(compiled, info),
+                                  time.perf_counter() - started)
         except EngineError as exc:  # invalid (400), or no compile process could start (503)
             return exc
         except CompileStopped as exc:
@@ -216,9 +220,21 @@ class GrammarCompiler:
     def closed(self) -> bool:
         return self._closed
 
+    @contextlib.contextmanager
+    def _native(self) -> Iterator[None]:
+        with self._native_done:
+            self._in_native += 1
+        try:
+            yield
+        finally:
+            with self._native_done:
+                self._in_native -= 1
+                self._native_done.notify_all()
+
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the workers and their processes; queued and running compiles are abandoned. Waits for the workers:
-        one left inside xgrammar's C++ while the interpreter exits would abort the process."""
+        """Stop the workers and their processes; queued and running compiles are abandoned. Waits for workers inside
+        xgrammar's C++ (its threads, left running while the interpreter exits, abort the process); the rest are
+        Python waiting on a child, which is killed."""
         with self._lock:
             self._closed = True
             for job in self._jobs.values():
@@ -227,10 +243,8 @@ class GrammarCompiler:
                 job.started.set_exception(EngineDeadError("the grammar compiler has shut down"))
             self._queue.clear()
             self._lock.notify_all()
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            if thread is not threading.current_thread():
-                thread.join(max(0.0, deadline - time.monotonic()))
+        with self._native_done:
+            self._native_done.wait_for(lambda: self._in_native == 0, timeout)
 
 
 def _awaitable(future: concurrent.futures.Future) -> asyncio.Future:

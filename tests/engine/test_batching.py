@@ -6,7 +6,7 @@ import pytest
 from server.engine import EngineCore, EngineSettings, SamplingParams
 from server.engine.offline import generate
 
-MAX_TOKENS = 16
+MAX_TOKENS = 10
 SHARED = ("You are a helpful assistant. Answer briefly and precisely, in plain English, without lists. "
           "Think about the question first. ")
 TOPICS = ["rivers", "the moon", "bread", "volcanoes", "chess", "music", "bees", "glass"]

@@ -86,6 +86,12 @@ def fill(element, text: str) -> None:
     element.send_keys(text)
 
 
+def paste(element, text: str) -> None:
+    """Put a long `text` in at once, as a paste does (typing 10,000 keys takes the browser half a minute)."""
+    element.parent.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'))",
+                                  element, text)
+
+
 def server_status(url: str, key: str | None = None) -> dict:
     import httpx
 

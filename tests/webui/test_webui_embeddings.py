@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from selenium.webdriver.common.keys import Keys
 
-from tests.support.browser import by_testid, console_errors, fill, open_playground, set_viewport, wait_for
+from tests.support.browser import by_testid, console_errors, fill, open_playground, paste, set_viewport, wait_for
 
 XSS = '<img src=x onerror="window.__pwned=1">'
 TEXTS = ["A cat sits on the mat.", "A kitten is resting on a rug.", "Stock markets fell sharply on Monday.", XSS]
@@ -70,7 +70,7 @@ def test_rerank_lists_the_documents_best_first(chromium, encoder_server):
     assert meta.startswith("4 documents · cosine similarity · ") and "all-MiniLM-L6-v2" in meta, meta
 
     # A document longer than the model takes: the server's 400, shown in the card.
-    fill(by_testid(d, "rerank-documents"), "loom " * 2000)
+    paste(by_testid(d, "rerank-documents"), "loom " * 2000)
     by_testid(d, "rerank-button").click()
     error = wait_for(lambda: by_testid(d, "error-message", many=True), timeout=30, message="no error shown")[0]
     assert error.text.startswith("400: documents[1] has ") and "maximum input length" in error.text, error.text
