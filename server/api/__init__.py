@@ -4,7 +4,7 @@ through this part of AsyncEngine, and the types server/engine exports (SamplingP
   to the queue as one);
 - state: `stats()`, `healthy`, `liveness()` (alive, last step time, what stopped it);
 - metrics: `add_step_observer`, `add_encode_observer`;
-- lifecycle: `shutdown()`;
+- lifecycle: `warm_grammars()` (once ready), `shutdown()`;
 - facts fixed at start: `tokenizer`, `max_model_len`, `vocab_size`, `encoders` (the encoder models by name).
 
 `create_app` and `ServerSettings` are imported lazily, so `loom generate` (which only registers `loom serve`'s

@@ -169,6 +169,7 @@ class Lifecycle:
                 await self.model.engine.encode(enc.name, enc.encode_texts(["Hello, world"]), f"warmup-{enc.name}")
         self.warmed_up = True
         log.info("ready", extra={"model": self.model.name})
+        self.model.engine.warm_grammars()  # after ready: off the start's critical path
 
     async def drain(self, timeout: float, hurry: Callable[[], bool] = lambda: False) -> None:
         """Graceful shutdown: wait up to `timeout` for in-flight work (less if `hurry()` turns true: a second

@@ -9,19 +9,15 @@ the process exits 0. A second signal forces the exit.
 from __future__ import annotations
 
 import argparse
-import logging
 import queue
 import signal
 import sys
 import threading
-import time
 
 import uvicorn
 
 from server.cli.args import add_model_args, settings_of
 from server.cli.models_dir import add_models_dir_args
-
-log = logging.getLogger("loom.engine")
 
 
 def add_serve_command(subparsers) -> None:
@@ -184,29 +180,9 @@ def run_engine(model_settings, engine_settings, holder: dict, loaded: queue.Queu
         loaded.put(exc)
         return
     loaded.put((engine, lm.name, lm.tokenizer))
-    if engine_settings.grammar_warmup:
-        threading.Thread(target=warm_grammar_compiler, args=(engine, holder), name="loom-grammar-warmup",
-                         daemon=True).start()
     if not http.is_alive():
         engine.shutdown()
     engine.run()
-
-
-def warm_grammar_compiler(engine, holder: dict, limit: float = 600.0) -> None:
-    """Once the server is ready, start the grammar compile processes with a trivial grammar, so the first
-    structured request does not wait seconds for them (done after /ready: it is off the start's critical path)."""
-    from server.engine import EngineError, GrammarSpec
-
-    deadline = time.monotonic() + limit
-    while not getattr(holder.get("server"), "lifecycle", None) or not holder["server"].lifecycle.warmed_up:
-        if time.monotonic() > deadline or holder.get("failed"):
-            return
-        time.sleep(0.2)
-    try:
-        engine.grammars.compile(GrammarSpec("regex", "[0-9]"))
-    except EngineError as exc:  # a start that fails here fails again, loudly, for the request that needs it
-        if not engine.grammars.closed:
-            log.warning("grammar compiler warm-up failed", extra={"error": str(exc)})
 
 
 def load_encoders(ms, es, generator_name: str):

@@ -160,6 +160,11 @@ class AsyncEngine:
         ServerBusyError if the compilers are congested (server/engine/grammar_compiler.py)."""
         return await self.grammars.compile_async(spec, param)
 
+    def warm_grammars(self) -> None:
+        """Start the grammar compile processes in the background, where the settings ask for it."""
+        if self.core.settings.grammar_warmup:
+            self.grammars.warm()
+
     def abort(self, request_id: str) -> None:
         self._loop.send(Abort(request_id))
 

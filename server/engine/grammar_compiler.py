@@ -216,9 +216,17 @@ class GrammarCompiler:
                 self._info = info, info.serialize_json()
             return self._info
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
+    def warm(self) -> None:
+        """Start the compile processes in the background with a trivial grammar, so the first structured request
+        does not wait seconds for them."""
+        def compile_trivial() -> None:
+            try:
+                self.compile(GrammarSpec("regex", "[0-9]"))
+            except EngineError as exc:  # a start that fails here fails again, loudly, for the request that needs it
+                if not self._closed:
+                    log.warning("grammar compiler warm-up failed", extra={"error": str(exc)})
+
+        threading.Thread(target=compile_trivial, name="loom-grammar-warmup", daemon=True).start()
 
     @contextlib.contextmanager
     def _native(self) -> Iterator[None]:

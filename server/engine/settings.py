@@ -40,8 +40,8 @@ class EngineSettings(BaseSettings):
     grammar_compile_queue: int = Field(64, ge=1, description="new grammars waiting for a compile worker beyond which "
                                                             "requests get 503 grammar_compiler_busy")
     grammar_cache_size: int = Field(256, ge=1, description="distinct compiled grammars kept (LRU)")
-    grammar_warmup: bool = Field(True, description="`loom serve`: start the compile processes once the server is "
-                                                   "ready, so the first structured request does not wait for them")
+    grammar_warmup: bool = Field(True, description="start the compile processes once the server is ready, so "
+                                                   "the first structured request does not wait for them")
     cuda_graphs: bool = Field(True, description="capture decode steps in CUDA graphs on GPU")
     enable_lora: bool = Field(False, description="serve LoRA adapters (implied by --lora): slots for --max-loras "
                                                  "adapters beside every q/k/v/o and gate/up/down projection")
