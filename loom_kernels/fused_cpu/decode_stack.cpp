@@ -6,9 +6,10 @@
 #include "fused_cpu/cpu_ops.h"
 #include "quant/blocks.h"
 #include "quant/kquants.h"
+#include "quant/kquants_q8.h"
 
-// One linear: kinds 0-5 hold their weight in a, b, c; kinds 6 and 7 (GGUF blocks: the small-M and the tiled large-M
-// GEMM) in segs, one ggml type each.
+// One linear: kinds 0-5 hold their weight in a, b, c; kinds 6-8 (GGUF blocks: the small-M, the tiled large-M and the
+// int8-activation GEMM) in segs, one ggml type each.
 struct Lin {
   int64_t kind = 0, n = 0, k = 0, group = 0;
   at::Tensor a, b, c, bias;
@@ -43,6 +44,8 @@ static at::Tensor apply_linear(const at::Tensor& x, const Lin& l) {
     out = gguf_linear(x, l.segs, l.types, l.k);
   } else if (l.kind == 7) {  // the same weights, de-quantized a chunk at a time for a float32 matmul
     out = gguf_linear_tiled(x, l.segs, l.types, l.k);
+  } else if (l.kind == 8) {  // the same weights against activations quantized to int8
+    out = gguf_linear_q8(x, l.segs, l.types, l.k);
   } else if (l.kind == 2) {
     out = at::linear(x.scalar_type() == l.a.scalar_type() ? x : x.to(l.a.scalar_type()), l.a);
   } else {
@@ -91,7 +94,7 @@ struct DecodeStack {
   int64_t H, Hkv, D;
   double eps, scale;
 
-  // A kind-6 or kind-7 linear's group is its segment count: its segments and their types are the next ones of
+  // A kind-6, 7 or 8 linear's group is its segment count: its segments and their types are the next ones of
   // gguf_segs / gguf_types, in linear order.
   DecodeStack(std::vector<at::Tensor> norms_, std::vector<at::Tensor> lin_tensors, std::vector<int64_t> meta,
               std::vector<at::Tensor> gguf_segs, std::vector<int64_t> gguf_types, std::vector<at::Tensor> kcs,
@@ -109,7 +112,7 @@ struct DecodeStack {
       l.kind = meta[4 * i]; l.n = meta[4 * i + 1]; l.k = meta[4 * i + 2]; l.group = meta[4 * i + 3];
       l.a = lin_tensors[4 * i]; l.b = lin_tensors[4 * i + 1]; l.c = lin_tensors[4 * i + 2];
       if (lin_tensors[4 * i + 3].numel()) l.bias = lin_tensors[4 * i + 3];
-      if (l.kind == 6 || l.kind == 7) {
+      if (l.kind >= 6 && l.kind <= 8) {
         TORCH_CHECK(l.group > 0 && seg + l.group <= gguf_segs.size(), "DecodeStack: too few GGUF segments");
         l.segs.assign(gguf_segs.begin() + seg, gguf_segs.begin() + seg + l.group);
         l.types.assign(gguf_types.begin() + seg, gguf_types.begin() + seg + l.group);

@@ -24,21 +24,24 @@ from loom_kernels.quant import (
     block_q4_linear,
     block_q8_linear,
     gguf_linear,
+    gguf_linear_q8,
     gguf_linear_tiled,
     q4_linear,
     q8_linear,
 )
 from loom_kernels.quant.kquants import ggml_type_id
 
-KINDS = {"q4": 0, "q8": 1, "dense": 2, "mkldnn": 3, "q4_blocks": 4, "q8_blocks": 5, "gguf_blocks": 6, "gguf_tiled": 7}
-GGUF_KINDS = ("gguf_blocks", "gguf_tiled")
+KINDS = {"q4": 0, "q8": 1, "dense": 2, "mkldnn": 3, "q4_blocks": 4, "q8_blocks": 5, "gguf_blocks": 6, "gguf_tiled": 7,
+         "gguf_q8": 8}
+GGUF_KINDS = ("gguf_blocks", "gguf_tiled", "gguf_q8")
 
 
 @dataclass
 class StackLinear:
     """One linear in the form the step runs it: `q4` (Q4Packed), `q8` (Q8Packed), `q4_blocks` / `q8_blocks`
     (BlockQ4 / BlockQ8), `gguf_blocks` (GGUFBlocks: a GGUF file's blocks as stored, segments of mixed types),
-    `gguf_tiled` (the same GGUFBlocks through `gguf_linear_tiled`, the large-M GEMM), `dense` (a weight `[N, K]`,
+    `gguf_tiled` (the same GGUFBlocks through `gguf_linear_tiled`, the large-M GEMM), `gguf_q8` (through
+    `gguf_linear_q8`, activations quantized to int8), `dense` (a weight `[N, K]`,
     any dtype: the input is cast to it) or `mkldnn` (a oneDNN-packed bf16 weight with its `out_features`)."""
     kind: str
     weight: Q4Packed | Q8Packed | BlockQ4 | BlockQ8 | GGUFBlocks | torch.Tensor
@@ -50,6 +53,8 @@ class StackLinear:
             out = gguf_linear(x, self.weight)
         elif self.kind == "gguf_tiled":
             out = gguf_linear_tiled(x, self.weight)
+        elif self.kind == "gguf_q8":
+            out = gguf_linear_q8(x, self.weight)
         elif self.kind == "q4_blocks":
             out = block_q4_linear(x, self.weight)
         elif self.kind == "q8_blocks":
@@ -94,7 +99,7 @@ def decode_stack_available() -> bool:
 
 
 def _gguf_segments(lin: StackLinear) -> tuple[list[torch.Tensor], list[int]]:
-    """A `gguf_blocks` / `gguf_tiled` linear's segments and their ggml type ids (none for the other kinds)."""
+    """A GGUF-kind linear's segments and their ggml type ids (none for the other kinds)."""
     if lin.kind not in GGUF_KINDS:
         return [], []
     return [raw for raw, _ in lin.weight.segments], [ggml_type_id(qtype) for _, qtype in lin.weight.segments]

@@ -116,10 +116,12 @@ def test_decode_stack_runs_gguf_blocks_of_mixed_types(dtype):
     check_stack(layers, dtype, StackShape(G_H, G_HKV, G_D, 1e-5, G_D ** -0.5), G_HIDDEN)
 
 
-def test_decode_stack_runs_gguf_tiled_linears():
-    """The large-M GEMM as a linear kind: the same segments, run through gguf_linear_tiled."""
+@pytest.mark.parametrize("kind", ["gguf_tiled", "gguf_q8"])
+def test_decode_stack_runs_the_other_gguf_kinds(kind):
+    """The large-M GEMM and the int8-activation GEMM as linear kinds: the same segments, run through
+    gguf_linear_tiled / gguf_linear_q8 by the stack and by the reference alike."""
     torch.manual_seed(0)
-    layers = make_gguf_layers(torch.bfloat16, kind="gguf_tiled")
+    layers = make_gguf_layers(torch.bfloat16, kind=kind)
     check_stack(layers, torch.bfloat16, StackShape(G_H, G_HKV, G_D, 1e-5, G_D ** -0.5), G_HIDDEN)
 
 

@@ -150,6 +150,29 @@ def gguf_linear_tiled(x: torch.Tensor, w: GGUFBlocks) -> torch.Tensor:
     return _run_linear("gguf_linear_tiled", x, w)
 
 
+def gguf_linear_q8(x: torch.Tensor, w: GGUFBlocks) -> torch.Tensor:
+    """`gguf_linear` against x quantized to int8 per 32 values (scale max|x| / 127, round half to even), as llama.cpp
+    runs its CPU matmuls: exactly `q8_activations(x) @ dequantize_gguf(w).T` up to float32 summation order, with
+    integer dot products per sub-block (kquants_q8.h). Faster where decoding codes to float bounds the GEMM; the
+    activations' rounding is its cost, so callers offer it only where int8 activations are allowed."""
+    return _run_linear("gguf_linear_q8", x, w)
+
+
+def q8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x `[..., K]` as gguf_linear_q8 sees it: each 32 values (zero-padded) rounded to int8 codes times max|x| / 127,
+    in float32. The reference for that kernel."""
+    k = x.shape[-1]
+    flat = x.reshape(-1, k).float()
+    pad = (-k) % 32
+    blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(flat.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    # IEEE 127 / amax as the kernel divides (torch's scalar / tensor is a reciprocal times 127: other bits)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    codes = torch.round(blocks * inv)
+    out = (codes * (amax / 127.0)).reshape(flat.shape[0], -1)[:, :k]
+    return out.reshape(x.shape)
+
+
 def dequantize_gguf(w: GGUFBlocks) -> torch.Tensor:
     """The weight as float32 `[N, K]`, bit for bit what `gguf.quants.dequantize` gives."""
     raws, types = _args(w)

@@ -57,7 +57,8 @@ def create_app(engine: AsyncEngine | None, settings: ServerSettings | None = Non
         lifecycle.attach(engine, model_name or "default", tokenizer or engine.tokenizer)
     if settings.models_dir is not None and model_opener is not None:
         lifecycle.pool = ModelPool(scan_models_dir(settings.models_dir), model_opener, lifecycle.build_pooled,
-                                   settings.max_loaded_models, settings.model_idle_unload, settings.model_load_wait)
+                                   settings.max_loaded_models, settings.model_idle_unload, settings.model_load_wait,
+                                   int(settings.model_memory_headroom * 2 ** 30))
     docs = {} if settings.docs != "off" else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="Loom", version="0.1.0", description=DESCRIPTION,
                   lifespan=make_lifespan(lifecycle, loader, on_fatal, shutdown_engine), **docs)

@@ -83,7 +83,7 @@ class Lifecycle:
 
     def attach(self, engine: AsyncEngine, name: str, tokenizer: Tokenizer) -> ServedModel:
         self.model = self.build_served(engine, name, tokenizer, self.tracker)
-        self.tracker.engine = engine
+        self.tracker.engine, self.tracker.model = engine, name
         self.metrics.watch(engine)
         return self.model
 
@@ -105,7 +105,7 @@ class Lifecycle:
     def build_pooled(self, engine: AsyncEngine, name: str, tokenizer: Tokenizer) -> ServedModel:
         """A --models-dir model: its own tracker (the drain waits for and aborts its requests too)."""
         tracker = RequestTracker(self.metrics, self.settings.request_timeout)
-        tracker.engine = engine
+        tracker.engine, tracker.model = engine, name
         self.trackers.append(tracker)
         return self.build_served(engine, name, tokenizer, tracker)
 

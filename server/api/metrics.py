@@ -1,7 +1,10 @@
 """Prometheus metrics (prefix `loom_`), one CollectorRegistry per app so several apps can live in one process.
 
-Latencies are measured here, per request, from the deltas the engine streams back; engine-wide counters and gauges
-(tokens, preemptions, prefix-cache hits, running / waiting, KV usage) are read from `engine.stats()` at scrape time.
+Requests, their tokens and latencies are counted here, per request, from the deltas the engine streams back, under
+a `model` label: the served name the request asked for (the base model's, a LoRA adapter's, a --models-dir model's),
+so its values stay among the names the server knows (an unknown model is a 404 before any engine work). Engine-wide
+counters and gauges (preemptions, prefix-cache hits, running / waiting, KV usage) are read from `engine.stats()` at
+scrape time.
 """
 from __future__ import annotations
 
@@ -44,9 +47,7 @@ class EngineCollector(Collector):
                                  labels=["block_size", "num_gpu_blocks"])
         info.add_metric([str(s.block_size), str(s.num_blocks)], 1)
         yield info
-        counters = [("loom_prompt_tokens", "prompt tokens processed", s.prompt_tokens),
-                    ("loom_generation_tokens", "tokens generated", s.generation_tokens),
-                    ("loom_preemptions", "sequences preempted for lack of KV blocks", s.preemptions),
+        counters = [("loom_preemptions", "sequences preempted for lack of KV blocks", s.preemptions),
                     ("loom_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache", s.prefix_hit_tokens),
                     ("loom_prefix_cache_query_tokens", "prompt tokens looked up in the prefix cache",
                      s.prefix_query_tokens),
@@ -65,20 +66,23 @@ class Metrics:
         self._engine: AsyncEngine | None = None
         disable_created_metrics()  # no `*_created` series: they double the output and nobody graphs them
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("loom_requests", "finished sequences by endpoint and finish reason",
-                                ["endpoint", "finish_reason"], registry=r)
+        self.requests = Counter("loom_requests", "finished sequences by endpoint, finish reason and model",
+                                ["endpoint", "finish_reason", "model"], registry=r)
         self.errors = Counter("loom_request_errors", "requests answered with an error, by status", ["status"],
                               registry=r)
-        self.ttft = Histogram("loom_time_to_first_token_seconds", "request start to its first token",
+        self.prompt_tokens = Counter("loom_prompt_tokens", "prompt tokens processed (each sequence's prompt once)",
+                                     ["model"], registry=r)
+        self.generation_tokens = Counter("loom_generation_tokens", "tokens generated", ["model"], registry=r)
+        self.ttft = Histogram("loom_time_to_first_token_seconds", "request start to its first token", ["model"],
                               buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("loom_time_per_output_token_seconds", "mean time per token after the first, per sequence",
-                              buckets=LATENCY_BUCKETS, registry=r)
+                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("loom_inter_token_latency_seconds", "time between successive tokens of a sequence",
-                             buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("loom_e2e_request_latency_seconds", "request start to its last token",
+                             ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("loom_e2e_request_latency_seconds", "request start to its last token", ["model"],
                              buckets=E2E_BUCKETS, registry=r)
         self.queue = Histogram("loom_request_queue_time_seconds", "time a request waited before it was scheduled",
-                               buckets=LATENCY_BUCKETS, registry=r)
+                               ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch = Histogram("loom_batch_size", "sequences per engine step", buckets=BATCH_BUCKETS, registry=r)
         self.step_tokens = Histogram("loom_step_tokens", "tokens per engine step",
                                      buckets=(1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192), registry=r)
@@ -125,47 +129,59 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def timer(self, endpoint: str) -> RequestTimer:
-        return RequestTimer(self, endpoint)
+    def timer(self, endpoint: str, model: str) -> RequestTimer:
+        return RequestTimer(self, endpoint, model)
 
 
 class RequestTimer:
-    """Latencies of one engine request (all its n sequences), fed with every delta it yields."""
+    """Latencies and tokens of one engine request (all its n sequences) for the served name `model`, fed with every
+    delta it yields."""
 
-    def __init__(self, metrics: Metrics, endpoint: str):
-        self.m, self.endpoint = metrics, endpoint
+    def __init__(self, metrics: Metrics, endpoint: str, model: str):
+        self.endpoint, self.model = endpoint, model
+        m = metrics
+        self.requests, self.prompt_tokens, self.generation_tokens = m.requests, m.prompt_tokens.labels(model), \
+            m.generation_tokens.labels(model)
+        self.ttft, self.tpot, self.itl, self.e2e, self.queue = (h.labels(model) for h in (m.ttft, m.tpot, m.itl,
+                                                                                           m.e2e, m.queue))
         self.start = time.perf_counter()
         self.first_token: float | None = None
         self.seq_first: dict[int, float] = {}
         self.seq_last: dict[int, float] = {}
         self.queued_observed = False
+        self.prompted: set[int] = set()  # sequences whose prompt is counted
         self.finished: set[int] = set()
 
     def observe(self, out: RequestOutput) -> None:
         now = time.perf_counter()
         queue_time = getattr(out, "queue_time", None)  # when the engine reports it
         if queue_time is not None and not self.queued_observed:
-            self.m.queue.observe(queue_time)
+            self.queue.observe(queue_time)
             self.queued_observed = True
+        scored = out.finished and out.num_output_tokens == 0 and out.finish_reason == "length"  # max_tokens=0
+        if (out.token_ids or scored) and out.index not in self.prompted:  # as the engine counts: once it ran
+            self.prompted.add(out.index)
+            self.prompt_tokens.inc(out.num_prompt_tokens)
         if out.token_ids:
+            self.generation_tokens.inc(len(out.token_ids))
             if self.first_token is None:
                 self.first_token = now
-                self.m.ttft.observe(now - self.start)
+                self.ttft.observe(now - self.start)
             last = self.seq_last.get(out.index)
             if last is not None:
-                self.m.itl.observe((now - last) / len(out.token_ids))
+                self.itl.observe((now - last) / len(out.token_ids))
             else:
                 self.seq_first[out.index] = now
             self.seq_last[out.index] = now
         if out.finished:
             self.finished.add(out.index)
-            self.m.requests.labels(self.endpoint, out.finish_reason).inc()
+            self.requests.labels(self.endpoint, out.finish_reason, self.model).inc()
             first = self.seq_first.get(out.index)
             if first is not None and out.num_output_tokens > 1:
-                self.m.tpot.observe((now - first) / (out.num_output_tokens - 1))
+                self.tpot.observe((now - first) / (out.num_output_tokens - 1))
 
     def done(self) -> None:
-        self.m.e2e.observe(time.perf_counter() - self.start)
+        self.e2e.observe(time.perf_counter() - self.start)
 
     def abandoned(self, n: int, reason: str = "abort") -> None:
         """The request ended early: the caller stopped listening (client gone, shutdown: "abort") or its deadline
@@ -173,4 +189,4 @@ class RequestTimer:
         for index in range(n):
             if index not in self.finished:
                 self.finished.add(index)
-                self.m.requests.labels(self.endpoint, reason).inc()
+                self.requests.labels(self.endpoint, reason, self.model).inc()

@@ -3,8 +3,11 @@
 Each loaded model is its own engine (EngineCore + AsyncEngine on its own thread, its own KV cache), so one engine
 dying leaves the others serving. All state changes happen on the HTTP event loop, one load at a time: a request for
 a model that is not loaded starts its load (or joins the one under way) and waits for it within its deadline. Before
-a load, the least recently used models are unloaded until it fits under `max_loaded`, each only once the requests
-holding it have finished (a request holds its model from its start to its last byte: `InflightMiddleware`)."""
+a load, the least recently used models (idle ones first) are unloaded until it fits under `max_loaded` and in the
+memory free beside them (the opener's estimate of the new model against what the machine has available, less a
+headroom), each only once the requests holding it have finished (a request holds its model from its start to its last
+byte: `InflightMiddleware`). A model that would not fit even with every other one unloaded is refused (503) before
+anything is unloaded, instead of the process being killed for memory."""
 from __future__ import annotations
 
 import asyncio
@@ -34,6 +37,12 @@ class ModelOpener(Protocol):
     def check(self, path: str) -> None:
         """Refuse, from its metadata alone, a file that cannot load (before other models are unloaded for it)."""
 
+    def resident_bytes(self, path: str) -> int:
+        """About the memory the model at `path` holds once loaded (weights and its KV cache), from metadata."""
+
+    def available_bytes(self) -> int | None:
+        """Memory the machine has free for one more model now; None: unknown (no memory check)."""
+
     def open(self, name: str, path: str) -> tuple[AsyncEngine, str, Tokenizer]:
         """The model at `path` in its own engine, served as `name`."""
 
@@ -61,16 +70,18 @@ class PoolEntry:
     served: Served | None = None
     inflight: int = 0  # requests holding this model
     last_used: float = 0.0  # time.monotonic() of the last request's start or end
+    resident: int = 0  # the opener's estimate of its bytes in memory once loaded
     transition: asyncio.Task | None = None  # the load or unload under way
     created: int = field(default_factory=lambda: int(time.time()))
 
 
 class ModelPool:
     def __init__(self, models: dict[str, str], opener: ModelOpener, build: ServedBuilder, max_loaded: int = 1,
-                 idle_unload: float = 0.0, load_wait: float = 300.0):
+                 idle_unload: float = 0.0, load_wait: float = 300.0, headroom: int = 0):
         self.entries = {name: PoolEntry(name, path) for name, path in models.items()}
         self.opener, self.build = opener, build
         self.max_loaded, self.idle_unload, self.load_wait = max_loaded, idle_unload, load_wait
+        self.headroom = headroom  # bytes of available memory a load leaves free
         self._room = asyncio.Lock()  # one load (with the unloads that make room for it) at a time
 
     def __contains__(self, name: str) -> bool:
@@ -114,11 +125,14 @@ class ModelPool:
 
     async def _load(self, entry: PoolEntry) -> None:
         try:
-            await asyncio.to_thread(self.opener.check, entry.path)
+            entry.resident = await asyncio.to_thread(self._measure, entry.path)
             async with self._room:
                 await self._make_room(entry)
                 started = time.perf_counter()
                 engine, _, tokenizer = await asyncio.to_thread(self.opener.open, entry.name, entry.path)
+        except APIError:
+            entry.state = "unloaded"
+            raise
         except Exception as exc:
             entry.state = "unloaded"
             log.warning("model load failed", extra={"model": entry.name, "error": repr(exc)})
@@ -128,17 +142,47 @@ class ModelPool:
         entry.last_used = time.monotonic()
         log.info("model loaded", extra={"model": entry.name, "seconds": round(time.perf_counter() - started, 2)})
 
+    def _measure(self, path: str) -> int:
+        self.opener.check(path)
+        return self.opener.resident_bytes(path)
+
     async def _make_room(self, entry: PoolEntry) -> None:
-        while True:
-            held = [e for e in self.entries.values() if e is not entry and e.state in ("loaded", "unloading")]
-            if len(held) < self.max_loaded:
-                return
-            victim = min(held, key=lambda e: (e.state != "unloading", e.last_used))
+        available = await asyncio.to_thread(self.opener.available_bytes)
+        victims = self._victims(entry, available)
+        for victim, reason in victims:
             if victim.state == "loaded":
-                log.info("unloading the least recently used model to make room",
-                         extra={"model": victim.name, "for": entry.name})
+                log.info("unloading the least recently used model to make room", extra={
+                    "model": victim.name, "for": entry.name, "reason": reason, "model_bytes": victim.resident,
+                    "needed_bytes": entry.resident, "available_bytes": available, "headroom_bytes": self.headroom})
                 self._start(victim, "unloading", self._unload(victim))
+        for victim, _ in victims:
             await asyncio.shield(victim.transition)
+
+    def _victims(self, entry: PoolEntry, available: int | None) -> list[tuple[PoolEntry, str]]:
+        """The models to unload before `entry` loads, each with why ("max_loaded_models" or "memory"): those already
+        unloading first, then idle ones, then busy ones, least recently used first. 503 when even all would not
+        free enough memory. The memory they free is their estimate, not a new reading: freed pages may come back
+        to the machine late."""
+        held = sorted((e for e in self.entries.values() if e is not entry and e.state in ("loaded", "unloading")),
+                      key=lambda e: (e.state != "unloading", e.inflight > 0, e.last_used))
+        free = None if available is None else available - self.headroom
+        victims: list[tuple[PoolEntry, str]] = []
+        for e in held:
+            if len(held) - len(victims) >= self.max_loaded:
+                victims.append((e, "max_loaded_models"))
+            elif free is not None and entry.resident > free + sum(v.resident for v, _ in victims):
+                victims.append((e, "memory"))
+        if free is not None and entry.resident > free + sum(v.resident for v, _ in victims):
+            gib = 2 ** 30
+            log.warning("model too large for the memory available", extra={
+                "model": entry.name, "needed_bytes": entry.resident, "available_bytes": available,
+                "headroom_bytes": self.headroom, "reclaimable_bytes": sum(e.resident for e in held)})
+            raise APIError(503, f"the model {entry.name!r} needs about {entry.resident / gib:.2f} GiB of memory "
+                                f"(weights and KV cache) but only {(free + sum(e.resident for e in held)) / gib:.2f} "
+                                f"GiB could be free with every other directory model unloaded (keeping "
+                                f"{self.headroom / gib:.2f} GiB of headroom)", param="model",
+                           code="insufficient_memory")
+        return victims
 
     async def _unload(self, entry: PoolEntry) -> None:
         while entry.inflight:  # its running requests finish first

@@ -44,5 +44,8 @@ class ServerSettings(BaseSettings):
                                                         "not counted); least recently used unloaded first")
     model_idle_unload: float = Field(0.0, ge=0, description="seconds unused after which a --models-dir model is "
                                                             "unloaded (0: never)")
+    model_memory_headroom: float = Field(1.0, ge=0, description="GiB of memory kept free when a --models-dir model "
+                                                                "loads: least recently used ones are unloaded to make "
+                                                                "room; one that cannot fit even alone answers 503")
     model_load_wait: float = Field(300.0, gt=0, description="seconds a request without a timeout waits for its "
                                                             "model to load before a 503 with Retry-After")

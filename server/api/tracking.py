@@ -17,6 +17,7 @@ class RequestTracker:
     def __init__(self, metrics: Metrics, default_timeout: float | None = None):
         self.metrics, self.default_timeout = metrics, default_timeout
         self.engine: AsyncEngine | None = None
+        self.model = "default"  # the served name of the engine's base model (metrics label it and its adapters)
         self.accepting = True  # off once the drain timeout has passed
         self.active: set[str] = set()  # engine request ids in flight
         self.http_inflight = 0  # /v1 HTTP requests in flight (streams included)
@@ -45,7 +46,7 @@ class RequestTracker:
         """AsyncEngine.generate, tracked: leaving early (client gone, task cancelled) aborts the request."""
         self._require_accepting()
         request_id = request_id or f"{endpoint}-{next(self._ids)}"
-        timer = self.metrics.timer(endpoint)
+        timer = self.metrics.timer(endpoint, params.lora.name if params.lora is not None else self.model)
         stream = self.engine.generate(prompt_token_ids, params, request_id=request_id, priority=priority,
                                       deadline=deadline)
         self.active.add(request_id)

@@ -26,6 +26,10 @@ def add_models_dir_args(p: argparse.ArgumentParser) -> None:
                         "finish (LOOM_MAX_LOADED_MODELS, default 1); the KV budget is split among them and the default")
     m.add_argument("--model-idle-unload", type=float, default=None, metavar="SECONDS",
                    help="seconds unused after which a directory model is unloaded (LOOM_MODEL_IDLE_UNLOAD, 0: never)")
+    m.add_argument("--model-memory-headroom", type=float, default=None, metavar="GIB",
+                   help="memory kept free when loading a directory model: least recently used models are unloaded "
+                        "to make room, and a model that cannot fit even alone answers 503 "
+                        "(LOOM_MODEL_MEMORY_HEADROOM, default 1.0)")
 
 
 def kv_share(settings: EngineSettings, models: int) -> EngineSettings:
@@ -46,6 +50,19 @@ class DirectoryModels:
         from server.model.loader import check_supported
 
         check_supported(path)
+
+    def resident_bytes(self, path: str) -> int:
+        from server.cli.model_memory import resident_bytes
+
+        return resident_bytes(path, self.model_settings, self.engine_settings)
+
+    def available_bytes(self) -> int | None:
+        """Free memory for one more model; None on GPU, where the weights and KV cache fill the device's memory
+        (bounded by --gpu-memory-utilization and --num-kv-blocks), not this machine's."""
+        from server.cli.model_memory import available_memory
+        from server.model.loader import pick_device
+
+        return None if pick_device(self.model_settings.device).type == "cuda" else available_memory()
 
     def open(self, name: str, path: str) -> tuple[AsyncEngine, str, Tokenizer]:
         """`path` loaded in an engine on its own thread (the default model's engine keeps the main thread)."""

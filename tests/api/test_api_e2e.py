@@ -233,7 +233,7 @@ def test_disconnect_frees_the_sequence(real_server):
         assert metrics(real_server)["loom_num_requests_running"] == 1
     # leaving the block closes the connection mid-stream
     assert wait_until(lambda: idle(real_server), timeout=15), metrics(real_server)
-    assert metrics(real_server)['loom_requests_total{endpoint="chat",finish_reason="abort"}'] >= 1
+    assert metrics(real_server)['loom_requests_total{endpoint="chat",finish_reason="abort",model="default"}'] >= 1
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -286,4 +286,4 @@ def test_64_concurrent_streaming_clients(real_server):
     assert wait_until(lambda: idle(real_server), timeout=15), metrics(real_server)
     m = metrics(real_server)
     assert m["loom_num_requests_running"] == 0 and m["loom_kv_cache_usage_ratio"] == 0
-    assert m["loom_batch_size_count"] > 0 and m["loom_time_to_first_token_seconds_count"] >= n
+    assert m["loom_batch_size_count"] > 0 and m['loom_time_to_first_token_seconds_count{model="default"}'] >= n

@@ -383,7 +383,8 @@ def test_timeout_is_504_and_frees_everything(slow_engine):
         assert wait_until(lambda: engine_idle(slow_engine)), "every sub-request of summarize and classify was aborted"
         metrics = c.get("/metrics").text
         for endpoint in ("completions", "chat", "summarize", "classify"):
-            assert f'loom_requests_total{{endpoint="{endpoint}",finish_reason="timeout"}}' in metrics, endpoint
+            series = f'loom_requests_total{{endpoint="{endpoint}",finish_reason="timeout",model="dummy:tiny"}}'
+            assert series in metrics, endpoint
         error_of(c.post("/v1/completions", json={**LONG, "timeout": 0}), 400)
 
 

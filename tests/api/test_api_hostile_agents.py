@@ -39,7 +39,6 @@ from tests.api.test_api_hostile import (
     UNENFORCEABLE,
     WRONG,
     Answer,
-    RealTraffic,
     above,
     anything,
     below,
@@ -53,6 +52,7 @@ from tests.api.test_api_hostile import (
     send,
     texts,
 )
+from tests.support.hostile import hostile_client, real_traffic  # noqa: F401  (fixtures pytest finds here)
 from tests.support.servers import ThreadServer, make_app, make_engine, wait_until
 
 MESSAGES, COUNT, RESPONSES = "/v1/messages", "/v1/messages/count_tokens", "/v1/responses"
@@ -196,21 +196,6 @@ def hostile_server():
         srv.engine = engine
         yield srv
     engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def traffic(hostile_server):
-    t = RealTraffic(hostile_server.url)
-    t.thread.start()
-    yield t
-    t.stop.set()
-    t.thread.join(60)
-
-
-@pytest.fixture(scope="module")
-def client(hostile_server):
-    with httpx.Client(base_url=hostile_server.url, timeout=30) as c:
-        yield c
 
 
 # -- reading Anthropic's answers ----------------------------------------------------------------------------------

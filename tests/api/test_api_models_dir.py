@@ -1,19 +1,26 @@
 """`--models-dir`: two tiny GGUFs and a broken file served by name beside the default (dummy) model. First use loads
 (once, however many requests race for it), `max_loaded_models=1` unloads the least recently used model only after
 its running request has finished, an idle model unloads by itself, /v1/models shows each state, a request's deadline
-bounds its wait for a load, and a file that fails to load answers a clear error for that model only."""
+bounds its wait for a load, and a file that fails to load answers a clear error for that model only. Memory (on a
+pretend machine): a model that would not fit beside the loaded ones unloads them first, one that cannot fit alone is
+a 503 that disturbs nothing."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from server.api import ServerSettings, create_app
 from server.cli.models_dir import DirectoryModels
 from server.engine import EngineSettings
-from server.model import ModelSettings
+from server.model import KVCache, ModelSettings
+from server.model.config import ModelConfig
+from server.model.weights.gguf import hf_config
+from server.model.weights.gguf_file import read_header
 from tests.support.gguf_files import write_gguf
 from tests.support.servers import wait_ready
 
@@ -169,3 +176,63 @@ def test_a_stopped_engine_is_reloaded_and_others_keep_serving(client, opener):
     r = complete(client, "beta")
     assert r.status_code == 200 and r.json()["model"] == "beta"
     assert opener.calls.count("beta") == loads + 1
+
+
+class MemoryOpener(CountingOpener):
+    """A machine of `total` bytes in which the loaded directory models take their estimate and nothing else."""
+
+    def __init__(self, total: int = 0):
+        super().__init__()
+        self.total, self.pool = total, None
+
+    def available_bytes(self) -> int:
+        return self.total - sum(e.resident for e in self.pool.entries.values() if e.state == "loaded")
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_memory_estimate_is_weights_times_factor_plus_kv_cache(models_dir):
+    header, opener = read_header(models_dir / "alpha.gguf"), CountingOpener()
+    cfg = ModelConfig.from_dict(hf_config(header))
+    kv = 160 * KVCache.bytes_per_block(cfg.num_layers, 16, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+    weights = int(header.tensor_bytes() * opener.model_settings.weight_memory)  # --weight-memory, 1.3 by default
+    assert opener.resident_bytes(str(models_dir / "alpha.gguf")) == weights + kv
+
+
+def test_a_load_unloads_for_memory_and_refuses_what_cannot_fit(dummy_engine, models_dir):
+    opener = MemoryOpener()
+    size = opener.resident_bytes(str(models_dir / "alpha.gguf"))  # beta has the same shape and types
+    logged, api_log = Records(), logging.getLogger("loom.api")
+    api_log.addHandler(logged)
+    old_level = api_log.level
+    api_log.setLevel(logging.INFO)
+    try:
+        with pool_client(dummy_engine, models_dir, opener, max_loaded_models=2, model_memory_headroom=0) as c:
+            wait_ready(c.get)
+            opener.pool, opener.total = c.app.state.lifecycle.pool, size * 3 // 2  # room for one, not two
+            assert complete(c, "alpha").status_code == 200
+            assert complete(c, "beta").status_code == 200  # two fit under max_loaded_models, not in memory
+            assert {k: states(c)[k] for k in ("alpha", "beta")} == {"alpha": "unloaded", "beta": "loaded"}
+            (unload,) = [r for r in logged.records if r.getMessage().startswith("unloading the least recently")]
+            assert (unload.model, getattr(unload, "for"), unload.reason) == ("alpha", "beta", "memory")
+            assert (unload.model_bytes, unload.needed_bytes, unload.available_bytes) == (size, size, size // 2)
+            opener.total = size * 9 // 10  # now not even alone
+            r = complete(c, "alpha")
+            assert r.status_code == 503
+            assert r.json()["error"] == {
+                "message": f"the model 'alpha' needs about {size / 2 ** 30:.2f} GiB of memory (weights and KV "
+                           f"cache) but only {size * 9 // 10 / 2 ** 30:.2f} GiB could be free with every other "
+                           f"directory model unloaded (keeping 0.00 GiB of headroom)",
+                "type": "service_unavailable", "param": "model", "code": "insufficient_memory"}
+            assert {k: states(c)[k] for k in ("alpha", "beta")} == {"alpha": "unloaded", "beta": "loaded"}
+            assert complete(c, "beta").status_code == 200 and complete(c, None).status_code == 200
+    finally:
+        api_log.removeHandler(logged)
+        api_log.setLevel(old_level)

@@ -40,7 +40,7 @@ def all_blocks_free(engine) -> bool:
 def test_disconnect_aborts_and_frees_kv_blocks(server, path, body):
     engine = server.engine
     endpoint = "chat" if "chat" in path else "completions"
-    aborted = f'{{endpoint="{endpoint}",finish_reason="abort"}}'
+    aborted = f'{{endpoint="{endpoint}",finish_reason="abort",model="dummy:tiny"}}'
     before = metric(httpx.get(server.url + "/metrics").text, "loom_requests_total", aborted, default=0.0)
     tokens_before = engine.stats().generation_tokens
     body = {**body, "max_tokens": 2000, "ignore_eos": True, "temperature": 0, "stream": True}
@@ -90,7 +90,7 @@ def test_concurrent_streams_complete(server):
     assert wait_until(lambda: all_blocks_free(server.engine))
     text = httpx.get(server.url + "/metrics").text
     assert metric(text, "loom_num_requests_running") == 0 and metric(text, "loom_kv_cache_usage_ratio") == 0
-    assert metric(text, "loom_time_to_first_token_seconds_count") >= n
+    assert metric(text, "loom_time_to_first_token_seconds_count", '{model="dummy:tiny"}') >= n
     assert metric(text, "loom_batch_size_count") > 0
 
 
@@ -101,7 +101,8 @@ def test_concurrent_streams_complete(server):
 def test_disconnect_cancels_non_streamed_requests(server, path, body):
     """A client that gives up on a plain (non-streamed) request also stops its work."""
     engine = server.engine
-    aborted = f'{{endpoint="{path.split("/")[-1].replace("completions", "chat")}",finish_reason="abort"}}'
+    endpoint = path.split("/")[-1].replace("completions", "chat")
+    aborted = f'{{endpoint="{endpoint}",finish_reason="abort",model="dummy:tiny"}}'
     before = metric(httpx.get(server.url + "/metrics").text, "loom_requests_total", aborted, default=0.0)
     body = {**body, "ignore_eos": True, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):

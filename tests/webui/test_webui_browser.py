@@ -92,7 +92,7 @@ def test_stop_aborts_midway_and_the_server_frees_the_sequence(chromium, server):
 
 def aborted_chats(url: str) -> float:
     text = httpx.get(url + "/metrics", timeout=5).text
-    m = re.search(r'^loom_requests_total\{endpoint="chat",finish_reason="abort"\} (\S+)$', text, re.M)
+    m = re.search(r'^loom_requests_total\{endpoint="chat",finish_reason="abort",model="[^"]*"\} (\S+)$', text, re.M)
     return float(m.group(1)) if m else 0.0
 
 

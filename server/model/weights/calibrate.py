@@ -22,7 +22,7 @@ from server.model.weights.quant import QUANTIZED, QuantLinear, backends_for, for
 log = logging.getLogger("loom.model")
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
-KERNELS_VERSION = 7  # bump when the candidate kernels change: cached plans of older sets are measured again
+KERNELS_VERSION = 8  # bump when the candidate kernels change: cached plans of older sets are measured again
 
 
 def group_linears(model: nn.Module) -> dict[str, list[QuantLinear]]:
@@ -35,17 +35,20 @@ def group_linears(model: nn.Module) -> dict[str, list[QuantLinear]]:
 
 
 def time_backend(mods: list[QuantLinear], backend: str, m: int, dtype: torch.dtype) -> float:
-    """Milliseconds per call at batch m: best of two passes over the layers after a warm-up pass."""
+    """Milliseconds per call at batch m: the fastest single call of two passes over the layers after a warm-up pass.
+    Each call reads another layer's weights (streamed from memory, as in a step), and the fastest is the one no
+    other process interrupted: on a busy 2-core machine a parallel region waits whole scheduler slices for a
+    descheduled thread, which a per-pass mean turned into plans chosen by noise."""
     use = mods if m <= 16 else mods[:4]  # large M is compute-bound: a few layers suffice
     x = torch.randn(m, use[0].in_features).to(torch.float32 if use[0].float_output else dtype)
     best = float("inf")
     for rep in range(3):
-        started = time.perf_counter()
         for mod in use:
+            started = time.perf_counter()
             mod.run(x, backend)
-        if rep:
-            best = min(best, (time.perf_counter() - started) * 1e3 / len(use))
-    return best
+            if rep:
+                best = min(best, time.perf_counter() - started)
+    return best * 1e3
 
 
 def time_buckets(mods: list[QuantLinear], backend: str, dtype: torch.dtype) -> dict[int, float]:
@@ -123,17 +126,18 @@ def compact(choice: dict[int, str]) -> list[tuple[int, str]]:
 
 def plan_kernels(model: nn.Module, dtype: torch.dtype, cache_dir: Path, calibrate: bool = True,
                  quantized_only: bool = False, forced_isa: str | None = None,
-                 memory_factor: float = 1.3) -> dict[str, list]:
+                 memory_factor: float = 1.3, int8_activations: bool = False) -> dict[str, list]:
     """Choose and install a plan on every QuantLinear of `model`; returns {group: plan}. Extra forms (dense copies
     for large batches, a second quantized layout) are kept only while all linears together stay within
-    `memory_factor` x their stored bytes; `quantized_only` keeps each linear on its quantized forms at every M."""
+    `memory_factor` x their stored bytes; `quantized_only` keeps each linear on its quantized forms at every M;
+    `int8_activations` lets GGUF linears be measured with their input quantized to int8 too."""
     info = cpu_info(forced_isa)
     groups = group_linears(model)
     if not groups:
         return {}
     fingerprint = json.dumps([KERNELS_VERSION, block_kernels_available(), info.model, sorted(info.flags),
                               info.capability, info.forced, torch.__version__, torch.get_num_threads(), str(dtype),
-                              sorted(groups), quantized_only, memory_factor])
+                              sorted(groups), quantized_only, memory_factor, int8_activations])
     path = cache_dir / "kernels" / f"{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}.json"
     cached = json.loads(path.read_text()) if calibrate and path.is_file() else None
     started = time.perf_counter()
@@ -145,7 +149,8 @@ def plan_kernels(model: nn.Module, dtype: torch.dtype, cache_dir: Path, calibrat
         if cached and key in cached["plans"]:
             choice = {int(m): b for m, b in cached["plans"][key].items()}
         else:
-            choice, used = choose(mods, info, dtype, calibrate, quantized_only, allowance, timings, key)
+            choice, used = choose(mods, info, dtype, calibrate, quantized_only, allowance, timings, key,
+                                  int8_activations)
             allowance -= used
         choices[key], plans[key] = choice, compact(choice)
         for mod in mods:
@@ -163,10 +168,10 @@ def plan_kernels(model: nn.Module, dtype: torch.dtype, cache_dir: Path, calibrat
 
 
 def choose(mods: list[QuantLinear], info, dtype: torch.dtype, calibrate: bool, quantized_only: bool,
-           allowance: float, timings: dict, key: str) -> tuple[dict[int, str], float]:
+           allowance: float, timings: dict, key: str, int8_activations: bool = False) -> tuple[dict[int, str], float]:
     """One group's {M bucket: backend} and the extra bytes it keeps."""
     candidates = backends_for(mods[0].source, info.native_bf16, info.fast_int8, block_kernels_available(),
-                              mods[0].float_output)
+                              mods[0].float_output, int8_activations)
     if quantized_only and candidates[0] in QUANTIZED:
         candidates = [c for c in candidates if c in QUANTIZED]
     candidates = affordable(mods, candidates, allowance)

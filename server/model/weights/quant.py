@@ -2,7 +2,8 @@
 
 A `QuantLinear` can hold a weight in several forms ("backends") and picks one per call from its `plan`, a list of
 (largest M, backend) chosen by calibration (server/model/weights/calibrate.py) within a memory budget. `gguf_blocks`
-is a GGUF's tensor as the file stores it, any type Loom has a kernel for (loom_kernels/quant/kquants.py);
+is a GGUF's tensor as the file stores it, any type Loom has a kernel for (loom_kernels/quant/kquants.py; `gguf_tiled`
+and `gguf_q8` run the same blocks at large M, and against int8 activations);
 `q4_blocks` / `q8_blocks` are Q4_0/Q4_1/Q8_0 codes re-laid for the older block kernel (blocks.py); `q4`/`q8` are
 torch's int4pack / int8pack; bf16/fp32 dense copies are faster where the product is compute-bound (large M), at
 several times the memory. `keep_only` drops every form the plan does not use and the source."""
@@ -24,9 +25,9 @@ from loom_kernels.quant import (
 )
 from server.model.weights.gguf_tensors import QTensor, dequantize_blocks
 
-BACKENDS = ("gguf_blocks", "gguf_tiled", "q4_blocks", "q8_blocks", "q4", "q8", "bf16", "bf16_packed", "f32")
-QUANTIZED = ("gguf_blocks", "gguf_tiled", "q4_blocks", "q8_blocks", "q4", "q8")
-FORM_OF_BACKEND = {"gguf_blocks": "gguf_blocks", "gguf_tiled": "gguf_tiled", "q4_blocks": "q4_blocks",
+BACKENDS = ("gguf_blocks", "gguf_tiled", "gguf_q8", "q4_blocks", "q8_blocks", "q4", "q8", "bf16", "bf16_packed", "f32")
+QUANTIZED = ("gguf_blocks", "gguf_tiled", "gguf_q8", "q4_blocks", "q8_blocks", "q4", "q8")
+FORM_OF_BACKEND = {"gguf_blocks": "gguf_blocks", "gguf_tiled": "gguf_tiled", "gguf_q8": "gguf_q8", "q4_blocks": "q4_blocks",
                    "q8_blocks": "q8_blocks", "q4": "q4", "q8": "q8", "bf16": "dense", "f32": "dense",
                    "bf16_packed": "mkldnn"}
 BYTES_PER_WEIGHT = {"q4_blocks": 0.625, "q4": 0.625, "q8_blocks": 1.0625, "q8": 1.0, "bf16": 2.0,
@@ -35,16 +36,16 @@ CODE_FORMS = {"Q4_0": "q4", "Q4_1": "q4", "Q8_0": "q8"}  # GGUF types the int4pa
 
 
 def backends_for(source: QTensor, native_bf16: bool, fast_int8: bool, blocks: bool,
-                 float_output: bool = False) -> list[str]:
-    """Candidates worth measuring: the source's own quantized forms (the block kernel first where it compiled),
-    then dense copies. int8pack is left out where it is known to be catastrophically slow (AVX2 without AVX-512:
+                 float_output: bool = False, int8_activations: bool = False) -> list[str]:
+    """Candidates worth measuring: the source's own quantized forms (the block kernel first where it compiled; for
+    GGUF blocks also against int8 activations where allowed), then dense copies. int8pack is left out where it is known to be catastrophically slow (AVX2 without AVX-512:
     5-400x slower than fp32); bf16 ones where bf16 is emulated, and for a head that must write float32."""
     own = {"q4": ["q4_blocks"] * blocks + ["q4"], "q8": ["q8_blocks"] * blocks + ["q8"] * fast_int8}
     kind = source.kind
     if kind == "gguf":  # the file's blocks under the GGUF kernel; Q4_0/Q4_1/Q8_0 also under the code kernels
         segments = source.blocks.segments
         kind = CODE_FORMS.get(segments[0][1], "") if len(segments) == 1 else ""
-        own["gguf"] = ["gguf_blocks", "gguf_tiled"] * blocks + own.get(kind, [])
+        own["gguf"] = (["gguf_blocks", "gguf_tiled"] + ["gguf_q8"] * int8_activations) * blocks + own.get(kind, [])
         kind = "gguf"
     return own.get(kind, []) + (["bf16", "bf16_packed"] if native_bf16 and not float_output else []) + ["f32"]
 
@@ -53,7 +54,7 @@ def form_bytes(source: QTensor, backend: str) -> int:
     """Resident bytes of one form of `source`, known before it is built (for the memory budget)."""
     if backend == "gguf_blocks":
         return source.nbytes()
-    if backend == "gguf_tiled":  # the same blocks, de-quantized a few rows at a time
+    if backend in ("gguf_tiled", "gguf_q8"):  # the same blocks, read another way
         return 0
     n, k = source.shape
     return int(n * k * BYTES_PER_WEIGHT[backend])
@@ -82,7 +83,7 @@ class QuantLinear(nn.Module):
         s = self.source
         if s.kind == "gguf" and backend in ("q4_blocks", "q8_blocks", "q4", "q8"):
             s = s.as_codes()
-        if backend in ("gguf_blocks", "gguf_tiled"):
+        if backend in ("gguf_blocks", "gguf_tiled", "gguf_q8"):
             self.forms[backend] = s.blocks
         elif backend == "q4_blocks":
             self.forms["q4_blocks"] = pack_block_q4(s.codes, s.scale, s.zero)
