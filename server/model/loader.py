@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,18 +214,21 @@ def load_gguf(settings: ModelSettings, source: Path, dtype: torch.dtype, device:
     de-quantized into a dense model); config and tokenizer from its metadata."""
     header = read_header(source)
     cfg = ModelConfig.from_dict(hf_config(header))
-    tokenizer = Tokenizer.from_pretrained(str(tokenizer_dir(source, settings.cache_dir, header)), cfg.eos_token_ids)
     quantization = resolve_mode(settings.quantization, settings.dtype, True, device, cfg.family)
     log.info("reading GGUF", extra={"file": str(source), "architecture": header.architecture,
                                     "types": header.types(), "mb": round(header.tensor_bytes() / 1e6)})
-    if quantization != "none":
-        model = quantized_model(settings, cfg, dtype, gguf_tensors(header, quantization, cfg))
-    else:
-        model = build_model(cfg, dtype, device)
-        weights = ((n, q.dequantize()) for n, q in read_gguf(header, cfg.num_heads, cfg.num_kv_heads))
-        load_dense_weights(model, weights, str(source))
-    return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, name=served_name(settings), dtype=dtype,
-                       device=device, quantization=quantization)
+    # the tokenizer (transformers' import, a second or two of Python) loads while the weights are read and planned
+    with ThreadPoolExecutor(1, thread_name_prefix="loom-tokenizer") as pool:
+        tokenizer = pool.submit(lambda: Tokenizer.from_pretrained(
+            str(tokenizer_dir(source, settings.cache_dir, header)), cfg.eos_token_ids))
+        if quantization != "none":
+            model = quantized_model(settings, cfg, dtype, gguf_tensors(header, quantization, cfg))
+        else:
+            model = build_model(cfg, dtype, device)
+            weights = ((n, q.dequantize()) for n, q in read_gguf(header, cfg.num_heads, cfg.num_kv_heads))
+            load_dense_weights(model, weights, str(source))
+        return LoadedModel(model=model, config=cfg, tokenizer=tokenizer.result(), name=served_name(settings),
+                           dtype=dtype, device=device, quantization=quantization)
 
 
 def quantized_model(settings: ModelSettings, cfg: ModelConfig, dtype: torch.dtype,

@@ -19,6 +19,8 @@ import torch
 
 from loom_kernels.quant import (
     GGUF_KERNEL_TYPES,
+    BlockQ4,
+    BlockQ8,
     GGUFBlocks,
     concat_gguf_blocks,
     dequantize_gguf,
@@ -86,6 +88,26 @@ class QTensor:
         """A single Q4_0 / Q4_1 / Q8_0 GGUF weight as codes with scales (the int4pack / block-kernel forms)."""
         (raw, qtype), = self.blocks.segments
         return decode(qtype, raw.numpy(), self.blocks.n, self.blocks.k)
+
+
+def code_block_form(blocks: GGUFBlocks) -> BlockQ4 | BlockQ8:
+    """A single Q4_0 / Q4_1 / Q8_0 weight in the older block kernel's layout, sliced from the file's bytes: a block's
+    nibbles are already that kernel's (code j low, code j + 16 high), its d and m the same float16 (Q4_0's m = -8 d,
+    exact), Q8_0's codes the same int8. Milliseconds, where going through codes took seconds per model."""
+    (raw, qtype), = blocks.segments
+    n, g = raw.shape[0], blocks.k // 32
+    b = raw.reshape(n, g, -1)
+
+    def half(at: int) -> torch.Tensor:
+        return b[:, :, at:at + 2].contiguous().view(torch.float16).reshape(n, g)
+
+    if qtype == "Q8_0":
+        return BlockQ8(b[:, :, 2:34].contiguous().view(torch.int8).reshape(n, g * 32), half(0), blocks.k)
+    if qtype == "Q4_1":
+        return BlockQ4(b[:, :, 4:20].reshape(n, g * 16).contiguous(), half(0), half(2), blocks.k)
+    if qtype == "Q4_0":
+        return BlockQ4(b[:, :, 2:18].reshape(n, g * 16).contiguous(), half(0), half(0) * -8, blocks.k)
+    raise ValueError(f"{qtype} blocks have no code-block form")
 
 
 def dequantize_blocks(blocks: GGUFBlocks) -> torch.Tensor:

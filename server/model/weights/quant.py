@@ -23,7 +23,7 @@ from loom_kernels.quant import (
     pack_q8,
     quantize_q8,
 )
-from server.model.weights.gguf_tensors import QTensor, dequantize_blocks
+from server.model.weights.gguf_tensors import QTensor, code_block_form, dequantize_blocks
 
 BACKENDS = ("gguf_blocks", "gguf_tiled", "gguf_q8", "q4_blocks", "q8_blocks", "q4", "q8", "bf16", "bf16_packed", "f32")
 QUANTIZED = ("gguf_blocks", "gguf_tiled", "gguf_q8", "q4_blocks", "q8_blocks", "q4", "q8")
@@ -81,7 +81,10 @@ class QuantLinear(nn.Module):
         if backend in self.forms:
             return
         s = self.source
-        if s.kind == "gguf" and backend in ("q4_blocks", "q8_blocks", "q4", "q8"):
+        if s.kind == "gguf" and backend in ("q4_blocks", "q8_blocks"):
+            self.forms[backend] = code_block_form(s.blocks)
+            return
+        if s.kind == "gguf" and backend in ("q4", "q8"):
             s = s.as_codes()
         if backend in ("gguf_blocks", "gguf_tiled", "gguf_q8"):
             self.forms[backend] = s.blocks
