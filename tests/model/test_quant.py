@@ -3,7 +3,6 @@ matches the de-quantize + float32 reference, safetensors quantize at load, and t
 close to the de-quantized float32 model (top-1 agreement, perplexity through the engine's prompt logprobs). The
 full-size accuracy check (32 prompts x 64 tokens) is `python -m tests.support.quant_accuracy`."""
 import json
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from server.model.weights.gguf_tensors import QTensor
 from server.model.weights.quant import QuantEmbedding, QuantLinear, backends_for
 from server.model.weights.quant_load import gguf_tensors, resolve_mode
 from server.model.weights.quant_load import load as load_quantized
-from tests.support.quant_accuracy import TEXT, agreement, chat_prompts, perplexity
+from tests.support.quant_accuracy import TEXT, agreement, chat_prompts, every_linear_on, perplexity
 
 
 def q4_source(n: int, k: int, seed: int = 0) -> QTensor:
@@ -158,23 +157,6 @@ def default_gguf_fp32():
     """The default model on its GGUF blocks with float32 activations (the default path on CPUs without bf16)."""
     return load_model(ModelSettings(model="default", dtype="float32", quantization="gguf", linear_kernels="quantized",
                                     kernel_calibration=False), progress=False)
-
-
-@contextmanager
-def every_linear_on(lm, backend: str):
-    """Every linear (the head too) run by `backend` at every M, where it has that form (the GGUF-block kinds share
-    one GGUFBlocks); restored after."""
-    saved = {m: (m.forms, m.plan) for m in lm.model.modules() if isinstance(m, QuantLinear)}
-    for mod, (forms, _) in saved.items():
-        form = forms.get(backend) or (next(f for b, f in forms.items() if b.startswith("gguf"))
-                                      if backend.startswith("gguf") else None)
-        if form is not None:
-            mod.forms, mod.plan = {backend: form}, [(1 << 30, backend)]
-    try:
-        yield lm
-    finally:
-        for mod, (forms, plan) in saved.items():
-            mod.forms, mod.plan = forms, plan
 
 
 @pytest.mark.parametrize("backend", ["gguf_blocks", "gguf_tiled", "q4_blocks"])

@@ -4,6 +4,7 @@ logprobs (`max_tokens=0`, as a user measures it). `python -m tests.support.quant
 (32 prompts x 64 tokens); tests/model/test_quant.py runs a smaller one."""
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -59,9 +60,28 @@ def perplexity(lm, ids: list[int]) -> float:
     return math.exp(-sum(lp for _, lp in row) / len(row))
 
 
+@contextlib.contextmanager
+def every_linear_on(lm, backend: str):
+    """Every linear (the head too) run by `backend` at every M, where it has that form (the GGUF-block kinds share
+    one GGUFBlocks); restored after."""
+    from server.model.weights.quant import QuantLinear
+    saved = {m: (m.forms, m.plan) for m in lm.model.modules() if isinstance(m, QuantLinear)}
+    for mod, (forms, _) in saved.items():
+        form = forms.get(backend) or (next(f for b, f in forms.items() if b.startswith("gguf"))
+                                      if backend.startswith("gguf") else None)
+        if form is not None:
+            mod.forms, mod.plan = {backend: form}, [(1 << 30, backend)]
+    try:
+        yield lm
+    finally:
+        for mod, (forms, plan) in saved.items():
+            mod.forms, mod.plan = forms, plan
+
+
 def main(argv: list[str]) -> None:
     """`[--model PATH] [dtype ...]`: the GGUF's blocks as Loom runs them against the same file de-quantized to
-    float32 (default: the default model; e.g. a Q4_K_M re-quantization made by loadtests/make_gguf.py)."""
+    float32 (default: the default model; e.g. a Q4_K_M re-quantization made by loadtests/make_gguf.py). `int8`:
+    float32 activations with every linear, the head too, on its blocks against int8 activations (gguf_q8)."""
     from server.model import ModelSettings, load_model
     model = "default"
     if argv[:1] == ["--model"]:
@@ -70,12 +90,15 @@ def main(argv: list[str]) -> None:
     ids = ref.tokenizer.encode(TEXT.read_text())
     ppl_ref = perplexity(ref, ids)
     print(f"{model}: text {len(ids)} tokens; float32 de-quantized perplexity {ppl_ref:.4f}")
-    for dtype in argv or ["auto", "float32"]:
+    for mode in argv or ["auto", "float32"]:
+        dtype = "float32" if mode == "int8" else mode
         lm = load_model(ModelSettings(model=model, dtype=dtype, quantization="gguf"), progress=False)
         started = time.perf_counter()
-        agree = agreement(ref, lm, chat_prompts(ref, 32), 64)
-        ppl = perplexity(lm, ids)
-        print(f"quantized ({lm.quantization}, activations {lm.dtype}): top-1 agreement {agree:.4f} over 32 x 64; "
+        with every_linear_on(lm, "gguf_q8") if mode == "int8" else contextlib.nullcontext():
+            agree = agreement(ref, lm, chat_prompts(ref, 32), 64)
+            ppl = perplexity(lm, ids)
+        acts = "int8" if mode == "int8" else lm.dtype
+        print(f"quantized ({lm.quantization}, activations {acts}): top-1 agreement {agree:.4f} over 32 x 64; "
               f"perplexity {ppl:.4f} ({100 * (ppl / ppl_ref - 1):+.2f}%) [{time.perf_counter() - started:.0f} s]")
 
 
