@@ -65,8 +65,8 @@ class ModelConfig:
 
     @property
     def max_model_len(self) -> int:
-        """Longest context Loom serves. Families that run sliding-window attention serve the whole context; for the
-        others (Mistral, Qwen2 with a window) it is not implemented, so stay inside the window."""
+        """Longest context Loom serves: every family runs its sliding windows, so the whole context (a config
+        without layer types keeps inside its window)."""
         if self.sliding_window and self.layer_types is None:
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
@@ -187,9 +187,13 @@ def longrope_parameters(raw: dict[str, Any], params: dict[str, Any]) -> dict[str
 def window_fields(raw: dict[str, Any], arch: str, family: str) -> dict[str, Any]:
     """The sliding window and, for the families that run it, which layers use it (transformers' rules)."""
     n = raw["num_hidden_layers"]
-    if family == "llama":  # no windowed attention: max_model_len stays inside the window
-        use = raw.get("use_sliding_window", arch == "MistralForCausalLM")
-        return dict(sliding_window=raw.get("sliding_window") if use else None)
+    if family == "llama":  # Mistral: every layer slides; Qwen2 (use_sliding_window): layers from max_window_layers
+        mistral = arch == "MistralForCausalLM"
+        window = raw.get("sliding_window") if raw.get("use_sliding_window", mistral) else None
+        first = 0 if mistral else raw.get("max_window_layers", 28)
+        types = raw.get("layer_types") or ["sliding_attention" if window and i >= first else "full_attention"
+                                            for i in range(n)]
+        return dict(sliding_window=window, layer_types=list(types))
     if family in ("qwen3", "smollm3") and not raw.get("use_sliding_window"):
         return dict(sliding_window=None, layer_types=["full_attention"] * n)
     window = raw.get("sliding_window", 4096 if family == "gemma3" else None)  # transformers' default for Gemma 3

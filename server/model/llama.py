@@ -28,13 +28,14 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim ** -0.5)
+        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim ** -0.5,
+                                   cfg.layer_window(layer))
 
     def forward(self, x: torch.Tensor, batch: FlatBatch, cos_sin: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> torch.Tensor:
@@ -57,10 +58,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn = LlamaAttention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = LlamaMLP(cfg)
 
@@ -79,7 +80,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
 
@@ -95,6 +96,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
         self.decode_stacks: DecodeStacks | None = None
+        if any(cfg.layer_window(i) for i in range(cfg.num_layers)):
+            self.decode_stack_compatible = False  # the one-call C++ decode stack attends to every position
         self.post_init()
 
     def post_init(self) -> None:
@@ -117,8 +120,8 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states `[T, hidden]` after the final norm."""
         x = self.model.embed_tokens(batch.input_ids)
         stacks = self.decode_stacks
-        # the C++ stack runs the base weights only: a step with adapter rows takes the modules below
-        if stacks is not None and batch.num_prefill_tokens == 0 and stacks.kv_cache is kv_cache and batch.lora is None:
+        # decode-only steps, adapter rows included: the stack adds the LoRA deltas after each base product
+        if stacks is not None and batch.num_prefill_tokens == 0 and stacks.kv_cache is kv_cache:
             return stacks.run(x, batch)
         residual = None
         for i, layer in enumerate(self.model.layers):

@@ -17,11 +17,6 @@ class Phi3ForCausalLM(LlamaForCausalLM):
     packed: dict[str, tuple[str, int]] = {}  # fused in the checkpoint already
     decode_stack_compatible = False  # the one-call C++ decode stack rotates whole heads
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        for i, layer in enumerate(self.model.layers):
-            layer.self_attn.attn.window = cfg.layer_window(i)
-
     def post_init(self) -> None:
         """Tie the head and compute the rotary table over the rotated features only (see LlamaForCausalLM)."""
         c = self.config

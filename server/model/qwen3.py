@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from loom_kernels import rotary
-from server.model.attention import PagedAttention
 from server.model.batch import FlatBatch
 from server.model.config import ModelConfig
 from server.model.llama import LlamaAttention, LlamaForCausalLM, RMSNorm
@@ -17,12 +16,10 @@ from server.model.llama import LlamaAttention, LlamaForCausalLM, RMSNorm
 
 class Qwen3Attention(LlamaAttention):
     def __init__(self, cfg: ModelConfig, layer: int):
-        super().__init__(cfg)
+        super().__init__(cfg, layer)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)  # biased with q/k/v here
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)  # one weight of head_dim, shared by every head
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim ** -0.5,
-                                   cfg.layer_window(layer))
 
     def forward(self, x: torch.Tensor, batch: FlatBatch, cos_sin: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from loom_kernels import rotary
-from server.model.attention import PagedAttention
 from server.model.batch import FlatBatch
 from server.model.config import ModelConfig
 from server.model.llama import LlamaAttention, LlamaForCausalLM
@@ -16,11 +15,9 @@ from server.model.llama import LlamaAttention, LlamaForCausalLM
 
 class SmolLM3Attention(LlamaAttention):
     def __init__(self, cfg: ModelConfig, layer: int):
-        super().__init__(cfg)
+        super().__init__(cfg, layer)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)  # biased with q/k/v here
         self.use_rope = bool(cfg.no_rope_layers[layer])
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim ** -0.5,
-                                   cfg.layer_window(layer))
 
     def forward(self, x: torch.Tensor, batch: FlatBatch, cos_sin: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,10 @@ ARCHS = {
     "gemma3": dict(cls="Gemma3TextConfig", num_hidden_layers=4, head_dim=32, sliding_window=16,
                    sliding_window_pattern=2, query_pre_attn_scalar=24, final_logit_softcapping=30.0,
                    rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_local_base_freq=5000.0),
+    # the Llama family's windows: Mistral's on every layer, Qwen2's from max_window_layers on
+    "mistral": dict(cls="MistralConfig", num_hidden_layers=2, sliding_window=24),
+    "qwen2": dict(cls="Qwen2Config", num_hidden_layers=2, use_sliding_window=True, sliding_window=24,
+                  max_window_layers=1),
 }
 # Past the prefill chunk (32 tokens a step below) and every window; the long Phi-3 past its pretraining length.
 PROMPT_LENGTHS = {"phi3": [66, 81, 101]}
@@ -118,7 +122,9 @@ def greedy(core: EngineCore, prompts: list[list[int]], max_tokens: int) -> list[
 
 def test_configs_parse(loom_fp32):
     cfg = {name: lm.config for name, lm in loom_fp32.items()}
-    assert {c.family for c in cfg.values()} == {"qwen3", "smollm3", "phi3", "gemma3"}
+    assert {c.family for c in cfg.values()} == {"qwen3", "smollm3", "phi3", "gemma3", "llama"}
+    assert [cfg["mistral"].layer_window(i) for i in range(2)] == [24, 24]
+    assert [cfg["qwen2"].layer_window(i) for i in range(2)] == [None, 24]
     assert cfg["qwen3"].head_dim == 32 and cfg["qwen3"].layer_types == ["full_attention"] * 2
     assert cfg["smollm3"].no_rope_layers == [1, 0, 1, 0] and cfg["smollm3"].tie_word_embeddings
     assert [cfg["smollm3"].layer_window(i) for i in range(4)] == [None, 24, None, 24]
