@@ -15,6 +15,7 @@ from loom_kernels.fused_cpu.cpu_ops import (
     rotary_cpu,
 )
 from loom_kernels.kv_write.reference import write_kv_ref
+from loom_kernels.lora.cpu_lora import lora_add_cpu, lora_cpu_available
 from loom_kernels.lora.reference import lora_add_ref
 from loom_kernels.rms_norm.reference import rms_norm_ref
 from loom_kernels.rotary.reference import rotary_ref
@@ -106,8 +107,10 @@ def lora_add(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: t
     """Segmented LoRA, in place: `y [T, N] += (x [T, K] @ A[s].T) @ B[s].T` on the rows of each adapter segment.
     `a_stack [S, R, K]`, `b_stack [S, N, R]` (the scaling folded in); `rows [M]` int64 are the token rows that carry
     an adapter, grouped by segment; segment `g` is `rows[seg_starts[g]:seg_starts[g + 1]]` (int32) on slot
-    `seg_slots[g]`; `max_seg_len` is the longest segment."""
+    `seg_slots[g]`; `max_seg_len` is the longest segment. On CPU: one C++ call (lora/cpu_lora.py)."""
     if use_triton(x):
         from loom_kernels.lora.triton_kernel import lora_add_triton
         return lora_add_triton(y, x, a_stack, b_stack, rows, seg_starts, seg_slots, max_seg_len)
+    if lora_cpu_available(y, x, a_stack, b_stack):
+        return lora_add_cpu(y, x, a_stack, b_stack, rows, seg_starts, seg_slots)
     return lora_add_ref(y, x, a_stack, b_stack, rows, seg_starts, seg_slots)

@@ -158,6 +158,7 @@ FUSED_OPS = CpuExtension("loom_cpu_fused_ops", ("fused_cpu/cpu_ops.cpp",), False
 DECODE_STACK = CpuExtension("loom_cpu_decode_stack", ("fused_cpu/decode_stack.cpp",), True, "the Python layer loop")
 BLOCKS = CpuExtension("loom_cpu_blocks", ("quant/blocks.cpp",), False, "the other quantized backends")
 KQUANTS = CpuExtension("loom_cpu_kquants", ("quant/kquants.cpp",), False, "the other quantized backends")
+LORA = CpuExtension("loom_cpu_lora", ("lora/cpu_lora.cpp",), False, "the PyTorch reference")
 
 
 def build_cpu_kernels() -> dict[str, bool]:
@@ -167,10 +168,11 @@ def build_cpu_kernels() -> dict[str, bool]:
     at start-up that only delays readiness, inside a request it stalls every stream."""
     serving = kernel_backend().mode != "torch"  # LOOM_KERNELS=torch: the references serve, no build is needed
     wanted = {"paged_decode": PAGED_DECODE, "fused_ops": FUSED_OPS, "decode_stack": DECODE_STACK, "blocks": BLOCKS,
-              "kquants": KQUANTS}
+              "kquants": KQUANTS, "lora": LORA}
     if not serving:  # the quantized weights have no PyTorch reference kernels: still built
         wanted = {"blocks": BLOCKS, "kquants": KQUANTS}
     isa = current_isa()
     with ThreadPoolExecutor(max_workers=max(1, min(len(wanted), os.cpu_count() or 1))) as pool:
         built = dict(zip(wanted, pool.map(lambda ext: ext(isa) is not None, wanted.values())))
-    return {name: built.get(name, False) for name in ("paged_decode", "fused_ops", "decode_stack", "blocks", "kquants")}
+    names = ("paged_decode", "fused_ops", "decode_stack", "blocks", "kquants", "lora")
+    return {name: built.get(name, False) for name in names}

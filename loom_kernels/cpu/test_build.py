@@ -23,6 +23,7 @@ from loom_kernels.cpu.build import (
     FUSED_OPS,
     KERNELS_ROOT,
     KQUANTS,
+    LORA,
     PAGED_DECODE,
     build_cpu_extension,
     build_directory,
@@ -145,9 +146,9 @@ def test_every_kernel_source_and_header_ships_in_the_wheel():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     patterns = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["loom_kernels"]
     compiled = set()
-    for ext in (PAGED_DECODE, FUSED_OPS, DECODE_STACK, BLOCKS, KQUANTS):
+    for ext in (PAGED_DECODE, FUSED_OPS, DECODE_STACK, BLOCKS, KQUANTS, LORA):
         compiled |= set(included_files([KERNELS_ROOT / s for s in ext.sources], [KERNELS_ROOT]))
     on_disk = {p.resolve() for p in KERNELS_ROOT.rglob("*") if p.suffix in (".cpp", ".h")}
-    assert compiled <= on_disk and len(compiled) == 10
+    assert compiled <= on_disk and len(compiled) == 13
     for path in on_disk:
         assert any(fnmatch(path.relative_to(KERNELS_ROOT).as_posix(), p) for p in patterns), path

@@ -4,15 +4,17 @@
 
 #include "attention/cpu_decode.h"
 #include "fused_cpu/cpu_ops.h"
+#include "lora/cpu_lora.h"
 #include "quant/blocks.h"
 #include "quant/kquants.h"
 #include "quant/kquants_q8.h"
 
 // One linear: kinds 0-5 hold their weight in a, b, c; kinds 6-8 (GGUF blocks: the small-M, the tiled large-M and the
-// int8-activation GEMM) in segs, one ggml type each.
+// int8-activation GEMM) in segs, one ggml type each. lora_a / lora_b / lora_meta: its LoRA slot stacks and their
+// LoraMeta, if it carries adapters.
 struct Lin {
   int64_t kind = 0, n = 0, k = 0, group = 0;
-  at::Tensor a, b, c, bias;
+  at::Tensor a, b, c, bias, lora_a, lora_b, lora_meta;
   std::vector<at::Tensor> segs;
   std::vector<int64_t> types;
 };
@@ -26,7 +28,7 @@ static at::Tensor packed_bf16_linear(const at::Tensor& x, const at::Tensor& w) {
   return stack[0].toTensor();
 }
 
-static at::Tensor apply_linear(const at::Tensor& x, const Lin& l) {
+static at::Tensor base_linear(const at::Tensor& x, const Lin& l) {
   at::Tensor out;
   if (l.kind == 0) {  // int4pack: a = packed codes, b = scales/zeros [K_pad / group, N_pad, 2]
     at::Tensor f = x.scalar_type() == l.b.scalar_type() ? x : x.to(l.b.scalar_type());
@@ -53,6 +55,15 @@ static at::Tensor apply_linear(const at::Tensor& x, const Lin& l) {
   }
   if (out.scalar_type() != x.scalar_type()) out = out.to(x.scalar_type());
   if (l.bias.defined()) out = out + l.bias.to(out.scalar_type());
+  return out;
+}
+
+// The base product, then the adapter rows' deltas (`lora`: the step's rows by slot; empty in a base-only step).
+template <typename T>
+static at::Tensor apply_linear(const at::Tensor& x, const Lin& l, const LoraRows& lora) {
+  at::Tensor out = base_linear(x, l);
+  if (!lora.rows.empty() && l.lora_a.defined())
+    lora_apply<T>(out, x, l.lora_a, l.lora_b, lora, {l.lora_meta.data_ptr<int32_t>(), l.lora_meta.size(1)});
   return out;
 }
 
@@ -94,16 +105,19 @@ struct DecodeStack {
   int64_t H, Hkv, D;
   double eps, scale;
 
+  int64_t num_lora_slots = 0;  // the slot count of the linears' LoRA stacks (0: no linear carries adapters)
+
   // A kind-6, 7 or 8 linear's group is its segment count: its segments and their types are the next ones of
-  // gguf_segs / gguf_types, in linear order.
+  // gguf_segs / gguf_types, in linear order. lora: (A, B, meta) per linear, empty tensors for none.
   DecodeStack(std::vector<at::Tensor> norms_, std::vector<at::Tensor> lin_tensors, std::vector<int64_t> meta,
-              std::vector<at::Tensor> gguf_segs, std::vector<int64_t> gguf_types, std::vector<at::Tensor> kcs,
-              std::vector<at::Tensor> vcs, at::Tensor cs, int64_t h, int64_t hkv, int64_t d, double eps_,
-              double scale_)
+              std::vector<at::Tensor> gguf_segs, std::vector<int64_t> gguf_types, std::vector<at::Tensor> lora,
+              std::vector<at::Tensor> kcs, std::vector<at::Tensor> vcs, at::Tensor cs, int64_t h, int64_t hkv,
+              int64_t d, double eps_, double scale_)
       : norms(norms_), k_caches(kcs), v_caches(vcs), cos_sin(cs), H(h), Hkv(hkv), D(d), eps(eps_), scale(scale_) {
     const size_t L = kcs.size();
     TORCH_CHECK(norms.size() == 2 * L + 1 && lin_tensors.size() == 16 * L && meta.size() == 16 * L,
                 "DecodeStack: 2L+1 norms, 4 linears x (4 tensors, 4 ints) per layer");
+    TORCH_CHECK(lora.size() == 12 * L, "DecodeStack: LoRA (A, B, meta) per linear");
     TORCH_CHECK(cs.scalar_type() == at::kFloat && cs.stride(1) == 1, "DecodeStack: float32 cos/sin cache");
     TORCH_CHECK(gguf_segs.size() == gguf_types.size(), "DecodeStack: one ggml type per GGUF segment");
     size_t seg = 0;
@@ -119,14 +133,29 @@ struct DecodeStack {
         kq_segments(l.segs, l.types, l.k);  // refuse a bad segment now, not in the first step
         seg += l.group;
       }
+      if (lora[3 * i].numel()) set_lora(l, lora[3 * i], lora[3 * i + 1], lora[3 * i + 2], kcs[0].scalar_type());
       lins.push_back(l);
     }
     TORCH_CHECK(seg == gguf_segs.size(), "DecodeStack: GGUF segments left over");
   }
 
+  // Holds the stacks themselves (no copy): adapters loaded into their slots later are seen by the next step.
+  void set_lora(Lin& l, const at::Tensor& a, const at::Tensor& b, const at::Tensor& meta, at::ScalarType dtype) {
+    TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(1) == b.size(2) &&
+                    a.size(2) == l.k && b.size(1) == l.n, "DecodeStack: LoRA stacks A [S, R, K], B [S, N, R]");
+    TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.scalar_type() == dtype && b.scalar_type() == dtype,
+                "DecodeStack: contiguous LoRA stacks of the activation dtype");
+    TORCH_CHECK(num_lora_slots == 0 || num_lora_slots == a.size(0), "DecodeStack: one slot count for all LoRA stacks");
+    num_lora_slots = a.size(0);
+    lora_meta_of(meta, a.size(0), l.n);
+    l.lora_a = a;
+    l.lora_b = b;
+    l.lora_meta = meta;
+  }
+
   template <typename T>
   at::Tensor step(at::Tensor x, const at::Tensor& pos, const at::Tensor& slots, const at::Tensor& bt,
-                  const at::Tensor& sl) {
+                  const at::Tensor& sl, const LoraRows& lora) {
     const int64_t B = x.size(0), qs = H * D, kvs = Hkv * D, half = cos_sin.size(1) / 2;
     at::Tensor residual, h, out;
     for (size_t i = 0; i < k_caches.size(); ++i) {
@@ -142,7 +171,7 @@ struct DecodeStack {
         rms<T>(x, norms[2 * i], residual, eps, h, nr);
         residual = nr;
       }
-      at::Tensor qkv = apply_linear(h, l[0]);
+      at::Tensor qkv = apply_linear<T>(h, l[0], lora);
       at::Tensor q = qkv.narrow(1, 0, qs).view({B, H, D});
       at::Tensor k = qkv.narrow(1, qs, kvs).view({B, Hkv, D});
       at::Tensor v = qkv.narrow(1, qs + kvs, kvs).view({B, Hkv, D});
@@ -151,13 +180,13 @@ struct DecodeStack {
       write_kv<T>(k, v, k_caches[i], v_caches[i], slots.data_ptr<int64_t>());
       at::Tensor attn = at::empty({B, H, D}, x.options());
       decode<T>(q, k_caches[i], v_caches[i], bt, sl, scale, attn);
-      at::Tensor o = apply_linear(attn.view({B, qs}), l[1]);
+      at::Tensor o = apply_linear<T>(attn.view({B, qs}), l[1], lora);
       auto nr = at::empty(x.sizes(), x.options());
       h = at::empty(x.sizes(), x.options());
       rms<T>(o, norms[2 * i + 1], residual, eps, h, nr);
       residual = nr;
-      at::Tensor gu = apply_linear(h, l[2]);
-      x = apply_linear(silu_mul<T>(gu, gu.size(1) / 2), l[3]);
+      at::Tensor gu = apply_linear<T>(h, l[2], lora);
+      x = apply_linear<T>(silu_mul<T>(gu, gu.size(1) / 2), l[3], lora);
     }
     out = at::empty(x.sizes(), x.options());
     auto nr = at::empty(x.sizes(), x.options());
@@ -165,16 +194,19 @@ struct DecodeStack {
     return out;
   }
 
-  at::Tensor run(at::Tensor x, at::Tensor pos, at::Tensor slots, at::Tensor bt, at::Tensor sl) {
+  // lora_slots: the adapter slot of each row (-1: the base model), or an empty tensor in a base-only step.
+  at::Tensor run(at::Tensor x, at::Tensor pos, at::Tensor slots, at::Tensor bt, at::Tensor sl, at::Tensor lora_slots) {
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "DecodeStack: x [B, hidden] contiguous");
     TORCH_CHECK(pos.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "DecodeStack: int64 positions/slots");
     TORCH_CHECK(bt.scalar_type() == at::kInt && sl.scalar_type() == at::kInt, "DecodeStack: int32 tables/lengths");
     TORCH_CHECK(k_caches[0].scalar_type() == x.scalar_type(), "DecodeStack: cache dtype must be the activation dtype");
+    TORCH_CHECK(!lora_slots.numel() || lora_slots.numel() == x.size(0), "DecodeStack: one LoRA slot (or -1) per row");
     pos = pos.contiguous(); slots = slots.contiguous(); bt = bt.contiguous(); sl = sl.contiguous();
+    const LoraRows lora = lora_slots.numel() ? lora_rows_of(lora_slots, num_lora_slots) : LoraRows();
     switch (x.scalar_type()) {
-      case at::kBFloat16: return step<at::BFloat16>(x, pos, slots, bt, sl);
-      case at::kHalf: return step<at::Half>(x, pos, slots, bt, sl);
-      case at::kFloat: return step<float>(x, pos, slots, bt, sl);
+      case at::kBFloat16: return step<at::BFloat16>(x, pos, slots, bt, sl, lora);
+      case at::kHalf: return step<at::Half>(x, pos, slots, bt, sl, lora);
+      case at::kFloat: return step<float>(x, pos, slots, bt, sl, lora);
       default: TORCH_CHECK(false, "DecodeStack: unsupported dtype");
     }
   }
@@ -184,6 +216,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<DecodeStack>(m, "DecodeStack")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
                           std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>,
-                          std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t, double, double>())
+                          std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t,
+                          double, double>())
       .def("run", &DecodeStack::run, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -5,7 +5,9 @@ torch ops per layer (~750 for a 30-layer model) at a few microseconds each, as m
 Here the layer loop, the RMSNorms, rotary, the KV-cache write, paged attention, SiLU·mul and the residual adds run
 in C++ around the same ATen matmuls the Python path calls (int4pack / int8pack / dense / oneDNN-packed), so only the
 kernels' own work remains. The reference is `decode_stack_ref`: the same step through the public ops, as
-server/model/llama.py runs it. Decode-only batches; prefill keeps the Python path (there the matmuls dominate)."""
+server/model/llama.py runs it. Decode-only batches; prefill keeps the Python path (there the matmuls dominate). A
+linear that carries LoRA slot stacks adds its adapter rows' deltas after the base product (lora/cpu_lora.h), so
+steps that mix adapters and the base model stay on the stack too."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 from loom_kernels.backend import kernel_backend
 from loom_kernels.cpu.build import DECODE_STACK
+from loom_kernels.lora.reference import lora_add_ref, lora_segments
 from loom_kernels.quant import (
     BlockQ4,
     BlockQ8,
@@ -42,11 +45,16 @@ class StackLinear:
     (BlockQ4 / BlockQ8), `gguf_blocks` (GGUFBlocks: a GGUF file's blocks as stored, segments of mixed types),
     `gguf_tiled` (the same GGUFBlocks through `gguf_linear_tiled`, the large-M GEMM), `gguf_q8` (through
     `gguf_linear_q8`, activations quantized to int8), `dense` (a weight `[N, K]`,
-    any dtype: the input is cast to it) or `mkldnn` (a oneDNN-packed bf16 weight with its `out_features`)."""
+    any dtype: the input is cast to it) or `mkldnn` (a oneDNN-packed bf16 weight with its `out_features`).
+    `lora_a` `[S, R, K]` / `lora_b` `[S, N, R]` / `lora_meta` (each slot's `lora_slot_meta`): the LoRA slot stacks
+    of a linear that carries adapters, held (not copied) by the stack; `__call__` is the base product only."""
     kind: str
     weight: Q4Packed | Q8Packed | BlockQ4 | BlockQ8 | GGUFBlocks | torch.Tensor
     bias: torch.Tensor | None = None
     out_features: int = 0
+    lora_a: torch.Tensor | None = None
+    lora_b: torch.Tensor | None = None
+    lora_meta: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "gguf_blocks":
@@ -125,13 +133,15 @@ def _linear_args(lin: StackLinear) -> tuple[list[torch.Tensor], list[int]]:
 
 
 class DecodeStack:
-    """The compiled step over fixed weights and caches: `run(x, positions, slot_mapping, block_tables, seq_lens)`
-    maps the embedded tokens `[B, hidden]` to the final-normed hidden states `[B, hidden]`."""
+    """The compiled step over fixed weights and caches: `run(x, positions, slot_mapping, block_tables, seq_lens,
+    lora_slots)` maps the embedded tokens `[B, hidden]` to the final-normed hidden states `[B, hidden]`;
+    `lora_slots` `[B]` (the adapter slot of each row, -1 for the base model) adds the LoRA deltas after each base
+    product of a linear that carries LoRA stacks."""
 
     def __init__(self, layers: list[StackLayer], final_norm: torch.Tensor, k_caches: list[torch.Tensor],
                  v_caches: list[torch.Tensor], cos_sin: torch.Tensor, shape: StackShape):
         dtype = k_caches[0].dtype  # the activation dtype
-        norms, tensors, meta, segments, types = [], [], [], [], []
+        norms, tensors, meta, segments, types, lora = [], [], [], [], [], []
         for layer in layers:
             norms += [layer.input_norm.to(dtype).contiguous(), layer.post_norm.to(dtype).contiguous()]
             for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
@@ -141,38 +151,52 @@ class DecodeStack:
                 segs, ids = _gguf_segments(lin)
                 segments += segs
                 types += ids
+                lora += [torch.empty(0)] * 3 if lin.lora_a is None else [lin.lora_a, lin.lora_b, lin.lora_meta]
         norms.append(final_norm.to(dtype).contiguous())
         s = shape
-        self._impl = DECODE_STACK().DecodeStack(norms, tensors, meta, segments, types, k_caches, v_caches,
+        self._impl = DECODE_STACK().DecodeStack(norms, tensors, meta, segments, types, lora, k_caches, v_caches,
                                              cos_sin.float().contiguous(), s.num_heads, s.num_kv_heads, s.head_dim,
                                              s.eps, s.scale)
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-            seq_lens: torch.Tensor) -> torch.Tensor:
-        return self._impl.run(x, positions, slot_mapping, block_tables, seq_lens)
+            seq_lens: torch.Tensor, lora_slots: torch.Tensor | None = None) -> torch.Tensor:
+        none = torch.empty(0, dtype=torch.long)
+        return self._impl.run(x, positions, slot_mapping, block_tables, seq_lens,
+                              none if lora_slots is None else lora_slots)
+
+
+def _linear_ref(lin: StackLinear, x: torch.Tensor, lora: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+    """The base product and, for the rows of `lora` (rows, seg_starts, seg_slots), the adapters' deltas."""
+    out = lin(x)
+    if lora is not None and lin.lora_a is not None:
+        lora_add_ref(out, x, lin.lora_a, lin.lora_b, *lora)
+    return out
 
 
 def decode_stack_ref(x: torch.Tensor, layers: list[StackLayer], final_norm: torch.Tensor,
                      k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], cos_sin: torch.Tensor,
                      shape: StackShape, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                     block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-    """The same step through the public ops, as the Python layer loop of server/model/llama.py runs it."""
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                     lora_slots: torch.Tensor | None = None) -> torch.Tensor:
+    """The same step through the public ops, as the Python layer loop of server/model/llama.py runs it (LoRA
+    through `lora_add_ref`, as LoraLinear adds it)."""
     from loom_kernels import paged_attention_decode, rms_norm, rotary, silu_and_mul, write_kv
     s = shape
+    lora = None if lora_slots is None else lora_segments(lora_slots)
     residual = None
     for i, layer in enumerate(layers):
         if residual is None:
             residual, h = x, rms_norm(x, layer.input_norm, s.eps)
         else:
             h, residual = rms_norm(x, layer.input_norm, s.eps, residual)
-        q, k, v = layer.qkv(h).split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim,
-                                      s.num_kv_heads * s.head_dim], dim=-1)
+        q, k, v = _linear_ref(layer.qkv, h, lora).split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim,
+                                                          s.num_kv_heads * s.head_dim], dim=-1)
         q, k = q.reshape(-1, s.num_heads, s.head_dim), k.reshape(-1, s.num_kv_heads, s.head_dim)
         v = v.reshape(-1, s.num_kv_heads, s.head_dim)
         rotary(q, k, positions, cos_sin)
         write_kv(k, v, k_caches[i], v_caches[i], slot_mapping)
         attn = paged_attention_decode(q, k_caches[i], v_caches[i], block_tables, seq_lens, s.scale)
-        h, residual = rms_norm(layer.o(attn.flatten(1)), layer.post_norm, s.eps, residual)
-        x = layer.down(silu_and_mul(layer.gate_up(h)))
+        h, residual = rms_norm(_linear_ref(layer.o, attn.flatten(1), lora), layer.post_norm, s.eps, residual)
+        x = _linear_ref(layer.down, silu_and_mul(_linear_ref(layer.gate_up, h, lora)), lora)
     out, _ = rms_norm(x, final_norm, s.eps, residual)
     return out

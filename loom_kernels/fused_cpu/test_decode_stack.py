@@ -1,6 +1,9 @@
 """The C++ decode stack against `decode_stack_ref` (the same step through the public ops): every linear form,
-widths that are not multiples of the 4-bit group or of 16, a qkv bias, a skipped KV slot, bf16 and fp32; and GGUF
-blocks as stored, fused projections mixing types, on widths that are whole 256-weight superblocks."""
+widths that are not multiples of the 4-bit group or of 16, a qkv bias, a skipped KV slot, bf16 and fp32; GGUF
+blocks as stored, fused projections mixing types, on widths that are whole 256-weight superblocks; and LoRA slot
+stacks on the linears, with rows of several adapters beside base rows that stay exactly the base-only result."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -12,6 +15,7 @@ from loom_kernels.fused_cpu.decode_stack import (
     decode_stack_available,
     decode_stack_ref,
 )
+from loom_kernels.lora.cpu_lora import lora_slot_meta
 from loom_kernels.quant import (
     concat_gguf_blocks,
     pack_block_q4,
@@ -125,9 +129,12 @@ def test_decode_stack_runs_the_other_gguf_kinds(kind):
     check_stack(layers, torch.bfloat16, StackShape(G_H, G_HKV, G_D, 1e-5, G_D ** -0.5), G_HIDDEN)
 
 
-def check_stack(layers: list[StackLayer], dtype: torch.dtype, shape: StackShape, hidden: int) -> None:
-    """One step of the C++ stack against the Python layer loop over the same layers: outputs, the K/V written (in
-    the same slots, nothing else touched), and a second step equal to the first (no state kept)."""
+def check_stack(layers: list[StackLayer], dtype: torch.dtype, shape: StackShape, hidden: int,
+                lora_slots: torch.Tensor | None = None) -> torch.Tensor:
+    """One step of the C++ stack against the Python layer loop over the same layers (with `lora_slots`, a LoRA slot
+    per row): outputs, the K/V written (in the same slots, nothing else touched), and a second step equal to the
+    first (no state kept). Returns the stack's output; the random inputs are drawn from a fixed seed."""
+    torch.manual_seed(1)
     hkv, d = shape.num_kv_heads, shape.head_dim
     final_norm = (1 + 0.1 * torch.randn(hidden)).to(dtype)
     caches = torch.randn(len(layers), 2, BLOCKS, BLOCK, hkv, d).to(dtype)
@@ -141,14 +148,60 @@ def check_stack(layers: list[StackLayer], dtype: torch.dtype, shape: StackShape,
 
     ref_caches = caches.clone()
     ref = decode_stack_ref(x, layers, final_norm, list(ref_caches[:, 0]), list(ref_caches[:, 1]), cos_sin, shape,
-                           positions, slots, tables, seq_lens)
+                           positions, slots, tables, seq_lens, lora_slots)
     stack = DecodeStack(layers, final_norm, list(caches[:, 0]), list(caches[:, 1]), cos_sin, shape)
-    got = stack.run(x, positions, slots, tables, seq_lens)
+    got = stack.run(x, positions, slots, tables, seq_lens, lora_slots)
     torch.testing.assert_close(got, ref, **TOL[dtype])
     torch.testing.assert_close(caches, ref_caches, **TOL[dtype])  # the same K/V written, in the same slots
     untouched = torch.ones(BLOCKS, BLOCK, dtype=torch.bool)
     for s in slots[:3]:
         untouched[s // BLOCK, s % BLOCK] = False
     assert torch.equal(caches[:, :, untouched], ref_caches[:, :, untouched])  # nothing else changed
-    again = stack.run(x, positions, slots, tables, seq_lens)  # the stack holds no state between steps
+    again = stack.run(x, positions, slots, tables, seq_lens, lora_slots)  # the stack holds no state between steps
     torch.testing.assert_close(again, got, rtol=0, atol=0)
+    return got
+
+
+LORA_SLOTS, LORA_RANK = 3, 12
+
+
+def with_lora(layers: list[StackLayer], dtype: torch.dtype, hidden: int, heads: int, kv_heads: int, head_dim: int,
+              inter: int) -> list[StackLayer]:
+    """Every linear with LoRA slot stacks as LoraLinear holds them: slot 1 of a smaller rank (zero-padded), slot 2
+    all zeros (an adapter that leaves the module alone)."""
+    def attach(lin: StackLinear, n: int, k: int) -> StackLinear:
+        a, b = torch.zeros(LORA_SLOTS, LORA_RANK, k), torch.zeros(LORA_SLOTS, n, LORA_RANK)
+        for slot, rank in ((0, LORA_RANK), (1, 5)):
+            a[slot, :rank] = torch.randn(rank, k) / k ** 0.5
+            b[slot, :, :rank] = 0.5 * torch.randn(n, rank) / rank ** 0.5
+        a, b = a.to(dtype), b.to(dtype)
+        meta = torch.stack([lora_slot_meta(a[s], b[s]) for s in range(LORA_SLOTS)])
+        return dataclasses.replace(lin, lora_a=a, lora_b=b, lora_meta=meta)
+
+    q = heads * head_dim
+    return [dataclasses.replace(layer, qkv=attach(layer.qkv, q + 2 * kv_heads * head_dim, hidden),
+                                o=attach(layer.o, hidden, q), gate_up=attach(layer.gate_up, 2 * inter, hidden),
+                                down=attach(layer.down, hidden, inter)) for layer in layers]
+
+
+@pytest.mark.parametrize("dtype,kind", [(torch.bfloat16, "q4"), (torch.float32, "dense"), (torch.bfloat16, "gguf_q8"),
+                                        (torch.float32, "gguf_blocks")])
+def test_decode_stack_adds_lora_rows(dtype, kind):
+    """Rows on slots 1, base, 0 and 2 (all-zero stacks): the stack against the reference (lora_add_ref after each
+    base product); the base row and the slot-2 row bit-equal to a base-only step of the same stack; the adapters'
+    rows moved by their deltas."""
+    torch.manual_seed(0)
+    if kind.startswith("gguf"):
+        dims = (G_HIDDEN, G_H, G_HKV, G_D, G_INTER)
+        layers = make_gguf_layers(dtype, kind=kind)
+    else:
+        dims = (HIDDEN, H, HKV, D, INTER)
+        layers = make_layers([kind], dtype)
+    hidden, heads, kv_heads, head_dim, _ = dims
+    layers = with_lora(layers, dtype, *dims)
+    shape = StackShape(heads, kv_heads, head_dim, 1e-5, head_dim ** -0.5)
+    lora_slots = torch.tensor([1, -1, 0, 2])
+    got = check_stack(layers, dtype, shape, hidden, lora_slots)
+    base = check_stack(layers, dtype, shape, hidden, None)
+    assert torch.equal(got[[1, 3]], base[[1, 3]])  # the base model's rows: exactly the base-only step
+    assert (got[[0, 2]] - base[[0, 2]]).abs().amax(1).min() > 0.1  # the adapters changed their rows

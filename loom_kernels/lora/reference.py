@@ -13,3 +13,14 @@ def lora_add_ref(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stac
             continue
         delta = (x.index_select(0, seg) @ a_stack[slot].t()) @ b_stack[slot].t()
         y.index_add_(0, seg, delta.to(y.dtype))
+
+
+def lora_segments(row_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(rows, seg_starts, seg_slots)` of a slot per row (-1: the base model): the rows with an adapter, grouped by
+    slot in increasing order, one segment per slot."""
+    keep = (row_slots >= 0).nonzero().flatten()
+    slots = row_slots[keep]
+    order = torch.sort(slots, stable=True).indices
+    seg_slots, counts = torch.unique_consecutive(slots[order], return_counts=True)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    return keep[order], starts.to(torch.int32), seg_slots.to(torch.int32)

@@ -120,8 +120,8 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states `[T, hidden]` after the final norm."""
         x = self.model.embed_tokens(batch.input_ids)
         stacks = self.decode_stacks
-        # the C++ stack runs the base weights only: a step with adapter rows takes the modules below
-        if stacks is not None and batch.num_prefill_tokens == 0 and stacks.kv_cache is kv_cache and batch.lora is None:
+        # decode-only steps, adapter rows included: the stack adds the LoRA deltas after each base product
+        if stacks is not None and batch.num_prefill_tokens == 0 and stacks.kv_cache is kv_cache:
             return stacks.run(x, batch)
         residual = None
         for i, layer in enumerate(self.model.layers):

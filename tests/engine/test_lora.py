@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from loom_kernels.fused_cpu.decode_stack import decode_stack_available
 from server.engine import EngineCore, EngineSettings, InvalidRequestError, SamplingParams
 from server.engine.offline import generate
 from server.engine.scheduler import Scheduler
@@ -183,3 +184,6 @@ def test_adapters_over_quantized_weights(tiny_checkpoints, adapters, tmp_path):
     assert alone["a"] != alone[None]
     mixed = greedy(core, PROMPTS[:2] * 2, [None, None, "a", "a"])
     assert mixed == alone[None] + alone["a"]
+    stacks = lm.model.decode_stacks  # the mixed decode steps ran on the C++ stack, the LoRA deltas inside it
+    if decode_stack_available():
+        assert stacks is not None and 4 in stacks.by_size

@@ -31,6 +31,13 @@ class LoraBatch:
                    torch.tensor(slots, dtype=torch.int32, device=device),
                    max(len(r) for r in by_slot.values()))
 
+    def slot_per_row(self, num_rows: int) -> torch.Tensor:
+        """`[num_rows]` int64: each row's slot, -1 for the base model's rows (the decode stack's form)."""
+        out = torch.full((num_rows,), -1, dtype=torch.long, device=self.rows.device)
+        lens = (self.seg_starts[1:] - self.seg_starts[:-1]).long()
+        out[self.rows] = torch.repeat_interleave(self.seg_slots.long(), lens)
+        return out
+
 
 @dataclass
 class ActiveLora:

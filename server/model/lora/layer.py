@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from loom_kernels import lora_add
+from loom_kernels.lora.cpu_lora import CHUNK, lora_slot_meta
 from server.model.lora.batch import ActiveLora
 
 
@@ -23,6 +24,9 @@ class LoraLinear(nn.Module):
                              persistent=False)
         self.register_buffer("lora_b", torch.zeros(max_loras, self.out_features, rank_capacity, **like),
                              persistent=False)
+        # what each slot holds (its rank, B's non-zero column spans): the C++ decode stack reads only that
+        self.register_buffer("lora_meta", torch.zeros(max_loras, 1 + 2 * -(-self.out_features // CHUNK),
+                                                      dtype=torch.int32, device=device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -40,3 +44,4 @@ class LoraLinear(nn.Module):
             a, b = pair
             self.lora_a[slot, :a.shape[0]].copy_(a)
             self.lora_b[slot, :, :b.shape[1]].copy_(b)
+        self.lora_meta[slot] = lora_slot_meta(self.lora_a[slot], self.lora_b[slot])

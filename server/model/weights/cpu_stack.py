@@ -6,6 +6,7 @@ distinct set of forms, built on first use of a batch size. Float32 models of unq
 path: it stays bit-identical to Hugging Face."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -20,9 +21,11 @@ from server.model.weights.quant import QuantLinear
 log = logging.getLogger("loom.model")
 
 def stack_linear(module: nn.Module, m: int) -> StackLinear:
-    """`module`'s weight in the form the Python path runs at batch size `m`."""
-    if isinstance(module, LoraLinear):  # only base-model steps run on the stack
-        module = module.base
+    """`module`'s weight in the form the Python path runs at batch size `m`; a LoraLinear's with its slot stacks
+    (the stack holds them, so adapters loaded into slots later are seen)."""
+    if isinstance(module, LoraLinear):
+        return dataclasses.replace(stack_linear(module.base, m), lora_a=module.lora_a, lora_b=module.lora_b,
+                                   lora_meta=module.lora_meta)
     if isinstance(module, QuantLinear):
         return module.form(module.pick(m))
     if isinstance(module, PackedLinear):
@@ -60,7 +63,8 @@ class DecodeStacks:
             layers.append(StackLayer(layer.input_layernorm.weight, stack_linear(attn.qkv_proj, m),
                                      stack_linear(attn.o_proj, m), layer.post_attention_layernorm.weight,
                                      stack_linear(mlp.gate_up_proj, m), stack_linear(mlp.down_proj, m)))
-        forms = tuple(id(lin.weight) for layer in layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        forms = tuple((id(lin.weight), id(lin.lora_a)) for layer in layers
+                      for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
         if forms not in self.by_forms:
             shape = StackShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps, cfg.head_dim ** -0.5)
             self.by_forms[forms] = DecodeStack(layers, model.model.norm.weight, self.kv_cache.k, self.kv_cache.v,
@@ -73,4 +77,5 @@ class DecodeStacks:
         stack = self.by_size.get(m)
         if stack is None:
             stack = self.by_size[m] = self._build(m)
-        return stack.run(x, batch.positions, batch.slot_mapping, batch.block_tables, batch.seq_lens)
+        lora = None if batch.lora is None else batch.lora.slot_per_row(m)
+        return stack.run(x, batch.positions, batch.slot_mapping, batch.block_tables, batch.seq_lens, lora)

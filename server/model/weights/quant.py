@@ -45,7 +45,8 @@ def backends_for(source: QTensor, native_bf16: bool, fast_int8: bool, blocks: bo
     if kind == "gguf":  # the file's blocks under the GGUF kernel; Q4_0/Q4_1/Q8_0 also under the code kernels
         segments = source.blocks.segments
         kind = CODE_FORMS.get(segments[0][1], "") if len(segments) == 1 else ""
-        own["gguf"] = (["gguf_blocks", "gguf_tiled"] + ["gguf_q8"] * int8_activations) * blocks + own.get(kind, [])
+        q8 = ["gguf_q8"] * (int8_activations and not float_output)  # the head's input stays float: its output is logits
+        own["gguf"] = (["gguf_blocks", "gguf_tiled"] + q8) * blocks + own.get(kind, [])
         kind = "gguf"
     return own.get(kind, []) + (["bf16", "bf16_packed"] if native_bf16 and not float_output else []) + ["f32"]
 
