@@ -91,7 +91,7 @@ def lora_phases(args, source: Path, tmp: Path) -> dict:
     names = [f"lora{i}" for i in range(4)]
     loras = [f"{n}={write_adapter(cfg, tmp / n, (8, 16)[i % 2], seed=i)}" for i, n in enumerate(names)]
     loom_args = ["--model", args.model, "--max-loras", "4", "--max-lora-rank", "16", "--max-num-seqs",
-                 str(args.concurrency), "--kv-cache-memory", str(args.kv_gib),
+                 str(args.concurrency), "--kv-cache-memory", str(args.kv_gib), "--speculative", args.speculative,
                  *[a for lora in loras for a in ("--lora", lora)]]
     maker = PromptMaker(load_tokenizer("default"))
     specs = random_workload(maker, args.num_requests, args.input_len, args.output_len, seed=1)
@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--switches", type=int, default=3, help="model switches timed in --models-dir")
     p.add_argument("--kv-gib", type=float, default=1.0, help="--kv-cache-memory of the servers")
+    # none by default: the adapters change what a draft accepts, so with speculation the two phases would run
+    # different numbers of steps and their step times would not compare
+    p.add_argument("--speculative", default="none", help="--speculative of the server (auto, ngram, none)")
     p.add_argument("--skip", choices=["lora", "models-dir"], default=None)
     p.add_argument("--json", type=Path, default=REPO / "loadtests/results/lora_bench.json")
     args = p.parse_args(argv)
