@@ -4,9 +4,13 @@ A full block is identified by hash(parent block's hash, its token ids). Blocks w
 go to the free list but keep their hash, so a later request with the same prefix can take them back; new
 allocations evict from the least recently freed end.
 
-With `touch_fresh_last` (the CPU pool, whose pages are committed on first write) blocks never used yet are handed out
-only when no freed block is left: resident memory then follows the most blocks ever in use at once, not how many
-distinct blocks history has passed through (the price: freed prefixes are evicted sooner while the pool has room).
+A freed block that holds no cached prefix (a sequence's partial tail, rejected draft slots) is worth nothing and is
+handed out first; freed prefixes are evicted only after it.
+
+With `touch_fresh_last` (the CPU pool, whose pages are committed on first write) a block never used yet is handed out
+before a freed prefix is evicted only while the pool has touched fewer than `retain_share` of its blocks: resident
+memory then follows the most blocks in use at once plus that share kept for prefixes (a later turn of a chat, a
+system prompt shared over time), not every distinct block history has passed through.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ class Block:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 touch_fresh_last: bool = False):
+                 touch_fresh_last: bool = False, retain_share: float = 0.25):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one slot, got {num_blocks} x {block_size}")
         self.block_size = block_size
@@ -34,15 +38,17 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.touch_fresh_last = touch_fresh_last
-        # free blocks in LRU order; with touch_fresh_last the never-used ones wait in `fresh` instead
-        self.free: OrderedDict[int, None] = OrderedDict() if touch_fresh_last else \
-            OrderedDict((i, None) for i in range(num_blocks))
+        # freed blocks holding a cached prefix, in LRU order; freed ones holding none in `plain` (taken first); with
+        # touch_fresh_last the never-used ones wait in `fresh`
+        self.free: OrderedDict[int, None] = OrderedDict()
+        self.plain: list[int] = [] if touch_fresh_last else list(range(num_blocks - 1, -1, -1))
         self.fresh: list[int] = list(range(num_blocks - 1, -1, -1)) if touch_fresh_last else []
+        self.retain_blocks = int(retain_share * num_blocks)
         self.cached: dict[int, int] = {}  # block hash -> block id
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free) + len(self.fresh)
+        return len(self.free) + len(self.plain) + len(self.fresh)
 
     @property
     def usage(self) -> float:
@@ -63,9 +69,11 @@ class BlockManager:
         return None if lora is None else hash(("lora", lora.id))
 
     def _evict_lru(self) -> int:
-        """Take the least recently freed block, forgetting the prefix it held."""
-        if not self.free and self.fresh:
-            block_id = self.fresh.pop()
+        """Take a block holding no prefix, else a fresh one while the pool may touch more, else the least recently
+        freed prefix (forgotten)."""
+        touched = self.num_blocks - len(self.fresh)
+        if self.plain or (self.fresh and (not self.free or touched < self.retain_blocks)):
+            block_id = self.plain.pop() if self.plain else self.fresh.pop()
             self.blocks[block_id].ref_count = 1
             return block_id
         block_id, _ = self.free.popitem(last=False)
@@ -140,8 +148,7 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 block.hash, block.token_ids = None, ()
-                self.free[block_id] = None
-                self.free.move_to_end(block_id, last=False)
+                self.plain.append(block_id)
 
     def free_sequence(self, seq: Sequence) -> None:
         """Drop `seq`'s references; the tail goes to the free list first so shared prefixes are evicted last."""
@@ -151,6 +158,8 @@ class BlockManager:
             if block.ref_count == 0:
                 if block.hash is None or self.cached.get(block.hash) != block_id:
                     block.hash, block.token_ids = None, ()
-                self.free[block_id] = None
+                    self.plain.append(block_id)
+                else:
+                    self.free[block_id] = None
         seq.block_table = []
         seq.num_computed_tokens = seq.num_hashed_blocks = 0

@@ -109,7 +109,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 owners[b] = owners.get(b, 0) + 1
         for block in self.bm.blocks:
             assert block.ref_count == owners.get(block.block_id, 0)
-            assert (block.ref_count == 0) == (block.block_id in self.bm.free or block.block_id in self.bm.fresh)
+            assert (block.ref_count == 0) == (block.block_id in self.bm.free or block.block_id in self.bm.fresh
+                                              or block.block_id in self.bm.plain)
         for h, b in self.bm.cached.items():
             assert self.bm.blocks[b].hash == h
 

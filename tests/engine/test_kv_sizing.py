@@ -59,9 +59,16 @@ def test_cpu_pool_is_zero_and_committed_lazily():
     assert t.shape == (3, 5) and not t.any()
 
 
-def test_cpu_pool_reuses_freed_blocks_before_touching_fresh_ones():
-    """Resident memory follows the most blocks in use at once: 50 requests of 3 blocks one after another touch 3
-    blocks, not 150 (with the LRU order alone every never-used block would be handed out once first)."""
+def computed(bm, seq) -> None:
+    """As after the step that ran `seq`'s prompt: its full blocks registered in the prefix cache."""
+    seq.num_computed_tokens = seq.num_tokens
+    bm.cache_full_blocks(seq)
+
+
+def test_cpu_pool_touches_fresh_blocks_only_for_in_use_and_retained_prefixes():
+    """Resident memory follows the most blocks in use at once plus the share kept for freed prefixes: 50 requests of
+    3 cached blocks one after another touch 200 / 4 = 50 blocks, not 150; blocks holding no prefix are reused before
+    any fresh one; the whole pool is still there when needed."""
     from server.engine.block_manager import BlockManager
     from tests.support.models import make_seq
 
@@ -71,11 +78,45 @@ def test_cpu_pool_reuses_freed_blocks_before_touching_fresh_ones():
         seq = make_seq(list(range(i * 100, i * 100 + 12)), seq_id=i)
         assert bm.allocate(seq, 12)
         touched |= set(seq.block_table)
+        computed(bm, seq)
         bm.free_sequence(seq)
-    assert len(touched) == 3 and bm.num_free_blocks == 200 and bm.usage == 0.0
+    assert len(touched) == 50 and bm.num_free_blocks == 200 and bm.usage == 0.0
+    for i in range(20):  # 11 tokens: two cached blocks and a partial one, reused by the next request
+        seq = make_seq(list(range(10_000 + i * 100, 10_000 + i * 100 + 11)), seq_id=200 + i)
+        assert bm.allocate(seq, 11)
+        touched |= set(seq.block_table)
+        computed(bm, seq)
+        bm.free_sequence(seq)
+    assert len(touched) == 50
     held = [make_seq(list(range(1000 * j, 1000 * j + 40)), seq_id=100 + j) for j in range(20)]
-    assert all(bm.allocate(s, 40) for s in held)  # the whole pool is still there when needed
+    assert all(bm.allocate(s, 40) for s in held)
     assert bm.num_free_blocks == 0 and not bm.allocate(make_seq([1, 2, 3], seq_id=999), 3)
+
+
+def test_cpu_pool_keeps_a_freed_prefix_while_other_requests_pass():
+    """A chat's earlier turn stays cached while other requests run in between, until the pool has touched its
+    retained share (a quarter: 50 blocks) and the least recently freed prefix goes first."""
+    from server.engine.block_manager import BlockManager
+    from tests.support.models import make_seq
+
+    bm = BlockManager(num_blocks=200, block_size=4, touch_fresh_last=True)
+    first = make_seq(list(range(40)), seq_id=0)
+    assert bm.allocate(first, 40)
+    computed(bm, first)
+    bm.free_sequence(first)
+    for i in range(3):
+        other = make_seq(list(range(1000 * (i + 1), 1000 * (i + 1) + 40)), seq_id=1 + i)
+        assert bm.allocate(other, 40)
+        computed(bm, other)
+        bm.free_sequence(other)
+    again = make_seq(list(range(40)) + [7, 7], seq_id=9)
+    assert len(bm.match_prefix(again)) == 10
+    for i in range(2):  # 60 blocks touched: the oldest prefix is evicted before a fresh block is touched
+        other = make_seq(list(range(5000 * (i + 1), 5000 * (i + 1) + 40)), seq_id=20 + i)
+        assert bm.allocate(other, 40)
+        computed(bm, other)
+        bm.free_sequence(other)
+    assert bm.match_prefix(again) == [] and bm.num_blocks - len(bm.fresh) == 50
 
 
 def test_cpu_step_budget_defaults_to_1024_and_an_explicit_one_wins(dummy_lm):
