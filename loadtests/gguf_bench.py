@@ -34,18 +34,21 @@ def kv_bytes(gguf: Path, tokens: int) -> int:
     return tokens * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 2 * 2
 
 
-def throughput(base_url: str, args, label: str) -> dict[int, float]:
+def throughput(base_url: str, args, label: str) -> tuple[dict[int, float], dict[int, dict]]:
+    """Output tokens/s per concurrency, and the median TTFT (mostly the prompt's prefill) and TPOT (a decode step)."""
     doc = serve.main(["--base-url", base_url, "--concurrency", args.concurrency, "--num-requests",
                       str(args.num_requests), "--input-len", str(args.input_len), "--output-len",
                       str(args.output_len), "--label", label, "--quiet", "--no-progress"])
-    return {lv["concurrency"]: round(lv["output_throughput"], 2) for lv in doc["levels"]}
+    tok_s = {lv["concurrency"]: round(lv["output_throughput"], 2) for lv in doc["levels"]}
+    return tok_s, {lv["concurrency"]: {"median_ttft_ms": round(lv["median_ttft_ms"]),
+                                       "median_tpot_ms": round(lv["median_tpot_ms"], 1)} for lv in doc["levels"]}
 
 
 def run_one(name: str, ctx: ServerContext, args, label: str, measure: bool) -> dict:
     with start_server(name, ctx, REPO / "loadtests/results/logs") as srv:
         out = {"ready_s": round(srv.startup_s, 1)}
         if measure:
-            out["output_tok_s"] = throughput(srv.base_url, args, label)
+            out["output_tok_s"], out["latency"] = throughput(srv.base_url, args, label)
         out["peak_rss_mb"] = round(peak_rss_mb(srv.pid))
     return out
 

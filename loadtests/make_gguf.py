@@ -2,7 +2,7 @@
 
   python -m loadtests.make_gguf --shape 1b --out ~/.cache/loom-bench/llama-1b-Q4_K_M.gguf
       a Llama-3.2-1B-shaped model (the default model's 49k vocabulary): random weights from a transformers config,
-      through llama.cpp's convert_hf_to_gguf.py and llama-quantize (loadtests/build_llama_server.sh builds them)
+      through llama.cpp's convert_hf_to_gguf.py and llama-quantize (loadtests/build_llama_server.sh builds them); the converter needs `pip install sentencepiece`
   python -m loadtests.make_gguf --shape 8b --direct --out ~/.cache/loom-bench/llama-8b-Q4_K_M.gguf
       a Llama-3.1-8B-shaped file written directly with gguf-py: random Q4_K_M-style blocks (Q4_K, with Q6_K for
       attn_v / ffn_down / output), as llama-quantize lays them out; no 16 GB float checkpoint on the way
