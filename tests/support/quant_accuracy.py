@@ -61,11 +61,12 @@ def perplexity(lm, ids: list[int]) -> float:
 
 
 @contextlib.contextmanager
-def every_linear_on(lm, backend: str):
-    """Every linear (the head too) run by `backend` at every M, where it has that form (the GGUF-block kinds share
-    one GGUFBlocks); restored after."""
+def every_linear_on(lm, backend: str, head: bool = True):
+    """Every linear (the head too, unless `head` is False: as served, its input stays float) run by `backend` at
+    every M, where it has that form (the GGUF-block kinds share one GGUFBlocks); restored after."""
     from server.model.weights.quant import QuantLinear
-    saved = {m: (m.forms, m.plan) for m in lm.model.modules() if isinstance(m, QuantLinear)}
+    skip = None if head else getattr(lm.model, "lm_head", None)
+    saved = {m: (m.forms, m.plan) for m in lm.model.modules() if isinstance(m, QuantLinear) and m is not skip}
     for mod, (forms, _) in saved.items():
         form = forms.get(backend) or (next(f for b, f in forms.items() if b.startswith("gguf"))
                                       if backend.startswith("gguf") else None)
@@ -81,7 +82,7 @@ def every_linear_on(lm, backend: str):
 def main(argv: list[str]) -> None:
     """`[--model PATH] [dtype ...]`: the GGUF's blocks as Loom runs them against the same file de-quantized to
     float32 (default: the default model; e.g. a Q4_K_M re-quantization made by loadtests/make_gguf.py). `int8`:
-    float32 activations with every linear, the head too, on its blocks against int8 activations (gguf_q8)."""
+    every linear but the head (as served) on its blocks against int8 activations (gguf_q8)."""
     from server.model import ModelSettings, load_model
     model = "default"
     if argv[:1] == ["--model"]:
@@ -94,7 +95,7 @@ def main(argv: list[str]) -> None:
         dtype = "float32" if mode == "int8" else mode
         lm = load_model(ModelSettings(model=model, dtype=dtype, quantization="gguf"), progress=False)
         started = time.perf_counter()
-        with every_linear_on(lm, "gguf_q8") if mode == "int8" else contextlib.nullcontext():
+        with every_linear_on(lm, "gguf_q8", head=False) if mode == "int8" else contextlib.nullcontext():
             agree = agreement(ref, lm, chat_prompts(ref, 32), 64)
             ppl = perplexity(lm, ids)
         acts = "int8" if mode == "int8" else lm.dtype
