@@ -77,8 +77,14 @@ class CompileProcess:
         context.set_forkserver_preload(["__main__", "xgrammar", __name__])  # effective before the server's start
         self._conn, child = context.Pipe()
         self._process = context.Process(target=serve, args=(child, info_json), name="loom-grammar", daemon=True)
-        self._process.start()
-        child.close()
+        try:
+            self._process.start()
+        except OSError as exc:  # the fork server is gone (the server is stopping) or the machine is out of processes
+            self.close()
+            raise ServerBusyError(f"the grammar compile process could not start ({exc})", "grammar_compiler_busy",
+                                  1) from None
+        finally:
+            child.close()
         try:
             self._reply(time.monotonic() + START_SECONDS, abandoned, "start")
         except CompileStopped as exc:
@@ -88,9 +94,10 @@ class CompileProcess:
                                   "grammar_compiler_busy", 1) from None
 
     def close(self) -> None:
-        if self._process is not None:
+        if self._process is not None and self._process.pid is not None:  # a child that failed to start has no pid
             self._process.kill()
             self._process.join(5)
+        if self._conn is not None:
             self._conn.close()
         self._process = self._conn = None
 

@@ -224,3 +224,23 @@ def test_a_grammar_dead_end_finishes_cleanly(dummy_lm, compiler):
         assert (c.text, c.finish_reason) == ("a", GRAMMAR_DEAD_END), c
     assert results[2][0].finish_reason == "length"
     assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
+
+
+def test_a_compile_process_that_cannot_start_is_busy_not_a_crash(monkeypatch):
+    """The fork server gone (a server stopping while a grammar compiles): the waiter gets a 503-style busy error and
+    the worker closes the child that never started without raising."""
+    import multiprocessing.process
+    import threading
+
+    from server.engine.grammar_worker import CompileProcess
+
+    def broken_start(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", broken_start)
+    process = CompileProcess()
+    with pytest.raises(ServerBusyError, match="could not start") as err:
+        process.compile("{}", "json_schema", "{}", 5.0, threading.Event())
+    assert err.value.code == "grammar_compiler_busy"
+    process.close()
+    assert process._process is None and process._conn is None
