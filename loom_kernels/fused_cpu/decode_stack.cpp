@@ -1,5 +1,7 @@
 // A whole decode step of a Llama-family stack in one call (loom_kernels/fused_cpu/decode_stack.py): the layer loop
 // around the RMSNorm / rotary, paged-attention and block-GEMM kernels of the other extensions, from their headers.
+// Per layer it also runs the newer families' variations: q/k head norms (Qwen3), no rotary (SmolLM3's NoPE layers),
+// partial rotary (Phi-3: a cos/sin table narrower than the head) and sliding windows (Mistral, Qwen2, Phi-3, ...).
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "attention/cpu_decode.h"
@@ -98,28 +100,51 @@ static void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& kc, a
   }
 }
 
+// RMSNorm over each head of x [B, heads, D] (Qwen3's q/k norms): the reference's rms_norm over [B * heads, D] rows,
+// rounded to T as it rounds. Returns a new contiguous [B, heads, D]; x may be a strided view into the fused qkv.
+template <typename T>
+static at::Tensor head_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  const at::Tensor rows = x.reshape({-1, x.size(2)});
+  at::Tensor out = at::empty(rows.sizes(), x.options()), none;
+  rms<T>(rows, w, none, eps, out, none);
+  return out.view(x.sizes());
+}
+
+// Per layer, beyond the plain Llama layer: q/k head norms (undefined: none), rotary or not (SmolLM3's NoPE layers),
+// and the sliding window (0: full attention).
+struct LayerExtras {
+  at::Tensor q_norm, k_norm;
+  bool rope = true;
+  int64_t window = 0;
+};
+
 struct DecodeStack {
   std::vector<at::Tensor> norms, k_caches, v_caches;
   std::vector<Lin> lins;  // 4 per layer: qkv, o, gate_up, down
-  at::Tensor cos_sin;
+  std::vector<LayerExtras> extras;  // 1 per layer
+  at::Tensor cos_sin;  // [positions, rotary_dim]: only the first rotary_dim features of each head rotate
   int64_t H, Hkv, D;
   double eps, scale;
 
   int64_t num_lora_slots = 0;  // the slot count of the linears' LoRA stacks (0: no linear carries adapters)
 
   // A kind-6, 7 or 8 linear's group is its segment count: its segments and their types are the next ones of
-  // gguf_segs / gguf_types, in linear order. lora: (A, B, meta) per linear, empty tensors for none.
+  // gguf_segs / gguf_types, in linear order. lora: (A, B, meta) per linear, empty tensors for none. qk_norms: (q, k)
+  // head-norm weights [D] per layer, empty for none; layer_meta: (rope 0/1, window) per layer.
   DecodeStack(std::vector<at::Tensor> norms_, std::vector<at::Tensor> lin_tensors, std::vector<int64_t> meta,
               std::vector<at::Tensor> gguf_segs, std::vector<int64_t> gguf_types, std::vector<at::Tensor> lora,
-              std::vector<at::Tensor> kcs, std::vector<at::Tensor> vcs, at::Tensor cs, int64_t h, int64_t hkv,
-              int64_t d, double eps_, double scale_)
+              std::vector<at::Tensor> qk_norms, std::vector<int64_t> layer_meta, std::vector<at::Tensor> kcs,
+              std::vector<at::Tensor> vcs, at::Tensor cs, int64_t h, int64_t hkv, int64_t d, double eps_,
+              double scale_)
       : norms(norms_), k_caches(kcs), v_caches(vcs), cos_sin(cs), H(h), Hkv(hkv), D(d), eps(eps_), scale(scale_) {
     const size_t L = kcs.size();
     TORCH_CHECK(norms.size() == 2 * L + 1 && lin_tensors.size() == 16 * L && meta.size() == 16 * L,
                 "DecodeStack: 2L+1 norms, 4 linears x (4 tensors, 4 ints) per layer");
     TORCH_CHECK(lora.size() == 12 * L, "DecodeStack: LoRA (A, B, meta) per linear");
     TORCH_CHECK(cs.scalar_type() == at::kFloat && cs.stride(1) == 1, "DecodeStack: float32 cos/sin cache");
+    TORCH_CHECK(cs.size(1) % 2 == 0 && cs.size(1) <= d, "DecodeStack: cos/sin table of an even width <= head_dim");
     TORCH_CHECK(gguf_segs.size() == gguf_types.size(), "DecodeStack: one ggml type per GGUF segment");
+    set_extras(qk_norms, layer_meta, kcs[0].scalar_type(), L);
     size_t seg = 0;
     for (size_t i = 0; i < 4 * L; ++i) {
       Lin l;
@@ -137,6 +162,26 @@ struct DecodeStack {
       lins.push_back(l);
     }
     TORCH_CHECK(seg == gguf_segs.size(), "DecodeStack: GGUF segments left over");
+  }
+
+  void set_extras(const std::vector<at::Tensor>& qk_norms, const std::vector<int64_t>& layer_meta,
+                  at::ScalarType dtype, size_t L) {
+    TORCH_CHECK(qk_norms.size() == 2 * L && layer_meta.size() == 2 * L,
+                "DecodeStack: (q, k) norms and (rope, window) per layer");
+    for (size_t i = 0; i < L; ++i) {
+      LayerExtras e;
+      for (int j = 0; j < 2; ++j) {
+        const at::Tensor& w = qk_norms[2 * i + j];
+        if (!w.numel()) continue;
+        TORCH_CHECK(w.dim() == 1 && w.size(0) == D && w.is_contiguous() && w.scalar_type() == dtype,
+                    "DecodeStack: q/k norm weights [head_dim], contiguous, of the activation dtype");
+        (j == 0 ? e.q_norm : e.k_norm) = w;
+      }
+      e.rope = layer_meta[2 * i] != 0;
+      e.window = layer_meta[2 * i + 1];
+      TORCH_CHECK(e.window >= 0, "DecodeStack: window >= 0 (0: full attention)");
+      extras.push_back(e);
+    }
   }
 
   // Holds the stacks themselves (no copy): adapters loaded into their slots later are seen by the next step.
@@ -175,11 +220,16 @@ struct DecodeStack {
       at::Tensor q = qkv.narrow(1, 0, qs).view({B, H, D});
       at::Tensor k = qkv.narrow(1, qs, kvs).view({B, Hkv, D});
       at::Tensor v = qkv.narrow(1, qs + kvs, kvs).view({B, Hkv, D});
-      rot<T>(q, pos.data_ptr<int64_t>(), cos_sin.data_ptr<float>(), cos_sin.stride(0), half);
-      rot<T>(k, pos.data_ptr<int64_t>(), cos_sin.data_ptr<float>(), cos_sin.stride(0), half);
+      const LayerExtras& e = extras[i];
+      if (e.q_norm.defined()) q = head_norm<T>(q, e.q_norm, eps);
+      if (e.k_norm.defined()) k = head_norm<T>(k, e.k_norm, eps);
+      if (e.rope) {
+        rot<T>(q, pos.data_ptr<int64_t>(), cos_sin.data_ptr<float>(), cos_sin.stride(0), half);
+        rot<T>(k, pos.data_ptr<int64_t>(), cos_sin.data_ptr<float>(), cos_sin.stride(0), half);
+      }
       write_kv<T>(k, v, k_caches[i], v_caches[i], slots.data_ptr<int64_t>());
       at::Tensor attn = at::empty({B, H, D}, x.options());
-      decode<T>(q, k_caches[i], v_caches[i], bt, sl, scale, attn);
+      decode<T>(q, k_caches[i], v_caches[i], bt, sl, scale, attn, e.window);
       at::Tensor o = apply_linear<T>(attn.view({B, qs}), l[1], lora);
       auto nr = at::empty(x.sizes(), x.options());
       h = at::empty(x.sizes(), x.options());
@@ -216,7 +266,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<DecodeStack>(m, "DecodeStack")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
                           std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>,
-                          std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t,
-                          double, double>())
+                          std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>,
+                          std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t, double, double>())
       .def("run", &DecodeStack::run, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -5,9 +5,10 @@ torch ops per layer (~750 for a 30-layer model) at a few microseconds each, as m
 Here the layer loop, the RMSNorms, rotary, the KV-cache write, paged attention, SiLU·mul and the residual adds run
 in C++ around the same ATen matmuls the Python path calls (int4pack / int8pack / dense / oneDNN-packed), so only the
 kernels' own work remains. The reference is `decode_stack_ref`: the same step through the public ops, as
-server/model/llama.py runs it. Decode-only batches; prefill keeps the Python path (there the matmuls dominate). A
-linear that carries LoRA slot stacks adds its adapter rows' deltas after the base product (lora/cpu_lora.h), so
-steps that mix adapters and the base model stay on the stack too."""
+server/model/llama.py runs it (and, per layer, the newer families' variations: Qwen3's q/k head norms, SmolLM3's
+layers without rotary, Phi-3's partial rotary, sliding windows). Decode-only batches; prefill keeps the Python path
+(there the matmuls dominate). A linear that carries LoRA slot stacks adds its adapter rows' deltas after the base
+product (lora/cpu_lora.h), so steps that mix adapters and the base model stay on the stack too."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -82,21 +83,30 @@ class StackLinear:
 
 @dataclass
 class StackLayer:
+    """One decoder layer. `q_norm` / `k_norm` `[head_dim]`: an RMSNorm over each head of q / k before rotary, one
+    weight shared by every head (Qwen3); `rope` False: the layer attends without rotary (SmolLM3's NoPE layers);
+    `window`: its sliding window (None: full attention), as `PagedAttention` takes it."""
     input_norm: torch.Tensor
     qkv: StackLinear
     o: StackLinear
     post_norm: torch.Tensor
     gate_up: StackLinear
     down: StackLinear
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    rope: bool = True
+    window: int | None = None
 
 
 @dataclass(frozen=True)
 class StackShape:
+    """`rotary_dim`: the features of each head that rotate, the cos/sin table's width (None: the whole head)."""
     num_heads: int
     num_kv_heads: int
     head_dim: int
     eps: float
     scale: float
+    rotary_dim: int | None = None
 
 
 _compiled = DECODE_STACK.build  # the extension (decode_stack.cpp) per ISA level, built once per process
@@ -111,6 +121,12 @@ def _gguf_segments(lin: StackLinear) -> tuple[list[torch.Tensor], list[int]]:
     if lin.kind not in GGUF_KINDS:
         return [], []
     return [raw for raw, _ in lin.weight.segments], [ggml_type_id(qtype) for _, qtype in lin.weight.segments]
+
+
+def _layer_extras(layer: StackLayer, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[int]]:
+    """The layer's (q, k) head-norm weights (empty for none) and its (rope, window) ints (window 0: full)."""
+    norms = [torch.empty(0) if w is None else w.to(dtype).contiguous() for w in (layer.q_norm, layer.k_norm)]
+    return norms, [int(layer.rope), layer.window or 0]
 
 
 def _linear_args(lin: StackLinear) -> tuple[list[torch.Tensor], list[int]]:
@@ -141,9 +157,15 @@ class DecodeStack:
     def __init__(self, layers: list[StackLayer], final_norm: torch.Tensor, k_caches: list[torch.Tensor],
                  v_caches: list[torch.Tensor], cos_sin: torch.Tensor, shape: StackShape):
         dtype = k_caches[0].dtype  # the activation dtype
-        norms, tensors, meta, segments, types, lora = [], [], [], [], [], []
+        if cos_sin.shape[1] != (shape.rotary_dim or shape.head_dim):
+            raise ValueError(f"cos/sin table of width {cos_sin.shape[1]} for rotary_dim "
+                             f"{shape.rotary_dim or shape.head_dim}")
+        norms, tensors, meta, segments, types, lora, qk_norms, layer_meta = [], [], [], [], [], [], [], []
         for layer in layers:
             norms += [layer.input_norm.to(dtype).contiguous(), layer.post_norm.to(dtype).contiguous()]
+            t, m = _layer_extras(layer, dtype)
+            qk_norms += t
+            layer_meta += m
             for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
                 t, m = _linear_args(lin)
                 tensors += t
@@ -154,9 +176,9 @@ class DecodeStack:
                 lora += [torch.empty(0)] * 3 if lin.lora_a is None else [lin.lora_a, lin.lora_b, lin.lora_meta]
         norms.append(final_norm.to(dtype).contiguous())
         s = shape
-        self._impl = DECODE_STACK().DecodeStack(norms, tensors, meta, segments, types, lora, k_caches, v_caches,
-                                             cos_sin.float().contiguous(), s.num_heads, s.num_kv_heads, s.head_dim,
-                                             s.eps, s.scale)
+        self._impl = DECODE_STACK().DecodeStack(norms, tensors, meta, segments, types, lora, qk_norms, layer_meta,
+                                             k_caches, v_caches, cos_sin.float().contiguous(), s.num_heads,
+                                             s.num_kv_heads, s.head_dim, s.eps, s.scale)
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
             seq_lens: torch.Tensor, lora_slots: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,7 +201,7 @@ def decode_stack_ref(x: torch.Tensor, layers: list[StackLayer], final_norm: torc
                      block_tables: torch.Tensor, seq_lens: torch.Tensor,
                      lora_slots: torch.Tensor | None = None) -> torch.Tensor:
     """The same step through the public ops, as the Python layer loop of server/model/llama.py runs it (LoRA
-    through `lora_add_ref`, as LoraLinear adds it)."""
+    through `lora_add_ref`, as LoraLinear adds it; q/k norms as qwen3.py's RMSNorm modules, over `[T, heads, D]`)."""
     from loom_kernels import paged_attention_decode, rms_norm, rotary, silu_and_mul, write_kv
     s = shape
     lora = None if lora_slots is None else lora_segments(lora_slots)
@@ -193,9 +215,15 @@ def decode_stack_ref(x: torch.Tensor, layers: list[StackLayer], final_norm: torc
                                                           s.num_kv_heads * s.head_dim], dim=-1)
         q, k = q.reshape(-1, s.num_heads, s.head_dim), k.reshape(-1, s.num_kv_heads, s.head_dim)
         v = v.reshape(-1, s.num_kv_heads, s.head_dim)
-        rotary(q, k, positions, cos_sin)
+        if layer.q_norm is not None:
+            q = rms_norm(q, layer.q_norm, s.eps)
+        if layer.k_norm is not None:
+            k = rms_norm(k, layer.k_norm, s.eps)
+        if layer.rope:
+            rotary(q, k, positions, cos_sin)
         write_kv(k, v, k_caches[i], v_caches[i], slot_mapping)
-        attn = paged_attention_decode(q, k_caches[i], v_caches[i], block_tables, seq_lens, s.scale)
+        attn = paged_attention_decode(q, k_caches[i], v_caches[i], block_tables, seq_lens, s.scale,
+                                      layer.window or None)
         h, residual = rms_norm(_linear_ref(layer.o, attn.flatten(1), lora), layer.post_norm, s.eps, residual)
         x = _linear_ref(layer.down, silu_and_mul(_linear_ref(layer.gate_up, h, lora)), lora)
     out, _ = rms_norm(x, final_norm, s.eps, residual)

@@ -1,7 +1,9 @@
 """The C++ decode stack against `decode_stack_ref` (the same step through the public ops): every linear form,
 widths that are not multiples of the 4-bit group or of 16, a qkv bias, a skipped KV slot, bf16 and fp32; GGUF
-blocks as stored, fused projections mixing types, on widths that are whole 256-weight superblocks; and LoRA slot
-stacks on the linears, with rows of several adapters beside base rows that stay exactly the base-only result."""
+blocks as stored, fused projections mixing types, on widths that are whole 256-weight superblocks; LoRA slot
+stacks on the linears, with rows of several adapters beside base rows that stay exactly the base-only result; and
+the newer families' per-layer variations (q/k head norms, layers without rotary, partial rotary, sliding windows, an
+o bias)."""
 import dataclasses
 
 import pytest
@@ -143,7 +145,7 @@ def check_stack(layers: list[StackLayer], dtype: torch.dtype, shape: StackShape,
     positions = (seq_lens - 1).long()
     slots = torch.tensor([int(tables[b, p // BLOCK]) * BLOCK + int(p) % BLOCK for b, p in enumerate(positions)])
     slots[3] = -1  # a padded row: its K/V is not stored
-    cos_sin = cos_sin_cache(64, d).cpu()
+    cos_sin = cos_sin_cache(64, shape.rotary_dim or d).cpu()
     x = torch.randn(4, hidden).to(dtype)
 
     ref_caches = caches.clone()
@@ -205,3 +207,41 @@ def test_decode_stack_adds_lora_rows(dtype, kind):
     base = check_stack(layers, dtype, shape, hidden, None)
     assert torch.equal(got[[1, 3]], base[[1, 3]])  # the base model's rows: exactly the base-only step
     assert (got[[0, 2]] - base[[0, 2]]).abs().amax(1).min() > 0.1  # the adapters changed their rows
+
+
+def norm_weight(n: int, dtype: torch.dtype) -> torch.Tensor:
+    return (1 + 0.1 * torch.randn(n)).to(dtype)
+
+
+# Per variant, what it changes in layer i: Qwen3's q/k head norms, SmolLM3's NoPE middle layer, windows shorter than
+# the test's sequences (9, 12, 6 tokens; the middle layer full), Phi-3/Qwen3's o bias; and all of them at once.
+VARIANTS = {
+    "qk_norm": lambda i, layer, dtype: dict(q_norm=norm_weight(D, dtype), k_norm=norm_weight(D, dtype)),
+    "nope": lambda i, layer, dtype: dict(rope=i != 1),
+    "window": lambda i, layer, dtype: dict(window=[5, None, 3][i]),
+    "o_bias": lambda i, layer, dtype: dict(o=dataclasses.replace(layer.o, bias=0.1 * torch.randn(HIDDEN, dtype=dtype))),
+}
+EACH = list(VARIANTS.values())
+VARIANTS["all"] = lambda i, layer, dtype: {k: v for f in EACH for k, v in f(i, layer, dtype).items()}
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, "partial_rotary", "all+partial"])
+@pytest.mark.parametrize("dtype,kind", [(torch.bfloat16, "q4"), (torch.float32, "dense")], ids=["bf16", "fp32"])
+def test_decode_stack_runs_the_newer_families_layers(variant, dtype, kind):
+    """Each variation against the reference, which runs it as qwen3.py / smollm3.py / phi3.py / attention.py do;
+    partial rotary: the cos/sin table 16 wide, the last 8 of each head's 24 features left alone."""
+    torch.manual_seed(0)
+    layers = make_layers([kind], dtype)
+    change = VARIANTS.get(variant.removesuffix("+partial"))
+    if change is not None:
+        layers = [dataclasses.replace(layer, **change(i, layer, dtype)) for i, layer in enumerate(layers)]
+    rotary_dim = 16 if "partial" in variant else None
+    check_stack(layers, dtype, StackShape(H, HKV, D, 1e-5, D ** -0.5, rotary_dim), HIDDEN)
+
+
+def test_decode_stack_refuses_a_table_of_another_width():
+    layers = make_layers(["dense"], torch.float32)
+    caches = torch.zeros(LAYERS, 2, BLOCKS, BLOCK, HKV, D)
+    with pytest.raises(ValueError, match="rotary_dim 16"):
+        DecodeStack(layers, torch.ones(HIDDEN), list(caches[:, 0]), list(caches[:, 1]), cos_sin_cache(64, D).cpu(),
+                    StackShape(H, HKV, D, 1e-5, D ** -0.5, 16))

@@ -96,8 +96,6 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
         self.decode_stacks: DecodeStacks | None = None
-        if any(cfg.layer_window(i) for i in range(cfg.num_layers)):
-            self.decode_stack_compatible = False  # the one-call C++ decode stack attends to every position
         self.post_init()
 
     def post_init(self) -> None:

@@ -8,14 +8,12 @@ whole table; rope.py says which and why. A `sliding_window` applies to every lay
 """
 from torch import nn
 
-from server.model.config import ModelConfig
 from server.model.llama import LlamaForCausalLM
 from server.model.rope import cos_sin_cache
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
     packed: dict[str, tuple[str, int]] = {}  # fused in the checkpoint already
-    decode_stack_compatible = False  # the one-call C++ decode stack rotates whole heads
 
     def post_init(self) -> None:
         """Tie the head and compute the rotary table over the rotated features only (see LlamaForCausalLM)."""

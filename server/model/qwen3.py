@@ -32,8 +32,6 @@ class Qwen3Attention(LlamaAttention):
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
-    decode_stack_compatible = False  # the one-call C++ decode stack runs the plain Llama layer: no q/k norms
-
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         for i, layer in enumerate(self.model.layers):  # the Llama decoder layer around Qwen3's attention

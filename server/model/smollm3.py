@@ -31,8 +31,6 @@ class SmolLM3Attention(LlamaAttention):
 
 
 class SmolLM3ForCausalLM(LlamaForCausalLM):
-    decode_stack_compatible = False  # the one-call C++ decode stack rotates every layer
-
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         for i, layer in enumerate(self.model.layers):  # the Llama decoder layer around SmolLM3's attention

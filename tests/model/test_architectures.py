@@ -1,7 +1,8 @@
 """Qwen3, SmolLM3, Phi-3 (fused checkpoint tensors, partial rotary, LongRoPE) and Gemma 3 (sliding-window and global
 layers) against transformers on tiny random checkpoints: the parsed config, float32 logits and greedy tokens through
 the engine (a batch of prompts on the paged KV cache, prompts longer than the prefill chunk and than the sliding
-windows, prefix-cache hits), the quantized CPU path, and the Triton kernels (interpreter on CPU).
+windows, prefix-cache hits), the quantized CPU path and its one-call C++ decode stack, and the Triton kernels
+(interpreter on CPU).
 
 Phi-3 comes twice: a long-context model (max positions past the pretraining length: the long LongRoPE factors) run
 on prompts longer than its pretraining length, and one whose context is the pretraining length (short factors, an
@@ -14,6 +15,7 @@ import shutil
 import pytest
 import torch
 
+from loom_kernels.fused_cpu.decode_stack import decode_stack_available
 from server.engine import EngineCore, EngineSettings, SamplingParams
 from server.engine.offline import generate
 from server.model import FlatBatch, KVCache, ModelSettings, UnsupportedModelError, load_model
@@ -203,7 +205,7 @@ def test_greedy_matches_hf_through_the_engine(arch, loom_fp32, hf_models):
 def test_quantized_cpu_path(arch, dtype, checkpoints, loom_fp32, tmp_path):
     """q8 at load: every linear quantized (Phi-3's fused checkpoint tensors as they are), the norms of q/k and
     Gemma's four per layer filled by name, logits close to float32's (bf16 activations take the C++ RMSNorm and
-    rotary on q/k heads); the C++ decode stack is not taken."""
+    rotary on q/k heads); the C++ decode stack is taken, except by Gemma 3."""
     ref = loom_fp32[arch]
     lm = load_model(ModelSettings(model=str(checkpoints[arch]), dtype=dtype, quantization="q8",
                                   cache_dir=tmp_path, kernel_calibration=False), progress=False)
@@ -219,7 +221,8 @@ def test_quantized_cpu_path(arch, dtype, checkpoints, loom_fp32, tmp_path):
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
     cfg = lm.config
     cache = KVCache.allocate(cfg.num_layers, 4, 16, cfg.num_kv_heads, cfg.head_dim, lm.dtype)
-    assert not getattr(lm.model, "enable_decode_stack", lambda c: False)(cache)
+    taken = getattr(lm.model, "enable_decode_stack", lambda c: False)(cache)
+    assert taken == (arch != "gemma3" and decode_stack_available())
     assert len(greedy(EngineCore(lm, EngineSettings(kv_cache_memory=0.05, **ENGINE)), prompts_for(arch), 4)[0]) == 4
 
 
@@ -243,3 +246,20 @@ def test_triton_kernels_give_the_reference_tokens(arch, checkpoints, kernel_env,
     assert calls["decode"] > 0 and calls["prefill"] > 0, "the Triton kernels did not run"
     kernel_env("torch")
     assert via_triton == greedy(EngineCore(lm, EngineSettings(kv_cache_memory=0.05, **ENGINE)), prompts, 4)
+
+
+@pytest.mark.skipif(not decode_stack_available(), reason="no C++ compiler for the CPU kernels")
+@pytest.mark.parametrize("arch", ["qwen3", "smollm3", "phi3", "phi3-short", "mistral", "qwen2"])
+def test_quantized_decode_steps_take_the_cpu_stack(arch, checkpoints, tmp_path, monkeypatch):
+    """q8 weights (so float32 activations take the stack too): the decode steps run on the C++ stack, with Qwen3's
+    q/k norms, SmolLM3's NoPE layers, Phi-3's partial rotary and the windows (prompts and 16 new tokens past every
+    window), and give the tokens of the Python layer loop over the same loaded model."""
+    lm = load_model(ModelSettings(model=str(checkpoints[arch]), dtype="float32", quantization="q8",
+                                  cache_dir=tmp_path, kernel_calibration=False), progress=False)
+    prompts = prompts_for(arch)
+    with_stack = greedy(EngineCore(lm, EngineSettings(kv_cache_memory=0.05, **ENGINE)), prompts, 16)
+    assert lm.model.decode_stacks is not None and lm.model.decode_stacks.by_size  # decode steps ran on it
+    monkeypatch.setattr("server.model.llama.wants_stack", lambda model, cache: False)  # the next engine: Python loop
+    without = greedy(EngineCore(lm, EngineSettings(kv_cache_memory=0.05, **ENGINE)), prompts, 16)
+    assert lm.model.decode_stacks is None
+    assert with_stack == without

@@ -36,15 +36,28 @@ def stack_linear(module: nn.Module, m: int) -> StackLinear:
 
 
 def wants_stack(model: nn.Module, kv_cache: KVCache) -> bool:
-    """A model whose layers the stack implements (the plain Llama layer: a family without q/k norms, NoPE layers,
-    partial rotary, sliding windows or Gemma's norms says `decode_stack_compatible = False`), on CPU, a compiler, K/V
-    in the activation dtype, and either reduced precision or quantized weights."""
+    """A model whose layers the stack implements (the Llama layer, with Qwen3's q/k norms, SmolLM3's NoPE layers,
+    Phi-3's partial rotary and sliding windows; a family with more, as Gemma's norms and GeGLU, says
+    `decode_stack_compatible = False`), on CPU, a compiler, K/V in the activation dtype, and either reduced precision
+    or quantized weights."""
     if not getattr(model, "decode_stack_compatible", True):
         return False
     norm = model.model.norm.weight
     quantized = any(isinstance(mod, QuantLinear) for mod in model.modules())
     return (norm.device.type == "cpu" and kv_cache.k[0].dtype == norm.dtype
             and (norm.dtype != torch.float32 or quantized) and decode_stack_available())
+
+
+def stack_layer(layer: nn.Module, m: int) -> StackLayer:
+    """A decoder layer of llama.py (or of a family built on it) as the stack runs it at batch size `m`: Qwen3's
+    `q_norm` / `k_norm` modules, SmolLM3's `use_rope` and the attention's window where the layer has them."""
+    attn, mlp = layer.self_attn, layer.mlp
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # built with cfg.norm_eps too
+    return StackLayer(layer.input_layernorm.weight, stack_linear(attn.qkv_proj, m), stack_linear(attn.o_proj, m),
+                      layer.post_attention_layernorm.weight, stack_linear(mlp.gate_up_proj, m),
+                      stack_linear(mlp.down_proj, m), q_norm=None if q_norm is None else q_norm.weight,
+                      k_norm=None if k_norm is None else k_norm.weight, rope=getattr(attn, "use_rope", True),
+                      window=attn.attn.window)
 
 
 class DecodeStacks:
@@ -57,16 +70,12 @@ class DecodeStacks:
 
     def _build(self, m: int) -> DecodeStack:
         model, cfg = self.model, self.model.config
-        layers = []
-        for layer in model.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            layers.append(StackLayer(layer.input_layernorm.weight, stack_linear(attn.qkv_proj, m),
-                                     stack_linear(attn.o_proj, m), layer.post_attention_layernorm.weight,
-                                     stack_linear(mlp.gate_up_proj, m), stack_linear(mlp.down_proj, m)))
+        layers = [stack_layer(layer, m) for layer in model.model.layers]
         forms = tuple((id(lin.weight), id(lin.lora_a)) for layer in layers
                       for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
         if forms not in self.by_forms:
-            shape = StackShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps, cfg.head_dim ** -0.5)
+            shape = StackShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps, cfg.head_dim ** -0.5,
+                               cfg.rotary_dim)
             self.by_forms[forms] = DecodeStack(layers, model.model.norm.weight, self.kv_cache.k, self.kv_cache.v,
                                                model.cos_sin, shape)
             log.debug("decode stack compiled", extra={"batch_size": m, "stacks": len(self.by_forms)})
