@@ -11,6 +11,12 @@ With `touch_fresh_last` (the CPU pool, whose pages are committed on first write)
 before a freed prefix is evicted only while the pool has touched fewer than `retain_share` of its blocks: resident
 memory then follows the most blocks in use at once plus that share kept for prefixes (a later turn of a chat, a
 system prompt shared over time), not every distinct block history has passed through.
+
+With a `window` (every attention layer slides over at most that many positions) a running sequence's leading blocks
+that no query can reach again are released after each step: their references are dropped but their table entries
+stay (the kernels index a table by position // block_size, and no query sees a key outside its window), counted by
+the sequence's `num_released_blocks` so that nothing is dropped twice. A released block shared with another sequence
+stays alive; one holding a cached prefix stays findable on the free list, as after `free_sequence`.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ class Block:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 touch_fresh_last: bool = False, retain_share: float = 0.25):
+                 touch_fresh_last: bool = False, retain_share: float = 0.25, window: int | None = None):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one slot, got {num_blocks} x {block_size}")
         self.block_size = block_size
@@ -45,6 +51,7 @@ class BlockManager:
         self.fresh: list[int] = list(range(num_blocks - 1, -1, -1)) if touch_fresh_last else []
         self.retain_blocks = int(retain_share * num_blocks)
         self.cached: dict[int, int] = {}  # block hash -> block id
+        self.window = window  # the largest sliding window when every layer has one; None: some layer sees everything
 
     @property
     def num_free_blocks(self) -> int:
@@ -141,7 +148,7 @@ class BlockManager:
     def release_uncomputed(self, seq: Sequence) -> None:
         """Free `seq`'s blocks past those its computed tokens need: the slots of rejected draft tokens. Such a block
         is this sequence's alone and holds no cached prefix, so it goes where the next allocation takes first."""
-        keep = self.blocks_needed(seq.num_computed_tokens)
+        keep = max(self.blocks_needed(seq.num_computed_tokens), seq.num_released_blocks)
         while len(seq.block_table) > keep:
             block_id = seq.block_table.pop()
             block = self.blocks[block_id]
@@ -150,16 +157,38 @@ class BlockManager:
                 block.hash, block.token_ids = None, ()
                 self.plain.append(block_id)
 
+    def release_behind_window(self, seq: Sequence) -> int:
+        """Drop `seq`'s references to its leading blocks that no layer reads again; returns how many were released now.
+
+        A query at position p reads keys p - window < j <= p (loom_kernels/attention/reference.py; the Triton and C++
+        kernels start at the same key), and no query comes before position `num_computed_tokens`: a decode row there,
+        the draft rows after it, or the next prefill chunk. Keys below num_computed_tokens + 1 - window are dead."""
+        if self.window is None or not seq.block_table:
+            return 0
+        dead = max(seq.num_computed_tokens + 1 - self.window, 0) // self.block_size
+        if self.enable_prefix_caching:  # the next block's hash chains from the last registered one's: keep that one
+            dead = max(min(dead, seq.num_hashed_blocks - 1), 0)
+        first = seq.num_released_blocks
+        for block_id in seq.block_table[first:dead]:
+            self._drop(block_id)
+        seq.num_released_blocks = max(first, dead)
+        return max(dead - first, 0)
+
+    def _drop(self, block_id: int) -> None:
+        """One reference fewer; at none a block holding a cached prefix stays findable (LRU), any other is plain."""
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            if block.hash is None or self.cached.get(block.hash) != block_id:
+                block.hash, block.token_ids = None, ()
+                self.plain.append(block_id)
+            else:
+                self.free[block_id] = None
+
     def free_sequence(self, seq: Sequence) -> None:
-        """Drop `seq`'s references; the tail goes to the free list first so shared prefixes are evicted last."""
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if block.hash is None or self.cached.get(block.hash) != block_id:
-                    block.hash, block.token_ids = None, ()
-                    self.plain.append(block_id)
-                else:
-                    self.free[block_id] = None
+        """Drop `seq`'s references (not those it released already); the tail goes to the free list first so shared
+        prefixes are evicted last."""
+        for block_id in reversed(seq.block_table[seq.num_released_blocks:]):
+            self._drop(block_id)
         seq.block_table = []
-        seq.num_computed_tokens = seq.num_hashed_blocks = 0
+        seq.num_computed_tokens = seq.num_hashed_blocks = seq.num_released_blocks = 0

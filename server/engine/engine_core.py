@@ -20,9 +20,16 @@ from server.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from server.engine.sequence import Sequence
 from server.engine.settings import EngineSettings
 from server.engine.speculation import Speculator, num_accepted
-from server.model import LoadedModel
+from server.model import LoadedModel, ModelConfig
 
 log = logging.getLogger("loom.engine")
+
+
+def attention_horizon(cfg: ModelConfig) -> int | None:
+    """How far back any layer still reads: the largest sliding window when every layer has one, so that K/V older
+    than that is never read again and its blocks can go back to the pool; None when some layer sees everything."""
+    windows = [cfg.layer_window(i) for i in range(cfg.num_layers)]
+    return None if not windows or None in windows else max(windows)
 
 
 class EngineCore:
@@ -32,7 +39,8 @@ class EngineCore:
         self.max_model_len = context_window(settings.max_model_len, lm.config.max_model_len)
         self.runner = ModelRunner(lm, settings, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, settings.block_size, settings.enable_prefix_caching,
-                                          touch_fresh_last=lm.device.type == "cpu")  # lazily committed pool
+                                          touch_fresh_last=lm.device.type == "cpu",  # lazily committed pool
+                                          window=attention_horizon(lm.config))
         self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens,
                                    settings.max_prefill_chunk, settings.max_loras if settings.enable_lora else None)
         self.loras = LoraRegistry(self.runner.lora, getattr(lm.model, "shard_sizes", None))
@@ -173,6 +181,9 @@ class EngineCore:
                 self.requests.pop(seq.request_id, None)
         for request_id in failed:
             self.abort(request_id)
+        for item in items:  # windowed models: what slid out of every layer's window goes back to the pool
+            if not item.seq.is_finished:
+                self.block_manager.release_behind_window(item.seq)
         return StepOutput([o for o in outputs if o.request_id not in failed], failed)
 
     def _sample(self, step: StepLogits, items: list[ScheduledSeq],

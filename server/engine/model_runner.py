@@ -126,7 +126,8 @@ class ModelRunner:
         a token from their `prompt_logprobs_start` on. A decoding sequence's last token and its drafts take a decode
         row each, attending up to its own position: every layer writes all rows' K/V before any row attends, so row
         j sees the rows before it, and verification runs on the decode path (the fused CPU step, CUDA graphs) with
-        logits at every row."""
+        logits at every row. A windowed sequence's table still names the blocks it released (block_manager.py):
+        they keep positions where they are, and no kernel lets a query see a key outside its window."""
         logits_rows, sample_rows, prompt_rows = [], {}, {}
         parts: tuple[list, list] = ([], [])
         row = 0

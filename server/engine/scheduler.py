@@ -7,7 +7,11 @@ preempted and will be recomputed; a request that could never fit is refused at s
 
 A decoding sequence with draft tokens (speculation.py) is scheduled among the decodes with its last token and the
 drafts, a decode row each. Drafts only ever take room that is spare: they are cut to the step's budget, and to the
-blocks the sequence holds when the free pool runs low, so speculation never preempts anyone."""
+blocks the sequence holds when the free pool runs low, so speculation never preempts anyone.
+
+A windowed model's sequence releases the blocks that slid out of its window (block_manager.py) yet keeps their table
+entries, so the blocks a step needs are still counted by position; preempting it frees only the blocks it holds, and
+its recompute starts over with fresh blocks (or prefix hits), chunk by chunk, releasing again as it goes."""
 from __future__ import annotations
 
 import bisect

@@ -36,6 +36,7 @@ class Sequence:
     num_cached_tokens: int = 0  # of those, prefix-cache hits at admission
     num_hashed_blocks: int = 0  # leading blocks already registered in the prefix cache
     block_table: list[int] = field(default_factory=list)
+    num_released_blocks: int = 0  # leading block_table entries out of every layer's window: references dropped
     generator: torch.Generator | None = None
     finish_reason: str | None = None
     num_preemptions: int = 0
