@@ -1,10 +1,12 @@
 """`python -m tests.support.paused_start MOMENT loom-args...`: the real `loom` CLI, stopped for good at one moment of
 its start (it prints `paused at MOMENT` and sleeps), so a test can kill it exactly there:
-- `tokenizer`: the GGUF's tokenizer written to its temporary folder, not yet renamed into the cache;
-- `calibration`: the first kernel group being measured."""
+- `tokenizer`: the GGUF's tokenizer written to its temporary folder, not yet renamed into the cache (the calibration
+  beside it held before its first group);
+- `calibration`: the first kernel group being measured (once the tokenizer read beside it is in the cache)."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 
@@ -19,8 +21,13 @@ def install(moment: str) -> None:
     if moment == "tokenizer":
         publish = gguf.publish_directory
         gguf.publish_directory = lambda tmp, target: (pause(moment), publish(tmp, target))
-    elif moment == "calibration":
-        calibrate.measure_group = lambda *args, **kwargs: pause(moment)
+        # the tokenizer is read beside the weights: hold the calibration too, so that the kill finds it unfinished
+        calibrate.measure_group = lambda *args, **kwargs: time.sleep(3600)
+    elif moment == "calibration":  # once the tokenizer read beside it is in the cache: a moment of calibration only
+        published = threading.Event()
+        publish = gguf.publish_directory
+        gguf.publish_directory = lambda tmp, target: (publish(tmp, target), published.set())[0]
+        calibrate.measure_group = lambda *args, **kwargs: (published.wait(600), pause(moment))
     else:
         raise SystemExit(f"unknown moment {moment!r}")
 
