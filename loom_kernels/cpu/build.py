@@ -65,10 +65,11 @@ def effective_isa(isa: str) -> str:
 
 
 def extension_name(name: str, sources: Sequence[Path], fast_math: bool, isa: str) -> str:
-    """`name`, this CPU's fingerprint, a hash of the sources, their headers, the flags and torch's version, and the
-    ISA level where it is not native."""
+    """`name`, this CPU's fingerprint, a hash of the sources, their headers, their folder, the flags and torch's
+    version, and the ISA level where it is not native. The folder: torch's build files name the sources by path and
+    rebuild when it changes, so two installs sharing the extensions root would otherwise rebuild each other's."""
     cflags, ldflags = compiler_flags(fast_math, isa)
-    digest = hashlib.sha256(f"{torch.__version__}\n{' '.join(cflags + ldflags)}\n".encode())
+    digest = hashlib.sha256(f"{torch.__version__}\n{' '.join(cflags + ldflags)}\n{KERNELS_ROOT.resolve()}\n".encode())
     for path in included_files(sources, [KERNELS_ROOT]):
         digest.update(path.read_bytes())
     suffix = "" if isa == "native" else f"_{isa}"

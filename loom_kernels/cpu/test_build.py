@@ -139,6 +139,14 @@ def test_the_name_changes_with_every_source_and_header(tiny):
                                                                                       False, "native")
 
 
+def test_two_installs_do_not_share_a_build(tiny, monkeypatch, tmp_path):
+    """torch's build files name the sources by path: another install's kernels folder builds under another name."""
+    import loom_kernels.cpu.build as build
+    name = extension_name("loom_test_tiny", [tiny], False, "native")
+    monkeypatch.setattr(build, "KERNELS_ROOT", tmp_path)
+    assert extension_name("loom_test_tiny", [tiny], False, "native") != name
+
+
 def test_every_kernel_source_and_header_ships_in_the_wheel():
     pyproject = KERNELS_ROOT.parent / "pyproject.toml"
     if not pyproject.is_file():
