@@ -649,18 +649,25 @@ static void kq_rows(const KqSegment& s, int64_t n0, int64_t n1, const KqActs& a,
   }
 }
 
-static void kq_rows_any(const KqSegment& s, int64_t n0, int64_t n1, const KqActs& a, float* out, int64_t ldo) {
-  switch (s.type) {
-    case KQ_Q4_0: kq_rows<KQ_Q4_0>(s, n0, n1, a, out, ldo); break;
-    case KQ_Q4_1: kq_rows<KQ_Q4_1>(s, n0, n1, a, out, ldo); break;
-    case KQ_Q5_0: kq_rows<KQ_Q5_0>(s, n0, n1, a, out, ldo); break;
-    case KQ_Q5_1: kq_rows<KQ_Q5_1>(s, n0, n1, a, out, ldo); break;
-    case KQ_Q8_0: kq_rows<KQ_Q8_0>(s, n0, n1, a, out, ldo); break;
-    case KQ_Q4_K: kq_rows<KQ_Q4_K>(s, n0, n1, a, out, ldo); break;
-    case KQ_Q5_K: kq_rows<KQ_Q5_K>(s, n0, n1, a, out, ldo); break;
-    case KQ_Q6_K: kq_rows<KQ_Q6_K>(s, n0, n1, a, out, ldo); break;
+// f(std::integral_constant<int64_t, TYPE>()) for a segment's type: the one list of the types the kernels run (kq_segments
+// refuses the others), so each per-type entry point below is a single call.
+template <typename F>
+static void kq_with_type(int64_t type, F&& f) {
+  switch (type) {
+    case KQ_Q4_0: f(std::integral_constant<int64_t, KQ_Q4_0>()); break;
+    case KQ_Q4_1: f(std::integral_constant<int64_t, KQ_Q4_1>()); break;
+    case KQ_Q5_0: f(std::integral_constant<int64_t, KQ_Q5_0>()); break;
+    case KQ_Q5_1: f(std::integral_constant<int64_t, KQ_Q5_1>()); break;
+    case KQ_Q8_0: f(std::integral_constant<int64_t, KQ_Q8_0>()); break;
+    case KQ_Q4_K: f(std::integral_constant<int64_t, KQ_Q4_K>()); break;
+    case KQ_Q5_K: f(std::integral_constant<int64_t, KQ_Q5_K>()); break;
+    case KQ_Q6_K: f(std::integral_constant<int64_t, KQ_Q6_K>()); break;
     default: break;  // refused by kq_segments
   }
+}
+
+static void kq_rows_any(const KqSegment& s, int64_t n0, int64_t n1, const KqActs& a, float* out, int64_t ldo) {
+  kq_with_type(s.type, [&](auto t) { kq_rows<decltype(t)::value>(s, n0, n1, a, out, ldo); });
 }
 
 // The segments as the kernel reads them, each checked against its type and K.
@@ -724,17 +731,7 @@ static at::Tensor gguf_linear(const at::Tensor& x_in, const std::vector<at::Tens
 // Row n of a segment as K float32 weights.
 static void kq_dequantize_row_any(const KqSegment& s, int64_t n, int64_t k, float* dst) {
   const uint8_t* row = s.data + n * s.row_bytes;
-  switch (s.type) {
-    case KQ_Q4_0: kq_dequantize_row<KQ_Q4_0>(row, k, dst); break;
-    case KQ_Q4_1: kq_dequantize_row<KQ_Q4_1>(row, k, dst); break;
-    case KQ_Q5_0: kq_dequantize_row<KQ_Q5_0>(row, k, dst); break;
-    case KQ_Q5_1: kq_dequantize_row<KQ_Q5_1>(row, k, dst); break;
-    case KQ_Q8_0: kq_dequantize_row<KQ_Q8_0>(row, k, dst); break;
-    case KQ_Q4_K: kq_dequantize_row<KQ_Q4_K>(row, k, dst); break;
-    case KQ_Q5_K: kq_dequantize_row<KQ_Q5_K>(row, k, dst); break;
-    case KQ_Q6_K: kq_dequantize_row<KQ_Q6_K>(row, k, dst); break;
-    default: break;  // refused by kq_segments
-  }
+  kq_with_type(s.type, [&](auto t) { kq_dequantize_row<decltype(t)::value>(row, k, dst); });
 }
 
 // Output rows c0 .. c1 of the whole weight (the segments' rows in order: a span may cross segments) as float32

@@ -231,17 +231,7 @@ static void kq8_rows(const KqSegment& s, int64_t n0, int64_t n1, const KqActsQ8&
 }
 
 static void kq8_rows_any(const KqSegment& s, int64_t n0, int64_t n1, const KqActsQ8& a, float* out, int64_t ldo) {
-  switch (s.type) {
-    case KQ_Q4_0: kq8_rows<KQ_Q4_0>(s, n0, n1, a, out, ldo); break;
-    case KQ_Q4_1: kq8_rows<KQ_Q4_1>(s, n0, n1, a, out, ldo); break;
-    case KQ_Q5_0: kq8_rows<KQ_Q5_0>(s, n0, n1, a, out, ldo); break;
-    case KQ_Q5_1: kq8_rows<KQ_Q5_1>(s, n0, n1, a, out, ldo); break;
-    case KQ_Q8_0: kq8_rows<KQ_Q8_0>(s, n0, n1, a, out, ldo); break;
-    case KQ_Q4_K: kq8_rows<KQ_Q4_K>(s, n0, n1, a, out, ldo); break;
-    case KQ_Q5_K: kq8_rows<KQ_Q5_K>(s, n0, n1, a, out, ldo); break;
-    case KQ_Q6_K: kq8_rows<KQ_Q6_K>(s, n0, n1, a, out, ldo); break;
-    default: break;  // refused by kq_segments
-  }
+  kq_with_type(s.type, [&](auto t) { kq8_rows<decltype(t)::value>(s, n0, n1, a, out, ldo); });
 }
 
 // x [M, K] (float32 / bfloat16 / float16) -> [M, N] in x's dtype: gguf_linear with x quantized to int8 per 32 values.
