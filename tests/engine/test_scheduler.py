@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from server.engine.block_manager import BlockManager
 from server.engine.scheduler import Scheduler
-from tests.support.models import make_seq
+from tests.support.models import compute_scheduled, make_seq
 
 BLOCK = 4
 
@@ -28,18 +28,9 @@ def simulate(num_blocks, max_seqs, max_tokens_per_step, requests, abort_every, s
         assert len(out.prefills) + len(out.decodes) <= max_seqs
         assert len(sched.running) <= max_seqs
         assert len({s.seq.seq_id for s in out.prefills + out.decodes}) == len(out.prefills) + len(out.decodes)
-        for item in out.prefills + out.decodes:
-            seq = item.seq
-            assert len(seq.block_table) * BLOCK >= seq.num_computed_tokens + item.num_new_tokens
-            completes = item.completes_prompt
-            seq.num_computed_tokens += item.num_new_tokens
-            bm.cache_full_blocks(seq)
-            if completes:
-                seq.token_ids.append(7)
-                if seq.num_output_tokens >= seq.max_tokens:
-                    sched.finish(seq, "length")
-                    done.add(seq.seq_id)
-                    del live[seq.seq_id]
+        for seq in compute_scheduled(sched, out, BLOCK):
+            done.add(seq.seq_id)
+            del live[seq.seq_id]
         if abort_every and step % abort_every == abort_every - 1 and live:
             victim = live.pop(min(live))
             sched.finish(victim, "abort")

@@ -21,7 +21,7 @@ from server.engine.offline import generate
 from server.engine.scheduler import Scheduler
 from server.model import LoadedModel, ModelConfig, ModelSettings, load_model
 from server.model.dummy import DUMMY_PRESETS
-from tests.support.models import make_seq
+from tests.support.models import compute_scheduled, make_seq
 
 WINDOW, BLOCK = 20, 8  # a window that is no multiple of the block size
 GREEDY = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)
@@ -108,16 +108,7 @@ def simulate(requests, num_blocks: int, max_seqs: int, budget: int, window: int,
             break
         out = sched.schedule()
         assert out.num_tokens <= budget
-        for item in out.prefills + out.decodes:
-            seq = item.seq
-            assert len(seq.block_table) * 4 >= seq.num_computed_tokens + item.num_new_tokens
-            completes = item.completes_prompt
-            seq.num_computed_tokens += item.num_new_tokens
-            bm.cache_full_blocks(seq)
-            if completes:
-                seq.token_ids.append(7)
-                if seq.num_output_tokens >= seq.max_tokens:
-                    sched.finish(seq, "length")
+        compute_scheduled(sched, out, 4)
         for seq in sched.running:
             bm.release_behind_window(seq)
             assert seq.num_released_blocks * 4 <= max(seq.num_computed_tokens + 1 - window, 0)

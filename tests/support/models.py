@@ -67,3 +67,22 @@ def random_prompts(n: int, lo: int, hi: int, vocab: int = 49152, seed: int = 0) 
 def make_seq(tokens: list[int], seq_id: int = 0, **params) -> Sequence:
     """A bare sequence for scheduler and block-manager tests (max_tokens 16)."""
     return Sequence(seq_id, f"r{seq_id}", 0, list(tokens), SamplingParams(**params), 16)
+
+
+def compute_scheduled(sched, out, block_size: int) -> list[Sequence]:
+    """What a model step does to the bookkeeping of `out` (a SchedulerOutput): each scheduled sequence's blocks cover
+    its new tokens, they are computed, full blocks go into the prefix cache, a completed prompt or decode samples
+    token 7, and one that reached its max_tokens is finished ("length"). Returns those finished sequences."""
+    finished = []
+    for item in out.prefills + out.decodes:
+        seq = item.seq
+        assert len(seq.block_table) * block_size >= seq.num_computed_tokens + item.num_new_tokens
+        completes = item.completes_prompt
+        seq.num_computed_tokens += item.num_new_tokens
+        sched.block_manager.cache_full_blocks(seq)
+        if completes:
+            seq.token_ids.append(7)
+            if seq.num_output_tokens >= seq.max_tokens:
+                sched.finish(seq, "length")
+                finished.append(seq)
+    return finished
