@@ -10,6 +10,7 @@
 #include "quant/blocks.h"
 #include "quant/kquants.h"
 #include "quant/kquants_q8.h"
+#include "quant/kquants_q8k.h"
 
 // One linear: kinds 0-5 hold their weight in a, b, c; kinds 6-8 (GGUF blocks: the small-M, the tiled large-M and the
 // int8-activation GEMM) in segs, one ggml type each. lora_a / lora_b / lora_meta: its LoRA slot stacks and their
@@ -50,6 +51,8 @@ static at::Tensor base_linear(const at::Tensor& x, const Lin& l) {
     out = gguf_linear_tiled(x, l.segs, l.types, l.k);
   } else if (l.kind == 8) {  // the same weights against activations quantized to int8
     out = gguf_linear_q8(x, l.segs, l.types, l.k);
+  } else if (l.kind == 9) {  // K-quants against activations quantized per 256, for large M
+    out = gguf_linear_q8k(x, l.segs, l.types, l.k);
   } else if (l.kind == 2) {
     out = at::linear(x.scalar_type() == l.a.scalar_type() ? x : x.to(l.a.scalar_type()), l.a);
   } else {
@@ -151,7 +154,7 @@ struct DecodeStack {
       l.kind = meta[4 * i]; l.n = meta[4 * i + 1]; l.k = meta[4 * i + 2]; l.group = meta[4 * i + 3];
       l.a = lin_tensors[4 * i]; l.b = lin_tensors[4 * i + 1]; l.c = lin_tensors[4 * i + 2];
       if (lin_tensors[4 * i + 3].numel()) l.bias = lin_tensors[4 * i + 3];
-      if (l.kind >= 6 && l.kind <= 8) {
+      if (l.kind >= 6 && l.kind <= 9) {
         TORCH_CHECK(l.group > 0 && seg + l.group <= gguf_segs.size(), "DecodeStack: too few GGUF segments");
         l.segs.assign(gguf_segs.begin() + seg, gguf_segs.begin() + seg + l.group);
         l.types.assign(gguf_types.begin() + seg, gguf_types.begin() + seg + l.group);

@@ -29,6 +29,7 @@ from loom_kernels.quant import (
     block_q8_linear,
     gguf_linear,
     gguf_linear_q8,
+    gguf_linear_q8k,
     gguf_linear_tiled,
     q4_linear,
     q8_linear,
@@ -36,8 +37,8 @@ from loom_kernels.quant import (
 from loom_kernels.quant.kquants import ggml_type_id
 
 KINDS = {"q4": 0, "q8": 1, "dense": 2, "mkldnn": 3, "q4_blocks": 4, "q8_blocks": 5, "gguf_blocks": 6, "gguf_tiled": 7,
-         "gguf_q8": 8}
-GGUF_KINDS = ("gguf_blocks", "gguf_tiled", "gguf_q8")
+         "gguf_q8": 8, "gguf_q8k": 9}
+GGUF_KINDS = ("gguf_blocks", "gguf_tiled", "gguf_q8", "gguf_q8k")
 
 
 @dataclass
@@ -45,7 +46,8 @@ class StackLinear:
     """One linear in the form the step runs it: `q4` (Q4Packed), `q8` (Q8Packed), `q4_blocks` / `q8_blocks`
     (BlockQ4 / BlockQ8), `gguf_blocks` (GGUFBlocks: a GGUF file's blocks as stored, segments of mixed types),
     `gguf_tiled` (the same GGUFBlocks through `gguf_linear_tiled`, the large-M GEMM), `gguf_q8` (through
-    `gguf_linear_q8`, activations quantized to int8), `dense` (a weight `[N, K]`,
+    `gguf_linear_q8`, activations quantized to int8), `gguf_q8k` (K-quants through `gguf_linear_q8k`, activations
+    quantized per 256), `dense` (a weight `[N, K]`,
     any dtype: the input is cast to it) or `mkldnn` (a oneDNN-packed bf16 weight with its `out_features`).
     `lora_a` `[S, R, K]` / `lora_b` `[S, N, R]` / `lora_meta` (each slot's `lora_slot_meta`): the LoRA slot stacks
     of a linear that carries adapters, held (not copied) by the stack; `__call__` is the base product only."""
@@ -64,6 +66,8 @@ class StackLinear:
             out = gguf_linear_tiled(x, self.weight)
         elif self.kind == "gguf_q8":
             out = gguf_linear_q8(x, self.weight)
+        elif self.kind == "gguf_q8k":
+            out = gguf_linear_q8k(x, self.weight)
         elif self.kind == "q4_blocks":
             out = block_q4_linear(x, self.weight)
         elif self.kind == "q8_blocks":

@@ -91,6 +91,8 @@ G_HIDDEN, G_H, G_HKV, G_D, G_INTER = 256, 4, 2, 64, 256
 GGUF_LAYERS = [(("Q4_K", "Q4_K", "Q6_K"), "Q5_K", ("Q4_K", "Q5_0"), "Q6_K"),
                (("Q4_0", "Q4_1", "Q5_1"), "Q8_0", ("Q5_0", "Q4_1"), "Q8_0"),
                (("Q5_K", "Q8_0", "Q6_K"), "Q4_K", ("Q6_K", "Q4_K"), "Q5_K")]
+GGUF_KQUANT_LAYERS = [(("Q4_K", "Q4_K", "Q6_K"), "Q5_K", ("Q4_K", "Q6_K"), "Q6_K"),
+                      (("Q5_K", "Q6_K", "Q6_K"), "Q4_K", ("Q6_K", "Q4_K"), "Q5_K")]
 
 
 def gguf_linear_of(types: tuple[str, ...], rows: tuple[int, ...], k: int, seed: int, bias=None,
@@ -99,10 +101,10 @@ def gguf_linear_of(types: tuple[str, ...], rows: tuple[int, ...], k: int, seed: 
     return StackLinear(kind, concat_gguf_blocks(parts), bias)
 
 
-def make_gguf_layers(dtype: torch.dtype, kind: str = "gguf_blocks") -> list[StackLayer]:
+def make_gguf_layers(dtype: torch.dtype, kind: str = "gguf_blocks", types=GGUF_LAYERS) -> list[StackLayer]:
     q, kv = G_H * G_D, G_HKV * G_D
     layers = []
-    for i, (qkv, o, gate_up, down) in enumerate(GGUF_LAYERS):
+    for i, (qkv, o, gate_up, down) in enumerate(types):
         layers.append(StackLayer(
             input_norm=(1 + 0.1 * torch.randn(G_HIDDEN)).to(dtype),
             qkv=gguf_linear_of(qkv, (q, kv, kv), G_HIDDEN, 10 * i, 0.1 * torch.randn(q + 2 * kv, dtype=dtype), kind),
@@ -122,12 +124,14 @@ def test_decode_stack_runs_gguf_blocks_of_mixed_types(dtype):
     check_stack(layers, dtype, StackShape(G_H, G_HKV, G_D, 1e-5, G_D ** -0.5), G_HIDDEN)
 
 
-@pytest.mark.parametrize("kind", ["gguf_tiled", "gguf_q8"])
+@pytest.mark.parametrize("kind", ["gguf_tiled", "gguf_q8", "gguf_q8k"])
 def test_decode_stack_runs_the_other_gguf_kinds(kind):
-    """The large-M GEMM and the int8-activation GEMM as linear kinds: the same segments, run through
-    gguf_linear_tiled / gguf_linear_q8 by the stack and by the reference alike."""
+    """The large-M GEMM and the int8-activation GEMMs as linear kinds: the same segments, run through
+    gguf_linear_tiled / gguf_linear_q8 / gguf_linear_q8k (K-quant layers only) by the stack and by the reference
+    alike."""
     torch.manual_seed(0)
-    layers = make_gguf_layers(torch.bfloat16, kind=kind)
+    types = GGUF_KQUANT_LAYERS if kind == "gguf_q8k" else GGUF_LAYERS
+    layers = make_gguf_layers(torch.bfloat16, kind=kind, types=types)
     check_stack(layers, torch.bfloat16, StackShape(G_H, G_HKV, G_D, 1e-5, G_D ** -0.5), G_HIDDEN)
 
 

@@ -78,8 +78,7 @@ static inline float kq_half(const uint8_t* p) {
 
 // Q4_K / Q5_K: eight 6-bit scales and mins packed in 12 bytes (get_scale_min_k4), unpacked four at a time as
 // ggml's own kernels do: bytes 0-7 of u the scales, 8-15 the mins.
-static inline void kq_k4_scales(const uint8_t* s, float d, float dmin, float* sc, float* mn) {
-  uint32_t u[4];
+static inline void kq_k4_unpack(const uint8_t* s, uint32_t* u) {
   std::memcpy(u, s, 12);
   const uint32_t m6 = 0x3f3f3f3f, m4 = 0x0f0f0f0f, m2 = 0x03030303;
   u[3] = ((u[2] >> 4) & m4) | (((u[1] >> 6) & m2) << 4);
@@ -87,6 +86,11 @@ static inline void kq_k4_scales(const uint8_t* s, float d, float dmin, float* sc
   u[1] = (u[2] & m4) | (((u[0] >> 6) & m2) << 4);
   u[2] = mins_lo;
   u[0] &= m6;
+}
+
+static inline void kq_k4_scales(const uint8_t* s, float d, float dmin, float* sc, float* mn) {
+  uint32_t u[4];
+  kq_k4_unpack(s, u);
 #if defined(__AVX2__)
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
   _mm256_storeu_ps(sc, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b))));

@@ -32,6 +32,7 @@ _TYPES: dict[str, tuple[int, int, int]] = {
     "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176), "Q6_K": (14, 256, 210),
 }
 GGUF_KERNEL_TYPES: tuple[str, ...] = tuple(_TYPES)
+Q8K_TYPES: tuple[str, ...] = ("Q4_K", "Q5_K", "Q6_K")  # the types gguf_linear_q8k runs
 
 
 def _type(qtype: str) -> tuple[int, int, int]:
@@ -158,13 +159,23 @@ def gguf_linear_q8(x: torch.Tensor, w: GGUFBlocks) -> torch.Tensor:
     return _run_linear("gguf_linear_q8", x, w)
 
 
-def q8_activations(x: torch.Tensor) -> torch.Tensor:
-    """x `[..., K]` as gguf_linear_q8 sees it: each 32 values (zero-padded) rounded to int8 codes times max|x| / 127,
-    in float32. The reference for that kernel."""
+def gguf_linear_q8k(x: torch.Tensor, w: GGUFBlocks) -> torch.Tensor:
+    """The K-quants (every segment Q4_K, Q5_K or Q6_K) against x quantized to int8 per 256 values (llama.cpp's Q8_K):
+    exactly `q8_activations(x, 256) @ dequantize_gguf(w).T` up to float32 summation order. Each superblock's integer
+    scales enter the integer sums (kquants_q8k.h): the large-M (prompt) GEMM where int8 activations are allowed."""
+    bad = sorted({qtype for qtype in w.qtypes if qtype not in Q8K_TYPES})
+    if bad:
+        raise ValueError(f"gguf_linear_q8k runs {', '.join(Q8K_TYPES)} weights, not {', '.join(bad)}")
+    return _run_linear("gguf_linear_q8k", x, w)
+
+
+def q8_activations(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """x `[..., K]` as gguf_linear_q8 (block 32) or gguf_linear_q8k (block 256) sees it: each `block` values
+    (zero-padded) rounded to int8 codes times max|x| / 127, in float32. The reference for those kernels."""
     k = x.shape[-1]
     flat = x.reshape(-1, k).float()
-    pad = (-k) % 32
-    blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(flat.shape[0], -1, 32)
+    pad = (-k) % block
+    blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(flat.shape[0], -1, block)
     amax = blocks.abs().amax(-1, keepdim=True)
     # IEEE 127 / amax as the kernel divides (torch's scalar / tensor is a reciprocal times 127: other bits)
     inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))

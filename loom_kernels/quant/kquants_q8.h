@@ -24,12 +24,8 @@ struct KqActsQ8 {
   int64_t rows = 0, k = 0, kp = 0, sp = 0;
 };
 
-// One block of 32 floats -> codes; returns the sum of the codes of each half.
-static inline std::pair<int, int> kq8_quantize_block(const float* x, int8_t* q, float* d) {
-  float amax = 0.f;
-  for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
-  *d = amax / 127.f;
-  const float id = amax > 0.f ? 127.f / amax : 0.f;
+// 32 floats -> codes round(x * id); returns the sum of the codes of each half.
+static inline std::pair<int, int> kq8_codes32(const float* x, float id, int8_t* q) {
   int s0 = 0, s1 = 0;
 #if defined(__AVX2__)
   __m256i v[4];
@@ -51,6 +47,14 @@ static inline std::pair<int, int> kq8_quantize_block(const float* x, int8_t* q, 
   }
 #endif
   return {s0, s1};
+}
+
+// One block of 32 floats -> codes with d = max|x| / 127; returns the sum of the codes of each half.
+static inline std::pair<int, int> kq8_quantize_block(const float* x, int8_t* q, float* d) {
+  float amax = 0.f;
+  for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
+  *d = amax / 127.f;
+  return kq8_codes32(x, amax > 0.f ? 127.f / amax : 0.f, q);
 }
 
 template <typename T>

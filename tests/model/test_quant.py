@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from loom_kernels.cpu.platform import cpu_info
-from loom_kernels.quant import block_kernels_available, quantize_q4
+from loom_kernels.quant import block_kernels_available, concat_gguf_blocks, quantize_q4
 from loom_kernels.quant.test_kquants import random_blocks
 from server.engine import EngineCore, EngineSettings, SamplingParams
 from server.engine.offline import generate as offline_generate
@@ -189,6 +189,13 @@ def test_int8_activations_are_offered_only_where_allowed():
     assert "gguf_q8" not in backends_for(source, False, False, True, int8_activations=False)
     assert "gguf_q8" not in backends_for(source, False, False, False, int8_activations=True)  # no kernels built
     assert "gguf_q8" not in backends_for(source, False, False, True, int8_activations=True, float_output=True)
+    assert "gguf_q8k" in backends_for(source, False, False, True, int8_activations=True)
+    assert "gguf_q8k" not in backends_for(source, False, False, True, int8_activations=False)
+    assert "gguf_q8k" not in backends_for(source, False, False, True, int8_activations=True, float_output=True)
+    mixed = QTensor("gguf", "Q4_K", blocks=concat_gguf_blocks([random_blocks("Q4_K", 8, 256, seed=0),
+                                                              random_blocks("Q8_0", 8, 256, seed=1)]))
+    assert "gguf_q8" in backends_for(mixed, False, False, True, int8_activations=True)
+    assert "gguf_q8k" not in backends_for(mixed, False, False, True, int8_activations=True)  # Q8_0 has no sub-scales
 
 
 CHAT = ["What is the capital of France?", "Name three rivers.", "What is 2 + 2?", "Who wrote Hamlet?",

@@ -17,7 +17,14 @@ from torch import nn
 from loom_kernels.cpu.platform import cpu_info, trim_heap
 from loom_kernels.quant import block_kernels_available
 from server.model.cache_files import write_file_atomically
-from server.model.weights.quant import QUANTIZED, QuantLinear, backends_for, form_bytes, resident_weight_bytes
+from server.model.weights.quant import (
+    GGUF_FORMS,
+    QUANTIZED,
+    QuantLinear,
+    backends_for,
+    form_bytes,
+    resident_weight_bytes,
+)
 
 log = logging.getLogger("loom.model")
 
@@ -187,7 +194,7 @@ def choose(mods: list[QuantLinear], info, dtype: torch.dtype, calibrate: bool, q
     return fit_choice(choice, timings[key], mods, candidates[0], allowance)
 
 
-READY_FORMS = ("gguf_blocks", "gguf_tiled", "gguf_q8")  # the file's own blocks: nothing to build at each start
+READY_FORMS = GGUF_FORMS  # the file's own blocks: nothing to build at each start
 READY_MARGIN = 1.05
 
 

@@ -3,7 +3,8 @@
 A `QuantLinear` can hold a weight in several forms ("backends") and picks one per call from its `plan`, a list of
 (largest M, backend) chosen by calibration (server/model/weights/calibrate.py) within a memory budget. `gguf_blocks`
 is a GGUF's tensor as the file stores it, any type Loom has a kernel for (loom_kernels/quant/kquants.py; `gguf_tiled`
-and `gguf_q8` run the same blocks at large M, and against int8 activations);
+runs the same blocks at large M, `gguf_q8` against int8 activations, and `gguf_q8k` the K-quants against int8
+activations at large M);
 `q4_blocks` / `q8_blocks` are Q4_0/Q4_1/Q8_0 codes re-laid for the older block kernel (blocks.py); `q4`/`q8` are
 torch's int4pack / int8pack; bf16/fp32 dense copies are faster where the product is compute-bound (large M), at
 several times the memory. `keep_only` drops every form the plan does not use and the source."""
@@ -15,6 +16,7 @@ from torch import nn
 
 from loom_kernels.fused_cpu.decode_stack import StackLinear
 from loom_kernels.quant import (
+    Q8K_TYPES,
     GGUFBlocks,
     gguf_blocks,
     pack_block_q4,
@@ -25,11 +27,11 @@ from loom_kernels.quant import (
 )
 from server.model.weights.gguf_tensors import QTensor, code_block_form, dequantize_blocks
 
-BACKENDS = ("gguf_blocks", "gguf_tiled", "gguf_q8", "q4_blocks", "q8_blocks", "q4", "q8", "bf16", "bf16_packed", "f32")
-QUANTIZED = ("gguf_blocks", "gguf_tiled", "gguf_q8", "q4_blocks", "q8_blocks", "q4", "q8")
-FORM_OF_BACKEND = {"gguf_blocks": "gguf_blocks", "gguf_tiled": "gguf_tiled", "gguf_q8": "gguf_q8", "q4_blocks": "q4_blocks",
-                   "q8_blocks": "q8_blocks", "q4": "q4", "q8": "q8", "bf16": "dense", "f32": "dense",
-                   "bf16_packed": "mkldnn"}
+GGUF_FORMS = ("gguf_blocks", "gguf_tiled", "gguf_q8", "gguf_q8k")  # one GGUFBlocks, run by four kernels
+BACKENDS = GGUF_FORMS + ("q4_blocks", "q8_blocks", "q4", "q8", "bf16", "bf16_packed", "f32")
+QUANTIZED = GGUF_FORMS + ("q4_blocks", "q8_blocks", "q4", "q8")
+FORM_OF_BACKEND = {**{b: b for b in GGUF_FORMS}, "q4_blocks": "q4_blocks", "q8_blocks": "q8_blocks", "q4": "q4",
+                   "q8": "q8", "bf16": "dense", "f32": "dense", "bf16_packed": "mkldnn"}
 BYTES_PER_WEIGHT = {"q4_blocks": 0.625, "q4": 0.625, "q8_blocks": 1.0625, "q8": 1.0, "bf16": 2.0,
                     "bf16_packed": 2.0, "f32": 4.0}  # with their scales; gguf_blocks: the file's own size
 CODE_FORMS = {"Q4_0": "q4", "Q4_1": "q4", "Q8_0": "q8"}  # GGUF types the int4pack / block kernels also run
@@ -38,14 +40,15 @@ CODE_FORMS = {"Q4_0": "q4", "Q4_1": "q4", "Q8_0": "q8"}  # GGUF types the int4pa
 def backends_for(source: QTensor, native_bf16: bool, fast_int8: bool, blocks: bool,
                  float_output: bool = False, int8_activations: bool = False) -> list[str]:
     """Candidates worth measuring: the source's own quantized forms (the block kernel first where it compiled; for
-    GGUF blocks also against int8 activations where allowed), then dense copies. int8pack is left out where it is known to be catastrophically slow (AVX2 without AVX-512:
-    5-400x slower than fp32); bf16 ones where bf16 is emulated, and for a head that must write float32."""
+    GGUF blocks also against int8 activations where allowed), then dense copies. int8pack is left out where it is
+    known to be catastrophically slow (AVX2 without AVX-512: 5-400x slower than fp32); bf16 ones where bf16 is emulated, and for a head that must write float32."""
     own = {"q4": ["q4_blocks"] * blocks + ["q4"], "q8": ["q8_blocks"] * blocks + ["q8"] * fast_int8}
     kind = source.kind
     if kind == "gguf":  # the file's blocks under the GGUF kernel; Q4_0/Q4_1/Q8_0 also under the code kernels
         segments = source.blocks.segments
         kind = CODE_FORMS.get(segments[0][1], "") if len(segments) == 1 else ""
-        q8 = ["gguf_q8"] * (int8_activations and not float_output)  # the head's input stays float: its output is logits
+        int8 = int8_activations and not float_output  # the head's input stays float: its output is logits
+        q8 = ["gguf_q8"] * int8 + ["gguf_q8k"] * (int8 and all(qtype in Q8K_TYPES for _, qtype in segments))
         own["gguf"] = (["gguf_blocks", "gguf_tiled"] + q8) * blocks + own.get(kind, [])
         kind = "gguf"
     return own.get(kind, []) + (["bf16", "bf16_packed"] if native_bf16 and not float_output else []) + ["f32"]
@@ -55,7 +58,7 @@ def form_bytes(source: QTensor, backend: str) -> int:
     """Resident bytes of one form of `source`, known before it is built (for the memory budget)."""
     if backend == "gguf_blocks":
         return source.nbytes()
-    if backend in ("gguf_tiled", "gguf_q8"):  # the same blocks, read another way
+    if backend in GGUF_FORMS[1:]:  # the same blocks, read another way
         return 0
     n, k = source.shape
     return int(n * k * BYTES_PER_WEIGHT[backend])
@@ -87,7 +90,7 @@ class QuantLinear(nn.Module):
             return
         if s.kind == "gguf" and backend in ("q4", "q8"):
             s = s.as_codes()
-        if backend in ("gguf_blocks", "gguf_tiled", "gguf_q8"):
+        if backend in GGUF_FORMS:
             self.forms[backend] = s.blocks
         elif backend == "q4_blocks":
             self.forms["q4_blocks"] = pack_block_q4(s.codes, s.scale, s.zero)
