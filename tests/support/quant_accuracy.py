@@ -63,7 +63,9 @@ def perplexity(lm, ids: list[int]) -> float:
 @contextlib.contextmanager
 def every_linear_on(lm, backend: str, head: bool = True):
     """Every linear (the head too, unless `head` is False: as served, its input stays float) run by `backend` at
-    every M, where it has that form (the GGUF-block kinds share one GGUFBlocks); restored after."""
+    every M, where it has that form (the GGUF-block kinds share one GGUFBlocks; `gguf_q8k` runs only K-quant
+    weights, the others take `gguf_q8`); restored after."""
+    from loom_kernels.quant import Q8K_TYPES
     from server.model.weights.quant import QuantLinear
     skip = None if head else getattr(lm.model, "lm_head", None)
     saved = {m: (m.forms, m.plan) for m in lm.model.modules() if isinstance(m, QuantLinear) and m is not skip}
@@ -71,7 +73,10 @@ def every_linear_on(lm, backend: str, head: bool = True):
         form = forms.get(backend) or (next(f for b, f in forms.items() if b.startswith("gguf"))
                                       if backend.startswith("gguf") else None)
         if form is not None:
-            mod.forms, mod.plan = {backend: form}, [(1 << 30, backend)]
+            kind = backend
+            if kind == "gguf_q8k" and any(qtype not in Q8K_TYPES for qtype in form.qtypes):
+                kind = "gguf_q8"
+            mod.forms, mod.plan = {kind: form}, [(1 << 30, kind)]
     try:
         yield lm
     finally:
@@ -82,7 +87,8 @@ def every_linear_on(lm, backend: str, head: bool = True):
 def main(argv: list[str]) -> None:
     """`[--model PATH] [dtype ...]`: the GGUF's blocks as Loom runs them against the same file de-quantized to
     float32 (default: the default model; e.g. a Q4_K_M re-quantization made by loadtests/make_gguf.py). `int8`:
-    every linear but the head (as served) on its blocks against int8 activations (gguf_q8)."""
+    every linear but the head (as served) on its blocks against int8 activations per 32 values (gguf_q8); `int8k`:
+    the K-quant ones against int8 activations per 256 values (gguf_q8k, what `--activations int8` runs prompts on)."""
     from server.model import ModelSettings, load_model
     model = "default"
     if argv[:1] == ["--model"]:
@@ -92,13 +98,14 @@ def main(argv: list[str]) -> None:
     ppl_ref = perplexity(ref, ids)
     print(f"{model}: text {len(ids)} tokens; float32 de-quantized perplexity {ppl_ref:.4f}")
     for mode in argv or ["auto", "float32"]:
-        dtype = "float32" if mode == "int8" else mode
+        dtype = "float32" if mode.startswith("int8") else mode
         lm = load_model(ModelSettings(model=model, dtype=dtype, quantization="gguf"), progress=False)
         started = time.perf_counter()
-        with every_linear_on(lm, "gguf_q8", head=False) if mode == "int8" else contextlib.nullcontext():
+        backend = {"int8": "gguf_q8", "int8k": "gguf_q8k"}.get(mode)
+        with every_linear_on(lm, backend, head=False) if backend else contextlib.nullcontext():
             agree = agreement(ref, lm, chat_prompts(ref, 32), 64)
             ppl = perplexity(lm, ids)
-        acts = "int8" if mode == "int8" else lm.dtype
+        acts = mode if backend else lm.dtype
         print(f"quantized ({lm.quantization}, activations {acts}): top-1 agreement {agree:.4f} over 32 x 64; "
               f"perplexity {ppl:.4f} ({100 * (ppl / ppl_ref - 1):+.2f}%) [{time.perf_counter() - started:.0f} s]")
 
