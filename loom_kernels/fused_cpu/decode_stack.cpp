@@ -1,7 +1,8 @@
 // A whole decode step of a Llama-family stack in one call (loom_kernels/fused_cpu/decode_stack.py): the layer loop
 // around the RMSNorm / rotary, paged-attention and block-GEMM kernels of the other extensions, from their headers.
 // Per layer it also runs the newer families' variations: q/k head norms (Qwen3), no rotary (SmolLM3's NoPE layers),
-// partial rotary (Phi-3: a cos/sin table narrower than the head) and sliding windows (Mistral, Qwen2, Phi-3, ...).
+// partial rotary (Phi-3: a cos/sin table narrower than the head) and sliding windows (Mistral, Qwen2, Phi-3, ...);
+// and Gemma 3's layer: norms on both sides of each sublayer (float32 weights 1 + w), GeGLU, two rotary tables.
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "attention/cpu_decode.h"
@@ -12,8 +13,8 @@
 #include "quant/kquants_q8.h"
 #include "quant/kquants_q8k.h"
 
-// One linear: kinds 0-5 hold their weight in a, b, c; kinds 6-8 (GGUF blocks: the small-M, the tiled large-M and the
-// int8-activation GEMM) in segs, one ggml type each. lora_a / lora_b / lora_meta: its LoRA slot stacks and their
+// One linear: kinds 0-5 hold their weight in a, b, c; kinds 6-9 (GGUF blocks: the small-M, the tiled large-M and the
+// int8-activation GEMMs) in segs, one ggml type each. lora_a / lora_b / lora_meta: its LoRA slot stacks and their
 // LoraMeta, if it carries adapters.
 struct Lin {
   int64_t kind = 0, n = 0, k = 0, group = 0;
@@ -90,6 +91,47 @@ static at::Tensor silu_mul(const at::Tensor& gu, int64_t inter) {
   return out;
 }
 
+// gelu_tanh(gate) rounded to T, times up, rounded: F.gelu(gate, approximate="tanh") * up in T.
+template <typename T>
+static at::Tensor gelu_tanh_mul(const at::Tensor& gu, int64_t inter) {
+  const int64_t rows = gu.size(0), s0 = gu.stride(0);
+  auto out = at::empty({rows, inter}, gu.options());
+  const T* p = gu.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  constexpr float beta = 0.7978845608028654f, kappa = 0.044715f;  // sqrt(2 / pi), as torch's tanh GELU
+  at::parallel_for(0, rows * inter, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / inter, c = i % inter;
+      const float g = widen(p[r * s0 + c]);
+      const float a = widen(static_cast<T>(0.5f * g * (1.f + std::tanh(beta * (g + kappa * g * g * g)))));
+      o[i] = static_cast<T>(a * widen(p[r * s0 + inter + c]));
+    }
+  });
+  return out;
+}
+
+// Gemma's RMSNorm of each row of x [rows, D]: x * rsqrt(mean(x^2) + eps) * w1 in float32 (w1 = 1 + weight), rounded
+// once to T; with `res` defined, res + that, rounded (a sublayer's output joining the residual stream).
+template <typename T>
+static void gemma_rms(const at::Tensor& x, const at::Tensor& w1, double eps, const at::Tensor& res, at::Tensor& out) {
+  const int64_t rows = x.size(0), D = x.size(1), xs = x.stride(0);
+  const T* xp = x.data_ptr<T>();
+  const float* wp = w1.data_ptr<float>();
+  const T* rp = res.defined() ? res.data_ptr<T>() : nullptr;
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float ss = 0.f;
+      for (int64_t d = 0; d < D; ++d) ss += widen(xp[r * xs + d]) * widen(xp[r * xs + d]);
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+      for (int64_t d = 0; d < D; ++d) {
+        const T n = static_cast<T>(widen(xp[r * xs + d]) * inv * wp[d]);
+        op[r * D + d] = rp ? static_cast<T>(widen(rp[r * D + d]) + widen(n)) : n;
+      }
+    }
+  });
+}
+
 template <typename T>
 static void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& kc, at::Tensor& vc, const int64_t* slots) {
   const int64_t B = k.size(0), bs = kc.size(1), row = k.size(1) * k.size(2);
@@ -103,21 +145,23 @@ static void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& kc, a
   }
 }
 
-// RMSNorm over each head of x [B, heads, D] (Qwen3's q/k norms): the reference's rms_norm over [B * heads, D] rows,
-// rounded to T as it rounds. Returns a new contiguous [B, heads, D]; x may be a strided view into the fused qkv.
+// RMSNorm over each head of x [B, heads, D] (Qwen3's and Gemma's q/k norms): the reference's norm over
+// [B * heads, D] rows, rounded to T as it rounds. Returns a new contiguous [B, heads, D]; x may be a strided view into
+// the fused qkv.
 template <typename T>
-static at::Tensor head_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+static at::Tensor head_norm(const at::Tensor& x, const at::Tensor& w, double eps, bool gemma) {
   const at::Tensor rows = x.reshape({-1, x.size(2)});
   at::Tensor out = at::empty(rows.sizes(), x.options()), none;
-  rms<T>(rows, w, none, eps, out, none);
+  if (gemma) gemma_rms<T>(rows, w, eps, none, out);
+  else rms<T>(rows, w, none, eps, out, none);
   return out.view(x.sizes());
 }
 
-// Per layer, beyond the plain Llama layer: q/k head norms (undefined: none), rotary or not (SmolLM3's NoPE layers),
-// and the sliding window (0: full attention).
+// Per layer, beyond the plain Llama layer: q/k head norms (undefined: none), the rotary table (-1: none, SmolLM3's
+// NoPE layers; 1: the second one, Gemma's local layers) and the sliding window (0: full attention).
 struct LayerExtras {
   at::Tensor q_norm, k_norm;
-  bool rope = true;
+  int64_t rope_table = 0;
   int64_t window = 0;
 };
 
@@ -125,27 +169,37 @@ struct DecodeStack {
   std::vector<at::Tensor> norms, k_caches, v_caches;
   std::vector<Lin> lins;  // 4 per layer: qkv, o, gate_up, down
   std::vector<LayerExtras> extras;  // 1 per layer
-  at::Tensor cos_sin;  // [positions, rotary_dim]: only the first rotary_dim features of each head rotate
+  std::vector<at::Tensor> cos_sin;  // tables [positions, rotary_dim]: only the first rotary_dim features rotate
   int64_t H, Hkv, D;
   double eps, scale;
+  bool gemma = false;  // Gemma 3's layer: norms (float32 1 + w) on both sides of each sublayer, GeGLU
 
   int64_t num_lora_slots = 0;  // the slot count of the linears' LoRA stacks (0: no linear carries adapters)
 
-  // A kind-6, 7 or 8 linear's group is its segment count: its segments and their types are the next ones of
+  // A kind-6 to 9 linear's group is its segment count: its segments and their types are the next ones of
   // gguf_segs / gguf_types, in linear order. lora: (A, B, meta) per linear, empty tensors for none. qk_norms: (q, k)
-  // head-norm weights [D] per layer, empty for none; layer_meta: (rope 0/1, window) per layer.
+  // head-norm weights [D] per layer, empty for none; layer_meta: (rotary table or -1, window) per layer. norms: per
+  // layer (input, post-attention) of the activation dtype, or for Gemma (input, post-attention, pre-feedforward,
+  // post-feedforward) float32 1 + w, then the final norm.
   DecodeStack(std::vector<at::Tensor> norms_, std::vector<at::Tensor> lin_tensors, std::vector<int64_t> meta,
               std::vector<at::Tensor> gguf_segs, std::vector<int64_t> gguf_types, std::vector<at::Tensor> lora,
               std::vector<at::Tensor> qk_norms, std::vector<int64_t> layer_meta, std::vector<at::Tensor> kcs,
-              std::vector<at::Tensor> vcs, at::Tensor cs, int64_t h, int64_t hkv, int64_t d, double eps_,
-              double scale_)
-      : norms(norms_), k_caches(kcs), v_caches(vcs), cos_sin(cs), H(h), Hkv(hkv), D(d), eps(eps_), scale(scale_) {
+              std::vector<at::Tensor> vcs, std::vector<at::Tensor> tables, int64_t h, int64_t hkv, int64_t d,
+              double eps_, double scale_, bool gemma_)
+      : norms(norms_), k_caches(kcs), v_caches(vcs), cos_sin(tables), H(h), Hkv(hkv), D(d), eps(eps_), scale(scale_),
+        gemma(gemma_) {
     const size_t L = kcs.size();
-    TORCH_CHECK(norms.size() == 2 * L + 1 && lin_tensors.size() == 16 * L && meta.size() == 16 * L,
-                "DecodeStack: 2L+1 norms, 4 linears x (4 tensors, 4 ints) per layer");
+    TORCH_CHECK(norms.size() == (gemma ? 4 : 2) * L + 1 && lin_tensors.size() == 16 * L && meta.size() == 16 * L,
+                "DecodeStack: 2L+1 norms (Gemma: 4L+1), 4 linears x (4 tensors, 4 ints) per layer");
+    if (gemma)
+      for (const at::Tensor& n : norms)
+        TORCH_CHECK(n.scalar_type() == at::kFloat && n.is_contiguous(), "DecodeStack: Gemma norms are float32 1 + w");
     TORCH_CHECK(lora.size() == 12 * L, "DecodeStack: LoRA (A, B, meta) per linear");
-    TORCH_CHECK(cs.scalar_type() == at::kFloat && cs.stride(1) == 1, "DecodeStack: float32 cos/sin cache");
-    TORCH_CHECK(cs.size(1) % 2 == 0 && cs.size(1) <= d, "DecodeStack: cos/sin table of an even width <= head_dim");
+    TORCH_CHECK(!tables.empty(), "DecodeStack: at least one cos/sin table");
+    for (const at::Tensor& cs : tables) {
+      TORCH_CHECK(cs.scalar_type() == at::kFloat && cs.stride(1) == 1, "DecodeStack: float32 cos/sin cache");
+      TORCH_CHECK(cs.size(1) % 2 == 0 && cs.size(1) <= d, "DecodeStack: cos/sin table of an even width <= head_dim");
+    }
     TORCH_CHECK(gguf_segs.size() == gguf_types.size(), "DecodeStack: one ggml type per GGUF segment");
     set_extras(qk_norms, layer_meta, kcs[0].scalar_type(), L);
     size_t seg = 0;
@@ -176,12 +230,15 @@ struct DecodeStack {
       for (int j = 0; j < 2; ++j) {
         const at::Tensor& w = qk_norms[2 * i + j];
         if (!w.numel()) continue;
-        TORCH_CHECK(w.dim() == 1 && w.size(0) == D && w.is_contiguous() && w.scalar_type() == dtype,
-                    "DecodeStack: q/k norm weights [head_dim], contiguous, of the activation dtype");
+        TORCH_CHECK(w.dim() == 1 && w.size(0) == D && w.is_contiguous() &&
+                        w.scalar_type() == (gemma ? at::kFloat : dtype),
+                    "DecodeStack: q/k norm weights [head_dim], contiguous, of the activation dtype (Gemma: float32)");
         (j == 0 ? e.q_norm : e.k_norm) = w;
       }
-      e.rope = layer_meta[2 * i] != 0;
+      e.rope_table = layer_meta[2 * i];
       e.window = layer_meta[2 * i + 1];
+      TORCH_CHECK(e.rope_table >= -1 && e.rope_table < static_cast<int64_t>(cos_sin.size()),
+                  "DecodeStack: a layer's rotary table is -1 (none) or one of the tables given");
       TORCH_CHECK(e.window >= 0, "DecodeStack: window >= 0 (0: full attention)");
       extras.push_back(e);
     }
@@ -201,10 +258,58 @@ struct DecodeStack {
     l.lora_meta = meta;
   }
 
+  // Layer i's attention sublayer on its normed input h [B, hidden]: q/k/v, the head norms, rotary, the K/V written,
+  // paged attention and the output projection.
+  template <typename T>
+  at::Tensor attend(const at::Tensor& h, size_t i, const at::Tensor& pos, const at::Tensor& slots, const at::Tensor& bt,
+                    const at::Tensor& sl, const LoraRows& lora) {
+    const int64_t B = h.size(0), qs = H * D, kvs = Hkv * D;
+    const Lin* l = &lins[4 * i];
+    at::Tensor qkv = apply_linear<T>(h, l[0], lora);
+    at::Tensor q = qkv.narrow(1, 0, qs).view({B, H, D});
+    at::Tensor k = qkv.narrow(1, qs, kvs).view({B, Hkv, D});
+    at::Tensor v = qkv.narrow(1, qs + kvs, kvs).view({B, Hkv, D});
+    const LayerExtras& e = extras[i];
+    if (e.q_norm.defined()) q = head_norm<T>(q, e.q_norm, eps, gemma);
+    if (e.k_norm.defined()) k = head_norm<T>(k, e.k_norm, eps, gemma);
+    if (e.rope_table >= 0) {
+      const at::Tensor& cs = cos_sin[e.rope_table];
+      rot<T>(q, pos.data_ptr<int64_t>(), cs.data_ptr<float>(), cs.stride(0), cs.size(1) / 2);
+      rot<T>(k, pos.data_ptr<int64_t>(), cs.data_ptr<float>(), cs.stride(0), cs.size(1) / 2);
+    }
+    write_kv<T>(k, v, k_caches[i], v_caches[i], slots.data_ptr<int64_t>());
+    at::Tensor attn = at::empty({B, H, D}, h.options());
+    decode<T>(q, k_caches[i], v_caches[i], bt, sl, scale, attn, e.window);
+    return apply_linear<T>(attn.view({B, qs}), l[1], lora);
+  }
+
+  // Gemma 3: x += norm(attention(norm(x))); x += norm(mlp(norm(x))), the norms' weights float32 1 + w.
+  template <typename T>
+  at::Tensor step_gemma(at::Tensor x, const at::Tensor& pos, const at::Tensor& slots, const at::Tensor& bt,
+                        const at::Tensor& sl, const LoraRows& lora) {
+    at::Tensor none;
+    for (size_t i = 0; i < k_caches.size(); ++i) {
+      const Lin* l = &lins[4 * i];
+      at::Tensor h = at::empty(x.sizes(), x.options()), nx = at::empty(x.sizes(), x.options());
+      gemma_rms<T>(x, norms[4 * i], eps, none, h);
+      gemma_rms<T>(attend<T>(h, i, pos, slots, bt, sl, lora), norms[4 * i + 1], eps, x, nx);
+      x = nx;
+      h = at::empty(x.sizes(), x.options());
+      gemma_rms<T>(x, norms[4 * i + 2], eps, none, h);
+      at::Tensor gu = apply_linear<T>(h, l[2], lora);
+      nx = at::empty(x.sizes(), x.options());
+      gemma_rms<T>(apply_linear<T>(gelu_tanh_mul<T>(gu, gu.size(1) / 2), l[3], lora), norms[4 * i + 3], eps, x, nx);
+      x = nx;
+    }
+    at::Tensor out = at::empty(x.sizes(), x.options());
+    gemma_rms<T>(x, norms.back(), eps, none, out);
+    return out;
+  }
+
   template <typename T>
   at::Tensor step(at::Tensor x, const at::Tensor& pos, const at::Tensor& slots, const at::Tensor& bt,
                   const at::Tensor& sl, const LoraRows& lora) {
-    const int64_t B = x.size(0), qs = H * D, kvs = Hkv * D, half = cos_sin.size(1) / 2;
+    if (gemma) return step_gemma<T>(x, pos, slots, bt, sl, lora);
     at::Tensor residual, h, out;
     for (size_t i = 0; i < k_caches.size(); ++i) {
       const Lin* l = &lins[4 * i];
@@ -219,21 +324,7 @@ struct DecodeStack {
         rms<T>(x, norms[2 * i], residual, eps, h, nr);
         residual = nr;
       }
-      at::Tensor qkv = apply_linear<T>(h, l[0], lora);
-      at::Tensor q = qkv.narrow(1, 0, qs).view({B, H, D});
-      at::Tensor k = qkv.narrow(1, qs, kvs).view({B, Hkv, D});
-      at::Tensor v = qkv.narrow(1, qs + kvs, kvs).view({B, Hkv, D});
-      const LayerExtras& e = extras[i];
-      if (e.q_norm.defined()) q = head_norm<T>(q, e.q_norm, eps);
-      if (e.k_norm.defined()) k = head_norm<T>(k, e.k_norm, eps);
-      if (e.rope) {
-        rot<T>(q, pos.data_ptr<int64_t>(), cos_sin.data_ptr<float>(), cos_sin.stride(0), half);
-        rot<T>(k, pos.data_ptr<int64_t>(), cos_sin.data_ptr<float>(), cos_sin.stride(0), half);
-      }
-      write_kv<T>(k, v, k_caches[i], v_caches[i], slots.data_ptr<int64_t>());
-      at::Tensor attn = at::empty({B, H, D}, x.options());
-      decode<T>(q, k_caches[i], v_caches[i], bt, sl, scale, attn, e.window);
-      at::Tensor o = apply_linear<T>(attn.view({B, qs}), l[1], lora);
+      at::Tensor o = attend<T>(h, i, pos, slots, bt, sl, lora);
       auto nr = at::empty(x.sizes(), x.options());
       h = at::empty(x.sizes(), x.options());
       rms<T>(o, norms[2 * i + 1], residual, eps, h, nr);
@@ -270,6 +361,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
                           std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>,
                           std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>,
-                          std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t, double, double>())
+                          std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int64_t, int64_t, double,
+                          double, bool>())
       .def("run", &DecodeStack::run, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -6,7 +6,8 @@ Here the layer loop, the RMSNorms, rotary, the KV-cache write, paged attention, 
 in C++ around the same ATen matmuls the Python path calls (int4pack / int8pack / dense / oneDNN-packed), so only the
 kernels' own work remains. The reference is `decode_stack_ref`: the same step through the public ops, as
 server/model/llama.py runs it (and, per layer, the newer families' variations: Qwen3's q/k head norms, SmolLM3's
-layers without rotary, Phi-3's partial rotary, sliding windows). Decode-only batches; prefill keeps the Python path
+layers without rotary, Phi-3's partial rotary, sliding windows; Gemma 3's layer: a norm on both sides of each
+sublayer, GeGLU and a second rotary table for its local layers). Decode-only batches; prefill keeps the Python path
 (there the matmuls dominate). A linear that carries LoRA slot stacks adds its adapter rows' deltas after the base
 product (lora/cpu_lora.h), so steps that mix adapters and the base model stay on the stack too."""
 from __future__ import annotations
@@ -89,7 +90,9 @@ class StackLinear:
 class StackLayer:
     """One decoder layer. `q_norm` / `k_norm` `[head_dim]`: an RMSNorm over each head of q / k before rotary, one
     weight shared by every head (Qwen3); `rope` False: the layer attends without rotary (SmolLM3's NoPE layers);
-    `window`: its sliding window (None: full attention), as `PagedAttention` takes it."""
+    `rope_table` 1: it rotates with the second table (Gemma's local layers); `window`: its sliding window (None: full
+    attention), as `PagedAttention` takes it. Gemma (StackShape.gemma): `post_norm` is the pre-feedforward norm and
+    `post_attn_norm` / `post_ffn_norm` the norms of each sublayer's output."""
     input_norm: torch.Tensor
     qkv: StackLinear
     o: StackLinear
@@ -100,17 +103,23 @@ class StackLayer:
     k_norm: torch.Tensor | None = None
     rope: bool = True
     window: int | None = None
+    rope_table: int = 0
+    post_attn_norm: torch.Tensor | None = None
+    post_ffn_norm: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class StackShape:
-    """`rotary_dim`: the features of each head that rotate, the cos/sin table's width (None: the whole head)."""
+    """`rotary_dim`: the features of each head that rotate, the cos/sin table's width (None: the whole head).
+    `gemma`: Gemma 3's layer: every norm scales by `1 + w` in float32 before its one rounding (the layers'
+    `post_attn_norm` / `post_ffn_norm` wrap each sublayer's output), and the MLP is GeGLU with the tanh GELU."""
     num_heads: int
     num_kv_heads: int
     head_dim: int
     eps: float
     scale: float
     rotary_dim: int | None = None
+    gemma: bool = False
 
 
 _compiled = DECODE_STACK.build  # the extension (decode_stack.cpp) per ISA level, built once per process
@@ -127,10 +136,26 @@ def _gguf_segments(lin: StackLinear) -> tuple[list[torch.Tensor], list[int]]:
     return [raw for raw, _ in lin.weight.segments], [ggml_type_id(qtype) for _, qtype in lin.weight.segments]
 
 
-def _layer_extras(layer: StackLayer, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[int]]:
-    """The layer's (q, k) head-norm weights (empty for none) and its (rope, window) ints (window 0: full)."""
-    norms = [torch.empty(0) if w is None else w.to(dtype).contiguous() for w in (layer.q_norm, layer.k_norm)]
-    return norms, [int(layer.rope), layer.window or 0]
+def _norm_weight(w: torch.Tensor, dtype: torch.dtype, gemma: bool) -> torch.Tensor:
+    """A norm's weight as the stack multiplies by it: Gemma's `1 + w` in float32 (as its RMSNorm computes it)."""
+    return (1.0 + w.float() if gemma else w.to(dtype)).contiguous()
+
+
+def _layer_extras(layer: StackLayer, dtype: torch.dtype, gemma: bool) -> tuple[list[torch.Tensor], list[int]]:
+    """The layer's (q, k) head-norm weights (empty for none) and its (rotary table or -1, window) ints (window 0:
+    full)."""
+    norms = [torch.empty(0) if w is None else _norm_weight(w, dtype, gemma) for w in (layer.q_norm, layer.k_norm)]
+    return norms, [layer.rope_table if layer.rope else -1, layer.window or 0]
+
+
+def _layer_norms(layer: StackLayer, dtype: torch.dtype, gemma: bool) -> list[torch.Tensor]:
+    """(input, post-attention) norms; Gemma's (input, post-attention, pre-feedforward, post-feedforward)."""
+    if not gemma:
+        return [_norm_weight(layer.input_norm, dtype, False), _norm_weight(layer.post_norm, dtype, False)]
+    if layer.post_attn_norm is None or layer.post_ffn_norm is None:
+        raise ValueError("a Gemma layer needs its post_attn_norm and post_ffn_norm")
+    return [_norm_weight(w, dtype, True) for w in (layer.input_norm, layer.post_attn_norm, layer.post_norm,
+                                                   layer.post_ffn_norm)]
 
 
 def _linear_args(lin: StackLinear) -> tuple[list[torch.Tensor], list[int]]:
@@ -159,15 +184,22 @@ class DecodeStack:
     product of a linear that carries LoRA stacks."""
 
     def __init__(self, layers: list[StackLayer], final_norm: torch.Tensor, k_caches: list[torch.Tensor],
-                 v_caches: list[torch.Tensor], cos_sin: torch.Tensor, shape: StackShape):
+                 v_caches: list[torch.Tensor], cos_sin: torch.Tensor, shape: StackShape,
+                 cos_sin_local: torch.Tensor | None = None):
         dtype = k_caches[0].dtype  # the activation dtype
-        if cos_sin.shape[1] != (shape.rotary_dim or shape.head_dim):
-            raise ValueError(f"cos/sin table of width {cos_sin.shape[1]} for rotary_dim "
-                             f"{shape.rotary_dim or shape.head_dim}")
+        tables = [cos_sin] + ([] if cos_sin_local is None else [cos_sin_local])
+        for table in tables:
+            if table.shape[1] != (shape.rotary_dim or shape.head_dim):
+                raise ValueError(f"cos/sin table of width {table.shape[1]} for rotary_dim "
+                                 f"{shape.rotary_dim or shape.head_dim}")
+        if any(layer.rope_table >= len(tables) for layer in layers):
+            raise ValueError(f"a layer rotates with table {max(la.rope_table for la in layers)}; "
+                             f"{len(tables)} given")
+        gemma = shape.gemma
         norms, tensors, meta, segments, types, lora, qk_norms, layer_meta = [], [], [], [], [], [], [], []
         for layer in layers:
-            norms += [layer.input_norm.to(dtype).contiguous(), layer.post_norm.to(dtype).contiguous()]
-            t, m = _layer_extras(layer, dtype)
+            norms += _layer_norms(layer, dtype, gemma)
+            t, m = _layer_extras(layer, dtype, gemma)
             qk_norms += t
             layer_meta += m
             for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
@@ -178,11 +210,11 @@ class DecodeStack:
                 segments += segs
                 types += ids
                 lora += [torch.empty(0)] * 3 if lin.lora_a is None else [lin.lora_a, lin.lora_b, lin.lora_meta]
-        norms.append(final_norm.to(dtype).contiguous())
+        norms.append(_norm_weight(final_norm, dtype, gemma))
         s = shape
         self._impl = DECODE_STACK().DecodeStack(norms, tensors, meta, segments, types, lora, qk_norms, layer_meta,
-                                             k_caches, v_caches, cos_sin.float().contiguous(), s.num_heads,
-                                             s.num_kv_heads, s.head_dim, s.eps, s.scale)
+                                             k_caches, v_caches, [t.float().contiguous() for t in tables],
+                                             s.num_heads, s.num_kv_heads, s.head_dim, s.eps, s.scale, gemma)
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
             seq_lens: torch.Tensor, lora_slots: torch.Tensor | None = None) -> torch.Tensor:
@@ -199,36 +231,63 @@ def _linear_ref(lin: StackLinear, x: torch.Tensor, lora: tuple[torch.Tensor, ...
     return out
 
 
+def _gemma_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm, as server/model/gemma3.py's module computes it."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + w.float())).to(x.dtype)
+
+
+def _attention_ref(layer: StackLayer, h: torch.Tensor, i: int, k_caches: list[torch.Tensor],
+                   v_caches: list[torch.Tensor], tables: list[torch.Tensor], s: StackShape, positions: torch.Tensor,
+                   slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                   lora: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+    """The attention sublayer on its normed input: q/k/v, head norms, rotary, K/V written, attention, o."""
+    from loom_kernels import paged_attention_decode, rms_norm, rotary, write_kv
+    q, k, v = _linear_ref(layer.qkv, h, lora).split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim,
+                                                      s.num_kv_heads * s.head_dim], dim=-1)
+    q, k = q.reshape(-1, s.num_heads, s.head_dim), k.reshape(-1, s.num_kv_heads, s.head_dim)
+    v = v.reshape(-1, s.num_kv_heads, s.head_dim)
+    norm = (lambda t, w: _gemma_norm(t, w, s.eps)) if s.gemma else (lambda t, w: rms_norm(t, w, s.eps))
+    if layer.q_norm is not None:
+        q = norm(q, layer.q_norm)
+    if layer.k_norm is not None:
+        k = norm(k, layer.k_norm)
+    if layer.rope:
+        rotary(q, k, positions, tables[layer.rope_table])
+    write_kv(k, v, k_caches[i], v_caches[i], slot_mapping)
+    attn = paged_attention_decode(q, k_caches[i], v_caches[i], block_tables, seq_lens, s.scale, layer.window or None)
+    return _linear_ref(layer.o, attn.flatten(1), lora)
+
+
 def decode_stack_ref(x: torch.Tensor, layers: list[StackLayer], final_norm: torch.Tensor,
                      k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], cos_sin: torch.Tensor,
                      shape: StackShape, positions: torch.Tensor, slot_mapping: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                     lora_slots: torch.Tensor | None = None) -> torch.Tensor:
+                     lora_slots: torch.Tensor | None = None, cos_sin_local: torch.Tensor | None = None) -> torch.Tensor:
     """The same step through the public ops, as the Python layer loop of server/model/llama.py runs it (LoRA
-    through `lora_add_ref`, as LoraLinear adds it; q/k norms as qwen3.py's RMSNorm modules, over `[T, heads, D]`)."""
-    from loom_kernels import paged_attention_decode, rms_norm, rotary, silu_and_mul, write_kv
+    through `lora_add_ref`, as LoraLinear adds it; q/k norms as qwen3.py's RMSNorm modules, over `[T, heads, D]`),
+    or for `shape.gemma` as server/model/gemma3.py's."""
+    from loom_kernels import gelu_tanh_and_mul, rms_norm, silu_and_mul
     s = shape
     lora = None if lora_slots is None else lora_segments(lora_slots)
+    tables = [cos_sin] + ([] if cos_sin_local is None else [cos_sin_local])
+    args = (k_caches, v_caches, tables, s, positions, slot_mapping, block_tables, seq_lens, lora)
+    if s.gemma:
+        for i, layer in enumerate(layers):
+            x = x + _gemma_norm(_attention_ref(layer, _gemma_norm(x, layer.input_norm, s.eps), i, *args),
+                                layer.post_attn_norm, s.eps)
+            h = _gemma_norm(x, layer.post_norm, s.eps)
+            mlp = _linear_ref(layer.down, gelu_tanh_and_mul(_linear_ref(layer.gate_up, h, lora)), lora)
+            x = x + _gemma_norm(mlp, layer.post_ffn_norm, s.eps)
+        return _gemma_norm(x, final_norm, s.eps)
     residual = None
     for i, layer in enumerate(layers):
         if residual is None:
             residual, h = x, rms_norm(x, layer.input_norm, s.eps)
         else:
             h, residual = rms_norm(x, layer.input_norm, s.eps, residual)
-        q, k, v = _linear_ref(layer.qkv, h, lora).split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim,
-                                                          s.num_kv_heads * s.head_dim], dim=-1)
-        q, k = q.reshape(-1, s.num_heads, s.head_dim), k.reshape(-1, s.num_kv_heads, s.head_dim)
-        v = v.reshape(-1, s.num_kv_heads, s.head_dim)
-        if layer.q_norm is not None:
-            q = rms_norm(q, layer.q_norm, s.eps)
-        if layer.k_norm is not None:
-            k = rms_norm(k, layer.k_norm, s.eps)
-        if layer.rope:
-            rotary(q, k, positions, cos_sin)
-        write_kv(k, v, k_caches[i], v_caches[i], slot_mapping)
-        attn = paged_attention_decode(q, k_caches[i], v_caches[i], block_tables, seq_lens, s.scale,
-                                      layer.window or None)
-        h, residual = rms_norm(_linear_ref(layer.o, attn.flatten(1), lora), layer.post_norm, s.eps, residual)
+        h, residual = rms_norm(_attention_ref(layer, h, i, *args), layer.post_norm, s.eps, residual)
         x = _linear_ref(layer.down, silu_and_mul(_linear_ref(layer.gate_up, h, lora)), lora)
     out, _ = rms_norm(x, final_norm, s.eps, residual)
     return out

@@ -3,7 +3,7 @@ widths that are not multiples of the 4-bit group or of 16, a qkv bias, a skipped
 blocks as stored, fused projections mixing types, on widths that are whole 256-weight superblocks; LoRA slot
 stacks on the linears, with rows of several adapters beside base rows that stay exactly the base-only result; and
 the newer families' per-layer variations (q/k head norms, layers without rotary, partial rotary, sliding windows, an
-o bias)."""
+o bias) and Gemma 3's layer (norms on both sides of each sublayer, GeGLU, a second rotary table)."""
 import dataclasses
 
 import pytest
@@ -150,12 +150,13 @@ def check_stack(layers: list[StackLayer], dtype: torch.dtype, shape: StackShape,
     slots = torch.tensor([int(tables[b, p // BLOCK]) * BLOCK + int(p) % BLOCK for b, p in enumerate(positions)])
     slots[3] = -1  # a padded row: its K/V is not stored
     cos_sin = cos_sin_cache(64, shape.rotary_dim or d).cpu()
+    local = cos_sin_cache(64, shape.rotary_dim or d, base=100.0).cpu() if shape.gemma else None
     x = torch.randn(4, hidden).to(dtype)
 
     ref_caches = caches.clone()
     ref = decode_stack_ref(x, layers, final_norm, list(ref_caches[:, 0]), list(ref_caches[:, 1]), cos_sin, shape,
-                           positions, slots, tables, seq_lens, lora_slots)
-    stack = DecodeStack(layers, final_norm, list(caches[:, 0]), list(caches[:, 1]), cos_sin, shape)
+                           positions, slots, tables, seq_lens, lora_slots, local)
+    stack = DecodeStack(layers, final_norm, list(caches[:, 0]), list(caches[:, 1]), cos_sin, shape, local)
     got = stack.run(x, positions, slots, tables, seq_lens, lora_slots)
     torch.testing.assert_close(got, ref, **TOL[dtype])
     torch.testing.assert_close(caches, ref_caches, **TOL[dtype])  # the same K/V written, in the same slots
@@ -241,6 +242,36 @@ def test_decode_stack_runs_the_newer_families_layers(variant, dtype, kind):
         layers = [dataclasses.replace(layer, **change(i, layer, dtype)) for i, layer in enumerate(layers)]
     rotary_dim = 16 if "partial" in variant else None
     check_stack(layers, dtype, StackShape(H, HKV, D, 1e-5, D ** -0.5, rotary_dim), HIDDEN)
+
+
+def gemma_layers(kind: str, dtype: torch.dtype) -> list[StackLayer]:
+    """Gemma 3's layers: norm weights as offsets from one (the stack scales by 1 + w), q/k norms, local layers 0 and
+    2 windowed and rotating with the second table, layer 1 global."""
+    def offset(n: int) -> torch.Tensor:
+        return (0.1 * torch.randn(n)).to(dtype)
+    return [dataclasses.replace(layer, input_norm=offset(HIDDEN), post_norm=offset(HIDDEN),
+                                post_attn_norm=offset(HIDDEN), post_ffn_norm=offset(HIDDEN), q_norm=offset(D),
+                                k_norm=offset(D), window=[5, None, 3][i], rope_table=[1, 0, 1][i])
+            for i, layer in enumerate(make_layers([kind], dtype))]
+
+
+@pytest.mark.parametrize("dtype,kind", [(torch.bfloat16, "q4"), (torch.float32, "dense"),
+                                        (torch.bfloat16, "q4_blocks")], ids=["bf16", "fp32", "bf16-blocks"])
+def test_decode_stack_runs_gemma3_layers(dtype, kind):
+    """Against the reference, which runs the layer as gemma3.py does (GemmaRMSNorm's float32 product with 1 + w,
+    `gelu_tanh_and_mul`, the local table for the windowed layers); the query scale is Gemma's own."""
+    torch.manual_seed(0)
+    check_stack(gemma_layers(kind, dtype), dtype, StackShape(H, HKV, D, 1e-6, 16 ** -0.5, gemma=True), HIDDEN)
+
+
+def test_decode_stack_refuses_a_gemma_layer_without_its_norms_or_table():
+    layers = make_layers(["dense"], torch.float32)
+    caches = torch.zeros(LAYERS, 2, BLOCKS, BLOCK, HKV, D)
+    args = (torch.ones(HIDDEN), list(caches[:, 0]), list(caches[:, 1]), cos_sin_cache(64, D).cpu())
+    with pytest.raises(ValueError, match="post_attn_norm"):
+        DecodeStack(layers, *args, StackShape(H, HKV, D, 1e-6, D ** -0.5, gemma=True), cos_sin_cache(64, D).cpu())
+    with pytest.raises(ValueError, match="table 1; 1 given"):
+        DecodeStack(gemma_layers("dense", torch.float32), *args, StackShape(H, HKV, D, 1e-6, D ** -0.5, gemma=True))
 
 
 def test_decode_stack_refuses_a_table_of_another_width():

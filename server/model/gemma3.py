@@ -19,6 +19,7 @@ from server.model.config import ModelConfig
 from server.model.llama import LlamaForCausalLM
 from server.model.qwen3 import Qwen3Attention
 from server.model.rope import cos_sin_cache
+from server.model.weights.cpu_stack import DecodeStacks
 from server.model.weights.head import float_logits
 
 
@@ -83,12 +84,12 @@ class Gemma3Model(nn.Module):
 
 
 class Gemma3ForCausalLM(nn.Module):
-    decode_stack_compatible = False  # the one-call C++ decode stack runs the Llama layer only
     # q/k/v and gate/up are packed from Hugging Face's separate tensors exactly as for Llama
     packed = LlamaForCausalLM.packed
     shard_sizes = LlamaForCausalLM.shard_sizes
     load_weights = LlamaForCausalLM.load_weights
     expected_weights = LlamaForCausalLM.expected_weights
+    enable_decode_stack = LlamaForCausalLM.enable_decode_stack  # the C++ stack runs Gemma's layer too
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -98,6 +99,7 @@ class Gemma3ForCausalLM(nn.Module):
         self.embed_scale = cfg.hidden_size ** 0.5
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)  # global layers
         self.register_buffer("cos_sin_local", torch.empty(0), persistent=False)  # sliding-window layers
+        self.decode_stacks: DecodeStacks | None = None
         self.post_init()
 
     def post_init(self) -> None:
@@ -117,6 +119,9 @@ class Gemma3ForCausalLM(nn.Module):
         """Hidden states `[T, hidden]` after the final norm."""
         x = self.model.embed_tokens(batch.input_ids)
         x = x * torch.tensor(self.embed_scale, dtype=x.dtype)  # the scale rounded to the model dtype first
+        stacks = self.decode_stacks
+        if stacks is not None and batch.num_prefill_tokens == 0 and stacks.kv_cache is kv_cache:
+            return stacks.run(x, batch)
         for i, layer in enumerate(self.model.layers):
             cos_sin = self.cos_sin_local if layer.self_attn.is_sliding else self.cos_sin
             x = layer(x, batch, cos_sin, kv_cache.k[i], kv_cache.v[i])

@@ -205,7 +205,7 @@ def test_greedy_matches_hf_through_the_engine(arch, loom_fp32, hf_models):
 def test_quantized_cpu_path(arch, dtype, checkpoints, loom_fp32, tmp_path):
     """q8 at load: every linear quantized (Phi-3's fused checkpoint tensors as they are), the norms of q/k and
     Gemma's four per layer filled by name, logits close to float32's (bf16 activations take the C++ RMSNorm and
-    rotary on q/k heads); the C++ decode stack is taken, except by Gemma 3."""
+    rotary on q/k heads); the C++ decode stack is taken."""
     ref = loom_fp32[arch]
     lm = load_model(ModelSettings(model=str(checkpoints[arch]), dtype=dtype, quantization="q8",
                                   cache_dir=tmp_path, kernel_calibration=False), progress=False)
@@ -221,8 +221,7 @@ def test_quantized_cpu_path(arch, dtype, checkpoints, loom_fp32, tmp_path):
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
     cfg = lm.config
     cache = KVCache.allocate(cfg.num_layers, 4, 16, cfg.num_kv_heads, cfg.head_dim, lm.dtype)
-    taken = getattr(lm.model, "enable_decode_stack", lambda c: False)(cache)
-    assert taken == (arch != "gemma3" and decode_stack_available())
+    assert lm.model.enable_decode_stack(cache) == decode_stack_available()
     assert len(greedy(EngineCore(lm, EngineSettings(kv_cache_memory=0.05, **ENGINE)), prompts_for(arch), 4)[0]) == 4
 
 
@@ -249,11 +248,11 @@ def test_triton_kernels_give_the_reference_tokens(arch, checkpoints, kernel_env,
 
 
 @pytest.mark.skipif(not decode_stack_available(), reason="no C++ compiler for the CPU kernels")
-@pytest.mark.parametrize("arch", ["qwen3", "smollm3", "phi3", "phi3-short", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["qwen3", "smollm3", "phi3", "phi3-short", "mistral", "qwen2", "gemma3"])
 def test_quantized_decode_steps_take_the_cpu_stack(arch, checkpoints, tmp_path, monkeypatch):
     """q8 weights (so float32 activations take the stack too): the decode steps run on the C++ stack, with Qwen3's
-    q/k norms, SmolLM3's NoPE layers, Phi-3's partial rotary and the windows (prompts and 16 new tokens past every
-    window), and give the tokens of the Python layer loop over the same loaded model."""
+    q/k norms, SmolLM3's NoPE layers, Phi-3's partial rotary, the windows (prompts and 16 new tokens past every
+    window) and Gemma 3's layer, and give the tokens of the Python layer loop over the same loaded model."""
     lm = load_model(ModelSettings(model=str(checkpoints[arch]), dtype="float32", quantization="q8",
                                   cache_dir=tmp_path, kernel_calibration=False), progress=False)
     prompts = prompts_for(arch)

@@ -36,12 +36,9 @@ def stack_linear(module: nn.Module, m: int) -> StackLinear:
 
 
 def wants_stack(model: nn.Module, kv_cache: KVCache) -> bool:
-    """A model whose layers the stack implements (the Llama layer, with Qwen3's q/k norms, SmolLM3's NoPE layers,
-    Phi-3's partial rotary and sliding windows; a family with more, as Gemma's norms and GeGLU, says
-    `decode_stack_compatible = False`), on CPU, a compiler, K/V in the activation dtype, and either reduced precision
+    """A model of the families the stack implements (those with `enable_decode_stack`: the Llama layer, with Qwen3's
+    q/k norms, SmolLM3's NoPE layers, Phi-3's partial rotary and sliding windows, and Gemma 3's), on CPU, a compiler, K/V in the activation dtype, and either reduced precision
     or quantized weights."""
-    if not getattr(model, "decode_stack_compatible", True):
-        return False
     norm = model.model.norm.weight
     quantized = any(isinstance(mod, QuantLinear) for mod in model.modules())
     return (norm.device.type == "cpu" and kv_cache.k[0].dtype == norm.dtype
@@ -50,14 +47,19 @@ def wants_stack(model: nn.Module, kv_cache: KVCache) -> bool:
 
 def stack_layer(layer: nn.Module, m: int) -> StackLayer:
     """A decoder layer of llama.py (or of a family built on it) as the stack runs it at batch size `m`: Qwen3's
-    `q_norm` / `k_norm` modules, SmolLM3's `use_rope` and the attention's window where the layer has them."""
+    `q_norm` / `k_norm` modules, SmolLM3's `use_rope` and the attention's window where the layer has them; Gemma 3's
+    four norms and, for its local layers, the second rotary table."""
     attn, mlp = layer.self_attn, layer.mlp
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # built with cfg.norm_eps too
+    gemma = hasattr(layer, "post_feedforward_layernorm")
+    post_norm = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
     return StackLayer(layer.input_layernorm.weight, stack_linear(attn.qkv_proj, m), stack_linear(attn.o_proj, m),
-                      layer.post_attention_layernorm.weight, stack_linear(mlp.gate_up_proj, m),
+                      post_norm.weight, stack_linear(mlp.gate_up_proj, m),
                       stack_linear(mlp.down_proj, m), q_norm=None if q_norm is None else q_norm.weight,
                       k_norm=None if k_norm is None else k_norm.weight, rope=getattr(attn, "use_rope", True),
-                      window=attn.attn.window)
+                      window=attn.attn.window, rope_table=int(getattr(attn, "is_sliding", False)),
+                      post_attn_norm=layer.post_attention_layernorm.weight if gemma else None,
+                      post_ffn_norm=layer.post_feedforward_layernorm.weight if gemma else None)
 
 
 class DecodeStacks:
@@ -74,10 +76,11 @@ class DecodeStacks:
         forms = tuple((id(lin.weight), id(lin.lora_a)) for layer in layers
                       for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
         if forms not in self.by_forms:
-            shape = StackShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps, cfg.head_dim ** -0.5,
-                               cfg.rotary_dim)
+            local = getattr(model, "cos_sin_local", None)  # Gemma 3's local layers rotate with their own base
+            shape = StackShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps,
+                               model.model.layers[0].self_attn.attn.scale, cfg.rotary_dim, gemma=local is not None)
             self.by_forms[forms] = DecodeStack(layers, model.model.norm.weight, self.kv_cache.k, self.kv_cache.v,
-                                               model.cos_sin, shape)
+                                               model.cos_sin, shape, local)
             log.debug("decode stack compiled", extra={"batch_size": m, "stacks": len(self.by_forms)})
         return self.by_forms[forms]
 
