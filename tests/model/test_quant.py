@@ -171,11 +171,11 @@ def test_float32_default_path_answers_paris_on_every_float_kernel(default_gguf_f
 
 
 def test_int8_activations_stay_close_to_float32(default_model_fp32, default_gguf_fp32):
-    """What `--activations int8` trades for speed, as served (the head's input stays float: its output is the
-    logits): top-1 agreement and perplexity against the de-quantized float32 model as for the float-activation path.
-    (Greedy decoding of a knife-edge prompt can flip: with the prefill on int8 too, the France question answers
-    "L'Étoile...", which is why int8 activations are not the default.)"""
-    with every_linear_on(default_gguf_fp32, "gguf_q8", head=False) as lm:
+    """What `--activations int8` trades for speed, every linear on it at every batch size (the head too, whose
+    logits stay float32 sums): top-1 agreement and perplexity against the de-quantized float32 model as for the
+    float-activation path. (Greedy decoding of a knife-edge prompt can flip: with the prefill on int8 too, the France
+    question answers "L'Étoile...", which is why int8 activations are not the default.)"""
+    with every_linear_on(default_gguf_fp32, "gguf_q8") as lm:
         agree = agreement(default_model_fp32, lm, chat_prompts(default_model_fp32, 6), 24)
         ids = default_model_fp32.tokenizer.encode(TEXT.read_text())[:768]
         ref, got = perplexity(default_model_fp32, ids), perplexity(lm, ids)
@@ -188,10 +188,11 @@ def test_int8_activations_are_offered_only_where_allowed():
     assert "gguf_q8" in backends_for(source, False, False, True, int8_activations=True)
     assert "gguf_q8" not in backends_for(source, False, False, True, int8_activations=False)
     assert "gguf_q8" not in backends_for(source, False, False, False, int8_activations=True)  # no kernels built
-    assert "gguf_q8" not in backends_for(source, False, False, True, int8_activations=True, float_output=True)
     assert "gguf_q8k" in backends_for(source, False, False, True, int8_activations=True)
     assert "gguf_q8k" not in backends_for(source, False, False, True, int8_activations=False)
-    assert "gguf_q8k" not in backends_for(source, False, False, True, int8_activations=True, float_output=True)
+    head = backends_for(source, False, False, True, int8_activations=True, float_output=True)
+    assert "gguf_q8" in head and "gguf_q8k" in head  # int8 inputs, float32 logits
+    assert "gguf_q8" not in backends_for(source, False, False, True, float_output=True)
     mixed = QTensor("gguf", "Q4_K", blocks=concat_gguf_blocks([random_blocks("Q4_K", 8, 256, seed=0),
                                                               random_blocks("Q8_0", 8, 256, seed=1)]))
     assert "gguf_q8" in backends_for(mixed, False, False, True, int8_activations=True)

@@ -61,14 +61,12 @@ def perplexity(lm, ids: list[int]) -> float:
 
 
 @contextlib.contextmanager
-def every_linear_on(lm, backend: str, head: bool = True):
-    """Every linear (the head too, unless `head` is False: as served, its input stays float) run by `backend` at
-    every M, where it has that form (the GGUF-block kinds share one GGUFBlocks; `gguf_q8k` runs only K-quant
-    weights, the others take `gguf_q8`); restored after."""
+def every_linear_on(lm, backend: str):
+    """Every linear (the head too) run by `backend` at every M, where it has that form (the GGUF-block kinds share
+    one GGUFBlocks; `gguf_q8k` runs only K-quant weights, the others take `gguf_q8`); restored after."""
     from loom_kernels.quant import Q8K_TYPES
     from server.model.weights.quant import QuantLinear
-    skip = None if head else getattr(lm.model, "lm_head", None)
-    saved = {m: (m.forms, m.plan) for m in lm.model.modules() if isinstance(m, QuantLinear) and m is not skip}
+    saved = {m: (m.forms, m.plan) for m in lm.model.modules() if isinstance(m, QuantLinear)}
     for mod, (forms, _) in saved.items():
         form = forms.get(backend) or (next(f for b, f in forms.items() if b.startswith("gguf"))
                                       if backend.startswith("gguf") else None)
@@ -87,7 +85,7 @@ def every_linear_on(lm, backend: str, head: bool = True):
 def main(argv: list[str]) -> None:
     """`[--model PATH] [dtype ...]`: the GGUF's blocks as Loom runs them against the same file de-quantized to
     float32 (default: the default model; e.g. a Q4_K_M re-quantization made by loadtests/make_gguf.py). `int8`:
-    every linear but the head (as served) on its blocks against int8 activations per 32 values (gguf_q8); `int8k`:
+    every linear (the head too, as served) on its blocks against int8 activations per 32 values (gguf_q8); `int8k`:
     the K-quant ones against int8 activations per 256 values (gguf_q8k, what `--activations int8` runs prompts on)."""
     from server.model import ModelSettings, load_model
     model = "default"
@@ -102,7 +100,7 @@ def main(argv: list[str]) -> None:
         lm = load_model(ModelSettings(model=model, dtype=dtype, quantization="gguf"), progress=False)
         started = time.perf_counter()
         backend = {"int8": "gguf_q8", "int8k": "gguf_q8k"}.get(mode)
-        with every_linear_on(lm, backend, head=False) if backend else contextlib.nullcontext():
+        with every_linear_on(lm, backend) if backend else contextlib.nullcontext():
             agree = agreement(ref, lm, chat_prompts(ref, 32), 64)
             ppl = perplexity(lm, ids)
         acts = mode if backend else lm.dtype

@@ -47,8 +47,9 @@ def backends_for(source: QTensor, native_bf16: bool, fast_int8: bool, blocks: bo
     if kind == "gguf":  # the file's blocks under the GGUF kernel; Q4_0/Q4_1/Q8_0 also under the code kernels
         segments = source.blocks.segments
         kind = CODE_FORMS.get(segments[0][1], "") if len(segments) == 1 else ""
-        int8 = int8_activations and not float_output  # the head's input stays float: its output is logits
-        q8 = ["gguf_q8"] * int8 + ["gguf_q8k"] * (int8 and all(qtype in Q8K_TYPES for _, qtype in segments))
+        # the head too: its input rounded to int8 as llama.cpp rounds it, its logits still float32 sums
+        q8 = ["gguf_q8"] * int8_activations
+        q8 += ["gguf_q8k"] * (int8_activations and all(qtype in Q8K_TYPES for _, qtype in segments))
         own["gguf"] = (["gguf_blocks", "gguf_tiled"] + q8) * blocks + own.get(kind, [])
         kind = "gguf"
     return own.get(kind, []) + (["bf16", "bf16_packed"] if native_bf16 and not float_output else []) + ["f32"]
