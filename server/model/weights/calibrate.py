@@ -29,7 +29,7 @@ from server.model.weights.quant import (
 log = logging.getLogger("loom.model")
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
-KERNELS_VERSION = 8  # bump when the candidate kernels change: cached plans of older sets are measured again
+KERNELS_VERSION = 9  # bump when the candidate kernels change: cached plans of older sets are measured again
 
 
 def group_linears(model: nn.Module) -> dict[str, list[QuantLinear]]:
