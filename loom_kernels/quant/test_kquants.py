@@ -28,7 +28,7 @@ from loom_kernels.quant import (
     gguf_linear_tiled,
     row_bytes,
 )
-from loom_kernels.quant.kquants import _args, _compiled
+from loom_kernels.quant.kquants import _args, _compiled, q8_activations
 
 pytestmark = pytest.mark.skipif(not gguf_kernels_available(), reason="no C++ compiler for the GGUF kernels")
 
@@ -259,8 +259,10 @@ def test_bad_weights_are_refused_with_clear_errors():
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_other_instruction_set_paths(isa):
-    """The AVX2 and plain C++ paths, built held below this CPU's ISA (a build of a few tens of seconds): one fused
-    weight of every type, de-quantized bit for bit and multiplied at one and several passes."""
+    """The AVX2 and plain C++ paths, built held below this CPU's ISA (a build of a few tens of seconds, so every GEMM
+    of the extension is checked here): one fused weight of every type, de-quantized bit for bit and multiplied at one
+    and several passes, against float activations and int8 ones per 32 values; a fused K-quant weight against int8
+    activations per 256 values."""
     from loom_kernels.cpu.platform import cpu_flags
     if isa == "avx2" and "avx2" not in cpu_flags():
         pytest.skip("the CPU has no AVX2")
@@ -273,6 +275,13 @@ def test_other_instruction_set_paths(isa):
         x = torch.randn(m, w.k)
         assert_matches(ext.gguf_linear(x, raws, types, w.k), x, weight)
         assert_matches(ext.gguf_linear_tiled(x, raws, types, w.k), x, weight)
+        assert_matches(ext.gguf_linear_q8(x, raws, types, w.k), q8_activations(x), weight)
+    kq = concat_gguf_blocks([random_blocks(t, n, 256, seed=i) for i, (t, n) in
+                             enumerate([("Q4_K", 13), ("Q6_K", 8), ("Q5_K", 3)])])
+    raws, types = _args(kq)
+    for m in (1, 6):
+        x = torch.randn(m, 256)
+        assert_matches(ext.gguf_linear_q8k(x, raws, types, 256), q8_activations(x, 256), dequantize_gguf(kq))
 
 
 def test_without_a_compiler_the_kernels_say_so(monkeypatch):

@@ -1,15 +1,15 @@
 """The int8-activation GGUF GEMM (kquants_q8.h) against its reference: `q8_activations(x) @ dequantize_gguf(w).T`,
 within the float32 tolerance of test_kquants (1e-5 of `|xq| @ |W|.T`: the integer dots are exact, only the float32
 summation order differs), for every type at every activation-row count the kernel treats apart, short last tiles,
-mixed segments, bf16 activations, strided input, and the plain C++ path. The reference's own rounding is checked
-against its definition: each value within half a step (max|x| / 254) of x."""
+mixed segments, bf16 activations and strided input (the plain C++ path: test_kquants' instruction-set test). The
+reference's own rounding is checked against its definition: each value within half a step (max|x| / 254) of x."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from loom_kernels.quant import GGUF_KERNEL_TYPES, dequantize_gguf, gguf_kernels_available, gguf_linear_q8
-from loom_kernels.quant.kquants import _args, _compiled, q8_activations
+from loom_kernels.quant.kquants import q8_activations
 from loom_kernels.quant.test_kquants import BLOCK, F32_TOL, ROWS, fused_qkv, random_blocks
 
 pytestmark = pytest.mark.skipif(not gguf_kernels_available(), reason="no C++ compiler for the GGUF kernels")
@@ -81,15 +81,3 @@ def test_gguf_linear_q8_strided_and_batched_activations():
     out = gguf_linear_q8(x, w)
     assert out.shape == (2, 3, 16)
     assert_q8_matches(out, x.contiguous(), dequantize_gguf(w))
-
-
-@pytest.mark.timeout(600)
-def test_plain_cpp_path():
-    """The plain C++ path (no AVX2), built held to the generic ISA level: one fused weight of every type."""
-    ext = _compiled("generic")
-    w = fused_qkv()
-    raws, types = _args(w)
-    weight = dequantize_gguf(w)
-    for m in (1, 6):
-        x = torch.randn(m, w.k)
-        assert_q8_matches(ext.gguf_linear_q8(x, raws, types, w.k), x, weight)

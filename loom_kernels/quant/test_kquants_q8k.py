@@ -2,8 +2,8 @@
 `q8_activations(x, 256) @ dequantize_gguf(w).T`, within test_kquants' float32 tolerance (1e-5 of `|xq| @ |W|.T`:
 the integer sums are exact, only the float32 order of the superblock and min terms differs): every K-quant type at
 every activation-row count the 4 x 2 blocks treat apart (and several blocks), odd weight rows (a pair's missing row),
-several panels, a fused Q4_K / Q6_K / Q5_K weight, bf16 and strided activations, and the plain C++ path. Types
-without integer sub-block scales are refused by name."""
+several panels, a fused Q4_K / Q6_K / Q5_K weight, bf16 and strided activations (the plain C++ path: test_kquants'
+instruction-set test). Types without integer sub-block scales are refused by name."""
 from __future__ import annotations
 
 import pytest
@@ -17,7 +17,7 @@ from loom_kernels.quant import (
     gguf_kernels_available,
     gguf_linear_q8k,
 )
-from loom_kernels.quant.kquants import _args, _compiled, q8_activations
+from loom_kernels.quant.kquants import q8_activations
 from loom_kernels.quant.test_kquants import F32_TOL, random_blocks
 
 pytestmark = pytest.mark.skipif(not gguf_kernels_available(), reason="no C++ compiler for the GGUF kernels")
@@ -103,15 +103,3 @@ def test_gguf_linear_q8k_refuses_types_without_integer_scales(qtype):
     w = concat_gguf_blocks([random_blocks("Q4_K", 4, 256, seed=0), random_blocks(qtype, 4, 256, seed=1)])
     with pytest.raises(ValueError, match=f"not {qtype}"):
         gguf_linear_q8k(torch.randn(2, 256), w)
-
-
-@pytest.mark.timeout(600)
-def test_plain_cpp_path():
-    """The plain C++ path (no AVX2), built held to the generic ISA level."""
-    ext = _compiled("generic")
-    w = mixed_kquants(256)
-    raws, types = _args(w)
-    weight = dequantize_gguf(w)
-    for m in (1, 6):
-        x = torch.randn(m, w.k)
-        assert_q8k_matches(ext.gguf_linear_q8k(x, raws, types, w.k), x, weight)
