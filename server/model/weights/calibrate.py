@@ -41,12 +41,17 @@ def group_linears(model: nn.Module) -> dict[str, list[QuantLinear]]:
     return dict(groups)
 
 
+STREAM_BYTES = 64 << 20
+
+
 def time_backend(mods: list[QuantLinear], backend: str, m: int, dtype: torch.dtype) -> float:
     """Milliseconds per call at batch m: the fastest single call of two passes over the layers after a warm-up pass.
     Each call reads another layer's weights (streamed from memory, as in a step), and the fastest is the one no
     other process interrupted: on a busy 2-core machine a parallel region waits whole scheduler slices for a
-    descheduled thread, which a per-pass mean turned into plans chosen by noise."""
-    use = mods if m <= 16 else mods[:4]  # large M is compute-bound: a few layers suffice
+    descheduled thread, which a per-pass mean turned into plans chosen by noise. Small M is bandwidth-bound: enough
+    layers that a pass streams STREAM_BYTES (twice a large L3), at least 4; large M is compute-bound: 4 suffice."""
+    layers = max(4, -(-STREAM_BYTES // max(1, mods[0].source.nbytes()))) if m <= 16 else 4
+    use = mods[:layers]
     x = torch.randn(m, use[0].in_features).to(torch.float32 if use[0].float_output else dtype)
     best = float("inf")
     for rep in range(3):
