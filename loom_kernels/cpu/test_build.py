@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,3 +161,13 @@ def test_every_kernel_source_and_header_ships_in_the_wheel():
     assert compiled <= on_disk and len(compiled) == 14
     for path in on_disk:
         assert any(fnmatch(path.relative_to(KERNELS_ROOT).as_posix(), p) for p in patterns), path
+
+
+def test_every_extension_builds_where_there_is_a_compiler():
+    """Where a C++ compiler exists, a source that does not compile is a failure here, not the skips of every test
+    that needs the extension (they read a failed build as "no compiler", as the server falls back to serve)."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    failed = [ext.name for ext in (PAGED_DECODE, FUSED_OPS, DECODE_STACK, BLOCKS, KQUANTS, LORA) if ext() is None]
+    assert not failed, f"these CPU extensions did not build (see the log's 'CPU extension unavailable'): {failed}"
+

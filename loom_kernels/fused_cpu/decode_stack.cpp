@@ -73,9 +73,9 @@ static at::Tensor apply_linear(const at::Tensor& x, const Lin& l, const LoraRows
   return out;
 }
 
-// silu(gate) rounded to T, times up, rounded: the reference's two bf16/fp16 ops.
-template <typename T>
-static at::Tensor silu_mul(const at::Tensor& gu, int64_t inter) {
+// act(gate) rounded to T, times up, rounded: the reference's two bf16/fp16 ops (silu_and_mul, gelu_tanh_and_mul).
+template <typename T, typename Act>
+static at::Tensor gated_mul(const at::Tensor& gu, int64_t inter, Act act) {
   const int64_t rows = gu.size(0), s0 = gu.stride(0);
   auto out = at::empty({rows, inter}, gu.options());
   const T* p = gu.data_ptr<T>();
@@ -83,31 +83,23 @@ static at::Tensor silu_mul(const at::Tensor& gu, int64_t inter) {
   at::parallel_for(0, rows * inter, 2048, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / inter, c = i % inter;
-      const float g = widen(p[r * s0 + c]);
-      const float s = widen(static_cast<T>(g / (1.f + std::exp(-g))));
-      o[i] = static_cast<T>(s * widen(p[r * s0 + inter + c]));
+      const float a = widen(static_cast<T>(act(widen(p[r * s0 + c]))));
+      o[i] = static_cast<T>(a * widen(p[r * s0 + inter + c]));
     }
   });
   return out;
 }
 
-// gelu_tanh(gate) rounded to T, times up, rounded: F.gelu(gate, approximate="tanh") * up in T.
+template <typename T>
+static at::Tensor silu_mul(const at::Tensor& gu, int64_t inter) {
+  return gated_mul<T>(gu, inter, [](float g) { return g / (1.f + std::exp(-g)); });
+}
+
+// F.gelu(gate, approximate="tanh") * up
 template <typename T>
 static at::Tensor gelu_tanh_mul(const at::Tensor& gu, int64_t inter) {
-  const int64_t rows = gu.size(0), s0 = gu.stride(0);
-  auto out = at::empty({rows, inter}, gu.options());
-  const T* p = gu.data_ptr<T>();
-  T* o = out.data_ptr<T>();
   constexpr float beta = 0.7978845608028654f, kappa = 0.044715f;  // sqrt(2 / pi), as torch's tanh GELU
-  at::parallel_for(0, rows * inter, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = i / inter, c = i % inter;
-      const float g = widen(p[r * s0 + c]);
-      const float a = widen(static_cast<T>(0.5f * g * (1.f + std::tanh(beta * (g + kappa * g * g * g)))));
-      o[i] = static_cast<T>(a * widen(p[r * s0 + inter + c]));
-    }
-  });
-  return out;
+  return gated_mul<T>(gu, inter, [](float g) { return 0.5f * g * (1.f + std::tanh(beta * (g + kappa * g * g * g))); });
 }
 
 // Gemma's RMSNorm of each row of x [rows, D]: x * rsqrt(mean(x^2) + eps) * w1 in float32 (w1 = 1 + weight), rounded

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loom_kernels.quant import GGUF_KERNEL_TYPES, dequantize_gguf, gguf_kernels_available, gguf_linear_q8
+from loom_kernels.quant import GGUF_KERNEL_TYPES, GGUFBlocks, dequantize_gguf, gguf_kernels_available, gguf_linear_q8
 from loom_kernels.quant.kquants import q8_activations
 from loom_kernels.quant.test_kquants import BLOCK, F32_TOL, ROWS, fused_qkv, random_blocks
 
@@ -63,16 +63,21 @@ def test_gguf_linear_q8_usable_layer_stays_close_to_float(qtype):
     assert err < 0.015, err
 
 
+def check_float32_and_bfloat16(kernel, check, w: GGUFBlocks, m: int) -> None:
+    """kernel(x, w) for float32 and bfloat16 activations of m rows, each checked against the de-quantized weight
+    (`check(out, x, weight)`); the bfloat16 output stays bfloat16."""
+    weight = dequantize_gguf(w)
+    x = torch.randn(m, w.k)
+    check(kernel(x, w), x, weight)
+    xb = x.to(torch.bfloat16)
+    out = kernel(xb, w)
+    assert out.dtype == torch.bfloat16
+    check(out, xb.float(), weight)
+
+
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 33])
 def test_gguf_linear_q8_mixed_segments_and_bfloat16(m):
-    w = fused_qkv()
-    weight = dequantize_gguf(w)
-    x = torch.randn(m, 512)
-    assert_q8_matches(gguf_linear_q8(x, w), x, weight)
-    xb = x.to(torch.bfloat16)
-    out = gguf_linear_q8(xb, w)
-    assert out.dtype == torch.bfloat16
-    assert_q8_matches(out, xb.float(), weight)
+    check_float32_and_bfloat16(gguf_linear_q8, assert_q8_matches, fused_qkv(), m)
 
 
 def test_gguf_linear_q8_strided_and_batched_activations():

@@ -19,6 +19,7 @@ from loom_kernels.quant import (
 )
 from loom_kernels.quant.kquants import q8_activations
 from loom_kernels.quant.test_kquants import F32_TOL, random_blocks
+from loom_kernels.quant.test_kquants_q8 import check_float32_and_bfloat16
 
 pytestmark = pytest.mark.skipif(not gguf_kernels_available(), reason="no C++ compiler for the GGUF kernels")
 
@@ -68,14 +69,7 @@ def test_gguf_linear_q8k_many_panels_and_rows():
 
 @pytest.mark.parametrize("m", [1, 6, 33])
 def test_gguf_linear_q8k_mixed_segments_and_bfloat16(m):
-    w = mixed_kquants()
-    weight = dequantize_gguf(w)
-    x = torch.randn(m, 512)
-    assert_q8k_matches(gguf_linear_q8k(x, w), x, weight)
-    xb = x.to(torch.bfloat16)
-    out = gguf_linear_q8k(xb, w)
-    assert out.dtype == torch.bfloat16
-    assert_q8k_matches(out, xb.float(), weight)
+    check_float32_and_bfloat16(gguf_linear_q8k, assert_q8k_matches, mixed_kquants(), m)
 
 
 def test_gguf_linear_q8k_strided_activations_and_zero_rows():
