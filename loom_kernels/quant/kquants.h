@@ -711,20 +711,28 @@ static void kq_gemm(const KqActs& a, const std::vector<KqSegment>& segs, float* 
   });
 }
 
+static inline int64_t kq_total_rows(const std::vector<KqSegment>& segs) { return segs.back().col + segs.back().rows; }
+
+// f(T()) for the activations' element type T (float, at::BFloat16, at::Half): each GEMM's activation builder for
+// that type; any other dtype is refused, naming the GEMM `op`.
+template <typename F>
+static auto kq_with_act_type(const at::Tensor& x, const char* op, F&& f) {
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, op,
+              ": activations must be float32, bfloat16 or float16");
+  if (t == at::kBFloat16) return f(at::BFloat16());
+  if (t == at::kHalf) return f(at::Half());
+  return f(float());
+}
+
 // x [M, K] (float32 / bfloat16 / float16) -> [M, N] in x's dtype, accumulated in float32; N = the segments' rows.
 static at::Tensor gguf_linear(const at::Tensor& x_in, const std::vector<at::Tensor>& raws,
                               const std::vector<int64_t>& types, int64_t k) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "gguf_linear: x [M, K] with K = ", k);
   const auto segs = kq_segments(raws, types, k);
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
-  KqActs a;
-  switch (x.scalar_type()) {
-    case at::kFloat: a = kq_acts<float>(x); break;
-    case at::kBFloat16: a = kq_acts<at::BFloat16>(x); break;
-    case at::kHalf: a = kq_acts<at::Half>(x); break;
-    default: TORCH_CHECK(false, "gguf_linear: activations must be float32, bfloat16 or float16");
-  }
-  const int64_t N = segs.back().col + segs.back().rows;
+  const KqActs a = kq_with_act_type(x, "gguf_linear", [&](auto t) { return kq_acts<decltype(t)>(x); });
+  const int64_t N = kq_total_rows(segs);
   at::Tensor out = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
   kq_gemm(a, segs, out.data_ptr<float>(), N);
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());  // one rounding, as a cast in the loop would
@@ -748,8 +756,6 @@ static void kq_dequantize_span(const std::vector<KqSegment>& segs, int64_t c0, i
     }
   });
 }
-
-static inline int64_t kq_total_rows(const std::vector<KqSegment>& segs) { return segs.back().col + segs.back().rows; }
 
 // The segments' weights as float32 [N, K], bit for bit what gguf-py's dequantize gives.
 static at::Tensor gguf_dequantize(const std::vector<at::Tensor>& raws, const std::vector<int64_t>& types, int64_t k) {

@@ -244,13 +244,7 @@ static at::Tensor gguf_linear_q8(const at::Tensor& x_in, const std::vector<at::T
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "gguf_linear_q8: x [M, K] with K = ", k);
   const auto segs = kq_segments(raws, types, k);
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
-  KqActsQ8 a;
-  switch (x.scalar_type()) {
-    case at::kFloat: a = kq8_acts<float>(x); break;
-    case at::kBFloat16: a = kq8_acts<at::BFloat16>(x); break;
-    case at::kHalf: a = kq8_acts<at::Half>(x); break;
-    default: TORCH_CHECK(false, "gguf_linear_q8: activations must be float32, bfloat16 or float16");
-  }
+  const KqActsQ8 a = kq_with_act_type(x, "gguf_linear_q8", [&](auto t) { return kq8_acts<decltype(t)>(x); });
   const int64_t N = kq_total_rows(segs);
   at::Tensor out = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
   const auto tasks = kq_tasks(segs);

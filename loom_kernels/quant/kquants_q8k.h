@@ -300,13 +300,7 @@ static at::Tensor gguf_linear_q8k(const at::Tensor& x_in, const std::vector<at::
     any_min = any_min || s.type != KQ_Q6_K;
   }
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
-  Q8kActs a;
-  switch (x.scalar_type()) {
-    case at::kFloat: a = q8k_acts<float>(x); break;
-    case at::kBFloat16: a = q8k_acts<at::BFloat16>(x); break;
-    case at::kHalf: a = q8k_acts<at::Half>(x); break;
-    default: TORCH_CHECK(false, "gguf_linear_q8k: activations must be float32, bfloat16 or float16");
-  }
+  const Q8kActs a = kq_with_act_type(x, "gguf_linear_q8k", [&](auto t) { return q8k_acts<decltype(t)>(x); });
   const int64_t N = kq_total_rows(segs);
   at::Tensor out = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
   at::Tensor mins = at::zeros({N, k / 32}, at::kFloat);  // Q6_K rows stay 0

@@ -73,6 +73,14 @@ def owned_once(bm: BlockManager) -> None:
     assert {b.block_id for b in bm.blocks if b.ref_count == 0} == set(free)
 
 
+def free_all(bm: BlockManager, *seqs: Sequence) -> None:
+    """Free `seqs` in order: then every block is back in the pool, each in exactly one free list."""
+    for seq in seqs:
+        bm.free_sequence(seq)
+    assert bm.num_free_blocks == bm.num_blocks and all(blk.ref_count == 0 for blk in bm.blocks)
+    owned_once(bm)
+
+
 @pytest.mark.parametrize("window", [1, 3, 4, 5, 9])
 @pytest.mark.parametrize("caching", [True, False])
 def test_release_keeps_exactly_the_blocks_the_next_query_can_see(window, caching):
@@ -122,9 +130,7 @@ def test_released_shared_prefix_stays_with_its_other_owner():
     owned_once(bm)
     bm.free_sequence(a)  # now the shared prefix is free, still cached
     assert len(bm.match_prefix(make_seq(list(range(12)), 2))) == 2
-    bm.free_sequence(b)
-    assert bm.num_free_blocks == 12 and all(blk.ref_count == 0 for blk in bm.blocks)
-    owned_once(bm)
+    free_all(bm, b)
 
 
 def test_a_released_prefix_is_found_again_and_reclaimed():
@@ -138,10 +144,7 @@ def test_a_released_prefix_is_found_again_and_reclaimed():
     assert hits == a.block_table[:3]  # a released them, the cache kept them
     assert bm.allocate(b, 1, hits)
     assert [bm.blocks[i].ref_count for i in hits] == [1, 1, 1]
-    bm.free_sequence(a)
-    bm.free_sequence(b)
-    assert bm.num_free_blocks == 8
-    owned_once(bm)
+    free_all(bm, a, b)
 
 
 def test_hash_chain_survives_its_released_blocks_being_reused():
@@ -161,9 +164,7 @@ def test_hash_chain_survives_its_released_blocks_being_reused():
     for i in range(4):
         parent = bm.block_hash(parent, tuple(range(2 * i, 2 * i + 2)))
     assert bm.blocks[a.block_table[3]].hash == parent
-    bm.free_sequence(a)
-    assert bm.num_free_blocks == 6
-    owned_once(bm)
+    free_all(bm, a)
 
 
 def test_release_uncomputed_after_a_release():
@@ -175,9 +176,7 @@ def test_release_uncomputed_after_a_release():
     assert len(a.block_table) == 6
     bm.release_uncomputed(a)  # none accepted: back to the four the computed tokens need
     assert len(a.block_table) == 4 and a.num_released_blocks == 3
-    bm.free_sequence(a)
-    assert bm.num_free_blocks == 10
-    owned_once(bm)
+    free_all(bm, a)
 
 
 class BlockManagerMachine(RuleBasedStateMachine):

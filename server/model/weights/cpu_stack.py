@@ -37,8 +37,8 @@ def stack_linear(module: nn.Module, m: int) -> StackLinear:
 
 def wants_stack(model: nn.Module, kv_cache: KVCache) -> bool:
     """A model of the families the stack implements (those with `enable_decode_stack`: the Llama layer, with Qwen3's
-    q/k norms, SmolLM3's NoPE layers, Phi-3's partial rotary and sliding windows, and Gemma 3's), on CPU, a compiler, K/V in the activation dtype, and either reduced precision
-    or quantized weights."""
+    q/k norms, SmolLM3's NoPE layers, Phi-3's partial rotary and sliding windows, and Gemma 3's), on CPU, a compiler,
+    K/V in the activation dtype, and either reduced precision or quantized weights."""
     norm = model.model.norm.weight
     quantized = any(isinstance(mod, QuantLinear) for mod in model.modules())
     return (norm.device.type == "cpu" and kv_cache.k[0].dtype == norm.dtype

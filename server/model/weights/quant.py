@@ -41,7 +41,8 @@ def backends_for(source: QTensor, native_bf16: bool, fast_int8: bool, blocks: bo
                  float_output: bool = False, int8_activations: bool = False) -> list[str]:
     """Candidates worth measuring: the source's own quantized forms (the block kernel first where it compiled; for
     GGUF blocks also against int8 activations where allowed), then dense copies. int8pack is left out where it is
-    known to be catastrophically slow (AVX2 without AVX-512: 5-400x slower than fp32); bf16 ones where bf16 is emulated, and for a head that must write float32."""
+    known to be catastrophically slow (AVX2 without AVX-512: 5-400x slower than fp32); bf16 ones where bf16 is
+    emulated, and for a head that must write float32."""
     own = {"q4": ["q4_blocks"] * blocks + ["q4"], "q8": ["q8_blocks"] * blocks + ["q8"] * fast_int8}
     kind = source.kind
     if kind == "gguf":  # the file's blocks under the GGUF kernel; Q4_0/Q4_1/Q8_0 also under the code kernels
