@@ -119,9 +119,8 @@ class Gemma3ForCausalLM(nn.Module):
         """Hidden states `[T, hidden]` after the final norm."""
         x = self.model.embed_tokens(batch.input_ids)
         x = x * torch.tensor(self.embed_scale, dtype=x.dtype)  # the scale rounded to the model dtype first
-        stacks = self.decode_stacks
-        if stacks is not None and batch.num_prefill_tokens == 0 and stacks.kv_cache is kv_cache:
-            return stacks.run(x, batch)
+        if self.decode_stacks is not None and self.decode_stacks.takes(batch, kv_cache):
+            return self.decode_stacks.run(x, batch)
         for i, layer in enumerate(self.model.layers):
             cos_sin = self.cos_sin_local if layer.self_attn.is_sliding else self.cos_sin
             x = layer(x, batch, cos_sin, kv_cache.k[i], kv_cache.v[i])

@@ -117,10 +117,8 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: FlatBatch, kv_cache: KVCache) -> torch.Tensor:
         """Hidden states `[T, hidden]` after the final norm."""
         x = self.model.embed_tokens(batch.input_ids)
-        stacks = self.decode_stacks
-        # decode-only steps, adapter rows included: the stack adds the LoRA deltas after each base product
-        if stacks is not None and batch.num_prefill_tokens == 0 and stacks.kv_cache is kv_cache:
-            return stacks.run(x, batch)
+        if self.decode_stacks is not None and self.decode_stacks.takes(batch, kv_cache):
+            return self.decode_stacks.run(x, batch)
         residual = None
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, batch, self.cos_sin, kv_cache.k[i], kv_cache.v[i])

@@ -84,6 +84,11 @@ class DecodeStacks:
             log.debug("decode stack compiled", extra={"batch_size": m, "stacks": len(self.by_forms)})
         return self.by_forms[forms]
 
+    def takes(self, batch: FlatBatch, kv_cache: KVCache) -> bool:
+        """Decode-only steps on the cache the stacks were built over, adapter rows included (the stack adds the LoRA
+        deltas after each base product)."""
+        return batch.num_prefill_tokens == 0 and self.kv_cache is kv_cache
+
     def run(self, x: torch.Tensor, batch: FlatBatch) -> torch.Tensor:
         m = x.shape[0]
         stack = self.by_size.get(m)
