@@ -6,6 +6,7 @@ Tolerances: the block kernels accumulate in float32 in another order than a floa
 weights, so logits differ by ~1e-5 relative; greedy tokens are compared exactly (the tiny models' top-2 gaps are far
 larger). The de-quantized dense path is the same math as transformers: exact tokens, logits within 2e-4."""
 import logging
+import shutil
 
 import pytest
 import torch
@@ -29,8 +30,13 @@ Q5_K_M = {"default": "Q5_K", "attn_v": "Q6_K", "ffn_down": "Q4_1", "attn_q": "Q5
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """One cache dir for the module: every tiny file carries the default model's tokenizer, built here once."""
-    return tmp_path_factory.mktemp("cache")
+    """One cache dir for the module. Every tiny file carries the default model's tokenizer: its Hugging Face files
+    are copied in from the user's cache, where loading the default model builds them once (~13 s; that build is
+    tested in test_loader.py)."""
+    cache = tmp_path_factory.mktemp("cache")
+    built = tokenizer_dir(default_gguf(), ModelSettings().cache_dir)
+    shutil.copytree(built, cache / built.relative_to(ModelSettings().cache_dir.expanduser()))
+    return cache
 
 
 @pytest.fixture(scope="module")

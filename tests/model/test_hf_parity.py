@@ -81,7 +81,8 @@ DEFAULT_PROMPTS = ["What is the capital of France?", "Write a haiku about autumn
 
 def test_default_model_greedy_matches_hf_fp32(default_model_fp32, hf_default_fp32):
     tok = default_model_fp32.tokenizer
-    prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in DEFAULT_PROMPTS]
+    # three of the prompts: HF's unbatched generate costs ~2 s per prompt
+    prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in DEFAULT_PROMPTS[:3]]
     ours = loom_greedy(default_model_fp32, prompts, 64, ignore_eos=False)
     for prompt, got in zip(prompts, ours):
         assert got == hf_greedy(hf_default_fp32, prompt, 64, set(tok.eos_token_ids))

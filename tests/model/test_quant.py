@@ -21,7 +21,7 @@ from server.model.weights.gguf_tensors import QTensor
 from server.model.weights.quant import QuantEmbedding, QuantLinear, backends_for
 from server.model.weights.quant_load import gguf_tensors, resolve_mode
 from server.model.weights.quant_load import load as load_quantized
-from tests.support.quant_accuracy import TEXT, agreement, chat_prompts, every_linear_on, perplexity
+from tests.support.quant_accuracy import Reference, every_linear_on
 
 
 def q4_source(n: int, k: int, seed: int = 0) -> QTensor:
@@ -140,16 +140,17 @@ def default_quantized():
     return lm
 
 
-def test_default_quantized_top1_agreement(default_model_fp32, default_quantized):
-    # bf16 activations alone (the dense bf16 model) give ~0.976 on the full 32 x 64 check
-    agree = agreement(default_model_fp32, default_quantized, chat_prompts(default_model_fp32, 6), 24)
+@pytest.fixture(scope="module")
+def fp32_reference(default_model_fp32) -> Reference:
+    """The float32 model's greedy continuations of 6 chat prompts (24 tokens) and perplexity over 768 tokens."""
+    return Reference.of(default_model_fp32, 6, 24, 768)
+
+
+def test_default_quantized_top1_agreement_and_perplexity(fp32_reference, default_quantized):
+    # bf16 activations alone (the dense bf16 model) give ~0.976 agreement on the full 32 x 64 check
+    agree, ratio = fp32_reference.score(default_quantized)
     assert agree >= 0.93, f"top-1 agreement {agree:.3f}"
-
-
-def test_default_quantized_perplexity_within_one_percent(default_model_fp32, default_quantized):
-    ids = default_model_fp32.tokenizer.encode(TEXT.read_text())[:768]
-    ref, got = perplexity(default_model_fp32, ids), perplexity(default_quantized, ids)
-    assert abs(got / ref - 1) < 0.01, f"perplexity {got:.3f} vs float32 {ref:.3f}"
+    assert abs(ratio - 1) < 0.01, f"perplexity {ratio:.4f} x float32's"
 
 
 @pytest.fixture(scope="module")
@@ -170,17 +171,15 @@ def test_float32_default_path_answers_paris_on_every_float_kernel(default_gguf_f
     assert "Paris" in france[0].text, france[0].text
 
 
-def test_int8_activations_stay_close_to_float32(default_model_fp32, default_gguf_fp32):
+def test_int8_activations_stay_close_to_float32(fp32_reference, default_gguf_fp32):
     """What `--activations int8` trades for speed, every linear on it at every batch size (the head too, whose
     logits stay float32 sums): top-1 agreement and perplexity against the de-quantized float32 model as for the
     float-activation path. (Greedy decoding of a knife-edge prompt can flip: with the prefill on int8 too, the France
     question answers "L'Étoile...", which is why int8 activations are not the default.)"""
     with every_linear_on(default_gguf_fp32, "gguf_q8") as lm:
-        agree = agreement(default_model_fp32, lm, chat_prompts(default_model_fp32, 6), 24)
-        ids = default_model_fp32.tokenizer.encode(TEXT.read_text())[:768]
-        ref, got = perplexity(default_model_fp32, ids), perplexity(lm, ids)
+        agree, ratio = fp32_reference.score(lm)
     assert agree >= 0.93, f"top-1 agreement {agree:.3f}"
-    assert abs(got / ref - 1) < 0.01, f"perplexity {got:.3f} vs float32 {ref:.3f}"
+    assert abs(ratio - 1) < 0.01, f"perplexity {ratio:.4f} x float32's"
 
 
 def test_int8_activations_are_offered_only_where_allowed():

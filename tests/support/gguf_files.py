@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 # byte offsets of each float16 scale in a block, and a magnitude that keeps weights around +-0.05 and centred
 # (a K-quant's min term balances its mean code: dmin ~ mean(q) * d)
@@ -76,13 +76,35 @@ def type_of(name: str, types: dict[str, str]) -> str:
 
 @lru_cache(maxsize=1)
 def default_tokenizer_fields(path: str) -> tuple:
-    """The default model's `tokenizer.*` metadata: (key, value, type, sub type)."""
-    out = []
-    for key, f in GGUFReader(path).fields.items():
-        if key.startswith("tokenizer."):
-            sub = f.types[1] if len(f.types) > 1 else None
-            out.append((key, f.contents(), f.types[0], sub))
+    """The default model's `tokenizer.*` metadata: (key, value, type, sub type). The big arrays (tokens, merges) are
+    parsed straight from their bytes: gguf-py's reader takes seconds over 100k strings."""
+    from server.model.weights.gguf_file import ArrayLength, read_header
+    header, out = read_header(Path(path)), []
+    with open(path, "rb") as f:
+        for key, start, end in header.tokenizer_spans:
+            f.seek(start)
+            raw = f.read(end - start)
+            vtype = GGUFValueType(int.from_bytes(raw[:4], "little"))
+            value, sub = header.metadata[key], None
+            if isinstance(value, ArrayLength):
+                sub = GGUFValueType(int.from_bytes(raw[4:8], "little"))
+                value = array_values(raw[16:], sub, int.from_bytes(raw[8:16], "little"))
+            out.append((key, value, vtype, sub))
     return tuple(out)
+
+
+def array_values(raw: bytes, sub: GGUFValueType, count: int) -> list:
+    """A GGUF array's elements from the bytes after its header: strings (u64 length, bytes) or fixed-size numbers."""
+    if sub != GGUFValueType.STRING:
+        dtype = {GGUFValueType.INT32: np.int32, GGUFValueType.UINT32: np.uint32, GGUFValueType.FLOAT32: np.float32,
+                 GGUFValueType.INT64: np.int64, GGUFValueType.UINT8: np.uint8, GGUFValueType.INT8: np.int8}[sub]
+        return np.frombuffer(raw, dtype=dtype, count=count).tolist()
+    values, pos = [], 0
+    for _ in range(count):
+        n = int.from_bytes(raw[pos:pos + 8], "little")
+        values.append(raw[pos + 8:pos + 8 + n].decode("utf-8"))
+        pos += 8 + n
+    return values
 
 
 def default_gguf_path() -> str:

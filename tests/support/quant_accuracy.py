@@ -8,6 +8,7 @@ import contextlib
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from server.engine import EngineCore, EngineSettings, SamplingParams
@@ -43,9 +44,9 @@ def prompt_top1(lm, sequences: list[list[int]]) -> list[list[tuple[int, float]]]
     return [[(lp.top[0][0], lp.logprob) for lp in r[0].prompt_logprobs[1:]] for r in out]
 
 
-def agreement(ref_lm, lm, prompts: list[list[int]], n_tokens: int) -> float:
-    """Fraction of the reference's greedy tokens that `lm` also ranks first, fed the same prefix."""
-    conts = greedy(ref_lm, prompts, n_tokens)
+def agreement(conts: list[list[int]], lm, prompts: list[list[int]]) -> float:
+    """Fraction of the reference's greedy continuations `conts` whose tokens `lm` also ranks first, fed the same
+    prefix."""
     tops = prompt_top1(lm, [p + c for p, c in zip(prompts, conts)])
     hits = total = 0
     for p, c, top in zip(prompts, conts, tops):
@@ -58,6 +59,25 @@ def agreement(ref_lm, lm, prompts: list[list[int]], n_tokens: int) -> float:
 def perplexity(lm, ids: list[int]) -> float:
     (row,) = prompt_top1(lm, [ids])
     return math.exp(-sum(lp for _, lp in row) / len(row))
+
+
+@dataclass
+class Reference:
+    """The float32 model's side of the check, computed once for every model scored against it."""
+    prompts: list[list[int]]
+    continuations: list[list[int]]
+    text_ids: list[int]
+    perplexity: float
+
+    @classmethod
+    def of(cls, ref_lm, n_prompts: int, n_tokens: int, text_tokens: int | None = None) -> "Reference":
+        prompts = chat_prompts(ref_lm, n_prompts)
+        ids = ref_lm.tokenizer.encode(TEXT.read_text())[:text_tokens]
+        return cls(prompts, greedy(ref_lm, prompts, n_tokens), ids, perplexity(ref_lm, ids))
+
+    def score(self, lm) -> tuple[float, float]:
+        """`lm`'s top-1 agreement with the reference's greedy tokens, and its perplexity over the reference's."""
+        return agreement(self.continuations, lm, self.prompts), perplexity(lm, self.text_ids) / self.perplexity
 
 
 @contextlib.contextmanager
@@ -91,21 +111,20 @@ def main(argv: list[str]) -> None:
     model = "default"
     if argv[:1] == ["--model"]:
         model, argv = argv[1], argv[2:]
-    ref = load_model(ModelSettings(model=model, dtype="float32", quantization="none"), progress=False)
-    ids = ref.tokenizer.encode(TEXT.read_text())
-    ppl_ref = perplexity(ref, ids)
-    print(f"{model}: text {len(ids)} tokens; float32 de-quantized perplexity {ppl_ref:.4f}")
+    ref_lm = load_model(ModelSettings(model=model, dtype="float32", quantization="none"), progress=False)
+    ref = Reference.of(ref_lm, 32, 64)
+    print(f"{model}: text {len(ref.text_ids)} tokens; float32 de-quantized perplexity {ref.perplexity:.4f}")
     for mode in argv or ["auto", "float32"]:
         dtype = "float32" if mode.startswith("int8") else mode
         lm = load_model(ModelSettings(model=model, dtype=dtype, quantization="gguf"), progress=False)
         started = time.perf_counter()
         backend = {"int8": "gguf_q8", "int8k": "gguf_q8k"}.get(mode)
         with every_linear_on(lm, backend) if backend else contextlib.nullcontext():
-            agree = agreement(ref, lm, chat_prompts(ref, 32), 64)
-            ppl = perplexity(lm, ids)
+            agree, ratio = ref.score(lm)
         acts = mode if backend else lm.dtype
         print(f"quantized ({lm.quantization}, activations {acts}): top-1 agreement {agree:.4f} over 32 x 64; "
-              f"perplexity {ppl:.4f} ({100 * (ppl / ppl_ref - 1):+.2f}%) [{time.perf_counter() - started:.0f} s]")
+              f"perplexity {ratio * ref.perplexity:.4f} ({100 * (ratio - 1):+.2f}%) "
+              f"[{time.perf_counter() - started:.0f} s]")
 
 
 if __name__ == "__main__":
