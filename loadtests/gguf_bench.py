@@ -1,5 +1,6 @@
 """One GGUF file, Loom beside llama-server: first start and restart to ready, peak resident memory, bytes Loom
-writes to its cache, and output tokens/s at a few concurrencies (random prompts, exact lengths, ignore_eos).
+writes to its cache, and output tokens/s at a few concurrencies (random prompts, fresh ones per level, exact
+lengths, ignore_eos).
 
     python -m loadtests.gguf_bench --gguf ~/.cache/loom-bench/llama-1b-Q4_K_M.gguf --concurrency 1,8
 
@@ -35,13 +36,19 @@ def kv_bytes(gguf: Path, tokens: int) -> int:
 
 
 def throughput(base_url: str, args, label: str) -> tuple[dict[int, float], dict[int, dict]]:
-    """Output tokens/s per concurrency, and the median TTFT (mostly the prompt's prefill) and TPOT (a decode step)."""
-    doc = serve.main(["--base-url", base_url, "--concurrency", args.concurrency, "--num-requests",
-                      str(args.num_requests), "--input-len", str(args.input_len), "--output-len",
-                      str(args.output_len), "--label", label, "--quiet", "--no-progress"])
-    tok_s = {lv["concurrency"]: round(lv["output_throughput"], 2) for lv in doc["levels"]}
-    return tok_s, {lv["concurrency"]: {"median_ttft_ms": round(lv["median_ttft_ms"]),
-                                       "median_tpot_ms": round(lv["median_tpot_ms"], 1)} for lv in doc["levels"]}
+    """Output tokens/s per concurrency, and the median TTFT (mostly the prompt's prefill) and TPOT (a decode step).
+    Each level draws its own prompts (seed = its place in the list; the same for both servers), so no level finds
+    the previous level's prompts in a prefix cache."""
+    tok_s, latency = {}, {}
+    for seed, level in enumerate(args.concurrency.split(",")):
+        doc = serve.main(["--base-url", base_url, "--concurrency", level, "--num-requests", str(args.num_requests),
+                          "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--seed",
+                          str(seed), "--label", label, "--quiet", "--no-progress"])
+        (lv,) = doc["levels"]
+        tok_s[lv["concurrency"]] = round(lv["output_throughput"], 2)
+        latency[lv["concurrency"]] = {"median_ttft_ms": round(lv["median_ttft_ms"]),
+                                      "median_tpot_ms": round(lv["median_tpot_ms"], 1)}
+    return tok_s, latency
 
 
 def run_one(name: str, ctx: ServerContext, args, label: str, measure: bool) -> dict:
