@@ -76,7 +76,8 @@ class Reference:
         return cls(prompts, greedy(ref_lm, prompts, n_tokens), ids, perplexity(ref_lm, ids))
 
     def score(self, lm) -> tuple[float, float]:
-        """`lm`'s top-1 agreement with the reference's greedy tokens, and its perplexity over the reference's."""
+        """`lm`'s top-1 agreement with the reference's greedy tokens, and its perplexity as a multiple of the
+        reference's."""
         return agreement(self.continuations, lm, self.prompts), perplexity(lm, self.text_ids) / self.perplexity
 
 
