@@ -32,6 +32,8 @@ from loom_kernels.cpu.build import (
     included_files,
 )
 
+EXTENSIONS = (PAGED_DECODE, FUSED_OPS, DECODE_STACK, BLOCKS, KQUANTS, LORA)  # every CPU extension the package builds
+
 TINY = """#include <pybind11/pybind11.h>
 #include "tiny.h"
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{ m.def("add", &add); }}
@@ -155,7 +157,7 @@ def test_every_kernel_source_and_header_ships_in_the_wheel():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     patterns = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["loom_kernels"]
     compiled = set()
-    for ext in (PAGED_DECODE, FUSED_OPS, DECODE_STACK, BLOCKS, KQUANTS, LORA):
+    for ext in EXTENSIONS:
         compiled |= set(included_files([KERNELS_ROOT / s for s in ext.sources], [KERNELS_ROOT]))
     on_disk = {p.resolve() for p in KERNELS_ROOT.rglob("*") if p.suffix in (".cpp", ".h")}
     assert compiled <= on_disk and len(compiled) == 14
@@ -168,6 +170,6 @@ def test_every_extension_builds_where_there_is_a_compiler():
     that needs the extension (they read a failed build as "no compiler", as the server falls back to serve)."""
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler")
-    failed = [ext.name for ext in (PAGED_DECODE, FUSED_OPS, DECODE_STACK, BLOCKS, KQUANTS, LORA) if ext() is None]
+    failed = [ext.name for ext in EXTENSIONS if ext() is None]
     assert not failed, f"these CPU extensions did not build (see the log's 'CPU extension unavailable'): {failed}"
 

@@ -33,9 +33,9 @@ def cache(tmp_path_factory):
     """One cache dir for the module. Every tiny file carries the default model's tokenizer: its Hugging Face files
     are copied in from the user's cache, where loading the default model builds them once (~13 s; that build is
     tested in test_loader.py)."""
-    cache = tmp_path_factory.mktemp("cache")
-    built = tokenizer_dir(default_gguf(), ModelSettings().cache_dir)
-    shutil.copytree(built, cache / built.relative_to(ModelSettings().cache_dir.expanduser()))
+    cache, user_cache = tmp_path_factory.mktemp("cache"), ModelSettings().cache_dir.expanduser()
+    built = tokenizer_dir(default_gguf(), user_cache)
+    shutil.copytree(built, cache / built.relative_to(user_cache))
     return cache
 
 

@@ -29,6 +29,7 @@ from server.model.weights.quant import (
 log = logging.getLogger("loom.model")
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
+STREAM_BYTES = 64 << 20  # a small-M timing pass reads at least this much weight (twice a large L3)
 KERNELS_VERSION = 9  # bump when the candidate kernels change: cached plans of older sets are measured again
 
 
@@ -39,9 +40,6 @@ def group_linears(model: nn.Module) -> dict[str, list[QuantLinear]]:
         if isinstance(mod, QuantLinear):
             groups[f"{name.rsplit('.', 1)[-1]}:{mod.out_features}x{mod.in_features}:{mod.quant_kind}"].append(mod)
     return dict(groups)
-
-
-STREAM_BYTES = 64 << 20
 
 
 def time_backend(mods: list[QuantLinear], backend: str, m: int, dtype: torch.dtype) -> float:
