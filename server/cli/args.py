@@ -28,10 +28,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="quantized linears may hold at most this multiple of their stored bytes (default 1.3: "
                         "essentially the file's own blocks); e.g. 8 lets calibration keep dense copies where large "
                         "batches run faster on them, at up to 8x the memory of a 4-bit file")
-    g.add_argument("--activations", default=None, choices=["float", "int8"],
+    g.add_argument("--activations", default=None, choices=["auto", "float", "int8"],
                    help="int8: linears over GGUF blocks may take int8-quantized activations where measured faster "
-                        "(as llama.cpp does; faster decoding, a small accuracy cost: see BENCHMARKS.md); float "
-                        "(default): never")
+                        "(as llama.cpp does; faster, a small accuracy cost: see BENCHMARKS.md); auto (default): "
+                        "the same for decoding alone on CPUs without native bf16, prompts in float; float: never")
     g.add_argument("--cpu-isa", default=None, choices=["auto", "avx2"],
                    help="avx2: take the AVX2-only kernel choices on any CPU (LOOM_CPU_ISA)")
     g.add_argument("--cache-dir", default=None, type=Path, help="where tokenizers read from GGUFs, kernel plans and q4/q8 quantizations are kept")

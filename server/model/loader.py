@@ -237,7 +237,7 @@ def quantized_model(settings: ModelSettings, cfg: ModelConfig, dtype: torch.dtyp
     del tensors
     plan_kernels(model, dtype, settings.cache_dir, settings.kernel_calibration,
                  quantized_only=settings.linear_kernels == "quantized", forced_isa=settings.cpu_isa,
-                 memory_factor=settings.weight_memory, int8_activations=settings.activations == "int8")
+                 memory_factor=settings.weight_memory, activations=settings.activations)
     return model
 
 

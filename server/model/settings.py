@@ -22,10 +22,11 @@ class ModelSettings(BaseSettings):
     weight_memory: float = Field(1.3, ge=1.0, description="quantized linears hold at most this multiple of their "
                                                            "stored bytes; more lets calibration keep dense copies "
                                                            "for large batches")
-    activations: str = Field("float", pattern="^(float|int8)$",
-                             description="'int8': linears over GGUF blocks may quantize their input to int8 per 32 "
-                                         "values where calibration measures it faster (llama.cpp's CPU dot "
-                                         "products); 'float': activations stay float32/bfloat16")
+    activations: str = Field("auto", pattern="^(auto|float|int8)$",
+                             description="'int8': linears over GGUF blocks may quantize their input to int8 (per 32 "
+                                         "or 256 values, llama.cpp's CPU dot products) where calibration measures "
+                                         "it faster; 'auto': the same in decode-only steps on CPUs without native "
+                                         "bf16, prompts in float; 'float': activations stay float32/bfloat16")
     cpu_isa: str = Field("auto", pattern="^(auto|avx2)$",
                          description="'avx2': take the AVX2-only kernel and dtype choices on any CPU (testing the "
                                      "path other CPUs take; pair with ATEN_CPU_CAPABILITY=avx2)")

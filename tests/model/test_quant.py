@@ -9,13 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from loom_kernels.cpu.platform import cpu_info
+from loom_kernels.fused_cpu.decode_stack import decode_stack_available
 from loom_kernels.quant import block_kernels_available, concat_gguf_blocks, quantize_q4
 from loom_kernels.quant.test_kquants import random_blocks
 from server.engine import EngineCore, EngineSettings, SamplingParams
 from server.engine.offline import generate as offline_generate
 from server.model import ModelSettings, load_model
 from server.model.loader import default_gguf
-from server.model.weights.calibrate import group_linears, plan_kernels
+from server.model.weights import calibrate
+from server.model.weights.calibrate import group_linears, int8_scope, plan_kernels
 from server.model.weights.gguf_file import read_header
 from server.model.weights.gguf_tensors import QTensor
 from server.model.weights.quant import QuantEmbedding, QuantLinear, backends_for
@@ -73,6 +75,41 @@ def test_quant_linear_follows_its_plan_and_drops_unused_forms():
     lin.keep_only([(8, "q4"), (512, "f32")])
     assert set(lin.forms) == {"q4", "f32"} and lin.source is None
     assert [lin.pick(m) for m in (1, 8, 9, 512, 4096)] == ["q4", "q4", "f32", "f32", "f32"]
+    assert [lin.pick(m, decode=True) for m in (1, 9)] == ["q4", "f32"]  # no decode plan: the same plan
+
+
+def test_decode_plan_is_picked_in_decode_steps_and_keeps_its_forms():
+    lin = QuantLinear(QTensor("gguf", "Q4_K", blocks=random_blocks("Q4_K", 16, 256, seed=0)))
+    lin.keep_only([(512, "gguf_blocks")], [(4, "gguf_q8"), (512, "gguf_blocks")])
+    assert set(lin.forms) == {"gguf_blocks", "gguf_q8"} and lin.forms["gguf_q8"] is lin.forms["gguf_blocks"]
+    assert [lin.pick(m) for m in (1, 4, 5)] == ["gguf_blocks"] * 3
+    assert [lin.pick(m, decode=True) for m in (1, 4, 5)] == ["gguf_q8", "gguf_q8", "gguf_blocks"]
+
+
+def test_int8_scope_follows_the_setting_and_the_cpu():
+    assert int8_scope("auto", native_bf16=False) == "decode"  # float32 activations otherwise: decoding on int8
+    assert int8_scope("auto", native_bf16=True) == "none"
+    assert int8_scope("int8", native_bf16=True) == "all" and int8_scope("float", native_bf16=False) == "none"
+
+
+@pytest.mark.parametrize("scope", ["none", "decode", "all"])
+def test_calibration_offers_int8_only_within_its_scope(monkeypatch, scope):
+    """Made-up timings: int8 is fastest at M <= 8, the float kernels above. "decode" keeps every step's plan on
+    float forms and takes int8 into the decode plan only where it measured faster."""
+    times = {1: (1.0, 2.0, 0.5), 8: (2.0, 3.0, 1.5), 16: (4.0, 3.0, 3.5)}  # gguf_blocks, gguf_tiled, gguf_q8
+    def measure(mods, candidates, dtype):
+        assert ("gguf_q8" in candidates) == (scope != "none")
+        return {m: {b: t for b, t in zip(("gguf_blocks", "gguf_tiled", "gguf_q8"), ts) if b in candidates}
+                for m, ts in times.items()}
+    monkeypatch.setattr(calibrate, "measure_group", measure)
+    mods = [QuantLinear(QTensor("gguf", "Q8_0", blocks=random_blocks("Q8_0", 16, 64, seed=0)))]
+    info = cpu_info()
+    step, decode, used = calibrate.choose(mods, info, torch.float32, True, False, 0.0, {}, "k", scope)
+    float_choice = {1: "gguf_blocks", 8: "gguf_blocks", 16: "gguf_tiled"}
+    int8_choice = {1: "gguf_q8", 8: "gguf_q8", 16: "gguf_tiled"}
+    assert used == 0.0
+    assert step == (int8_choice if scope == "all" else float_choice)
+    assert decode == (float_choice if scope == "none" else int8_choice)
 
 
 def test_quant_embedding_gathers_dequantized_rows():
@@ -180,6 +217,23 @@ def test_int8_activations_stay_close_to_float32(fp32_reference, default_gguf_fp3
         agree, ratio = fp32_reference.score(lm)
     assert agree >= 0.93, f"top-1 agreement {agree:.3f}"
     assert abs(ratio - 1) < 0.01, f"perplexity {ratio:.4f} x float32's"
+
+
+@pytest.mark.skipif(not decode_stack_available(), reason="no C++ compiler for the CPU kernels")
+def test_int8_decoding_after_a_float32_prompt_answers_paris(default_gguf_fp32):
+    """What `--activations auto` runs on CPUs without native bf16: the prompt (so the first token) in float32,
+    every decode step on the C++ stack with int8 activations."""
+    with every_linear_on(default_gguf_fp32, "gguf_blocks", decode="gguf_q8") as lm:
+        core = EngineCore(lm, EngineSettings(kv_cache_memory=0.25))
+        prompt = lm.tokenizer.encode_chat([{"role": "user", "content": CHAT[0]}])
+        (france,) = offline_generate(core, [prompt], SamplingParams(max_tokens=8, temperature=0.0))
+        stacks = lm.model.decode_stacks
+        assert stacks.by_forms and {kind for forms in stacks.by_forms for kind, *_ in forms} == {"gguf_q8"}
+        for mod in lm.model.modules():  # the same blocks under another kernel: a stack of its own, not the int8 one
+            if isinstance(mod, QuantLinear):
+                mod.decode_plan = [(1 << 30, "gguf_blocks")]
+        assert stacks._build(1) is not stacks.by_size[1] and len(stacks.by_forms) == 2
+    assert "Paris" in france[0].text, france[0].text
 
 
 def test_int8_activations_are_offered_only_where_allowed():

@@ -82,25 +82,30 @@ class Reference:
 
 
 @contextlib.contextmanager
-def every_linear_on(lm, backend: str):
-    """Every linear (the head too) run by `backend` at every M, where it has that form (the GGUF-block kinds share
-    one GGUFBlocks; `gguf_q8k` runs only K-quant weights, the others take `gguf_q8`); restored after."""
+def every_linear_on(lm, backend: str, decode: str | None = None):
+    """Every linear (the head too) run by `backend` at every M, and in decode-only steps by `decode` (default
+    `backend`), where it has that form (the GGUF-block kinds share one GGUFBlocks; `gguf_q8k` runs only K-quant
+    weights, the others take `gguf_q8`); restored after."""
     from loom_kernels.quant import Q8K_TYPES
     from server.model.weights.quant import QuantLinear
-    saved = {m: (m.forms, m.plan) for m in lm.model.modules() if isinstance(m, QuantLinear)}
-    for mod, (forms, _) in saved.items():
+    saved = {m: (m.forms, m.plan, m.decode_plan) for m in lm.model.modules() if isinstance(m, QuantLinear)}
+
+    def kind_for(form, wanted: str) -> str:
+        if wanted == "gguf_q8k" and any(qtype not in Q8K_TYPES for qtype in form.qtypes):
+            return "gguf_q8"
+        return wanted
+    for mod, (forms, *_) in saved.items():
         form = forms.get(backend) or (next(f for b, f in forms.items() if b.startswith("gguf"))
                                       if backend.startswith("gguf") else None)
         if form is not None:
-            kind = backend
-            if kind == "gguf_q8k" and any(qtype not in Q8K_TYPES for qtype in form.qtypes):
-                kind = "gguf_q8"
-            mod.forms, mod.plan = {kind: form}, [(1 << 30, kind)]
+            kinds = (kind_for(form, backend), kind_for(form, decode or backend))
+            mod.forms = dict.fromkeys(kinds, form)
+            mod.plan, mod.decode_plan = [(1 << 30, kinds[0])], [(1 << 30, kinds[1])]
     try:
         yield lm
     finally:
-        for mod, (forms, plan) in saved.items():
-            mod.forms, mod.plan = forms, plan
+        for mod, (forms, plan, decode_plan) in saved.items():
+            mod.forms, mod.plan, mod.decode_plan = forms, plan, decode_plan
 
 
 def main(argv: list[str]) -> None:

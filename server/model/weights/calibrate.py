@@ -19,6 +19,7 @@ from loom_kernels.quant import block_kernels_available
 from server.model.cache_files import write_file_atomically
 from server.model.weights.quant import (
     GGUF_FORMS,
+    INT8_FORMS,
     QUANTIZED,
     QuantLinear,
     backends_for,
@@ -134,67 +135,99 @@ def compact(choice: dict[int, str]) -> list[tuple[int, str]]:
     return plan
 
 
+def int8_scope(activations: str, native_bf16: bool) -> str:
+    """Where GGUF linears may take int8 activations: "all" steps (`int8`), "decode"-only steps (`auto` on a CPU
+    without native bf16, where the alternative is float32: prompts and so the first token stay in float, the
+    bandwidth-bound decode step gets llama.cpp's int8 dot products), or "none" (`float`, and `auto` where bf16
+    activations are native and cheap)."""
+    if activations == "auto":
+        return "none" if native_bf16 else "decode"
+    return {"int8": "all", "float": "none"}[activations]
+
+
+def described(plan: list[tuple[int, str]]) -> str:
+    return " ".join(f"<={m}:{b}" for m, b in plan)
+
+
 def plan_kernels(model: nn.Module, dtype: torch.dtype, cache_dir: Path, calibrate: bool = True,
                  quantized_only: bool = False, forced_isa: str | None = None,
-                 memory_factor: float = 1.3, int8_activations: bool = False) -> dict[str, list]:
-    """Choose and install a plan on every QuantLinear of `model`; returns {group: plan}. Extra forms (dense copies
-    for large batches, a second quantized layout) are kept only while all linears together stay within
-    `memory_factor` x their stored bytes; `quantized_only` keeps each linear on its quantized forms at every M;
-    `int8_activations` lets GGUF linears be measured with their input quantized to int8 too."""
+                 memory_factor: float = 1.3, activations: str = "auto") -> dict[str, list]:
+    """Choose and install a plan (and a decode plan) on every QuantLinear of `model`; returns {group: plan}. Extra
+    forms (dense copies for large batches, a second quantized layout) are kept only while all linears together stay
+    within `memory_factor` x their stored bytes; `quantized_only` keeps each linear on its quantized forms at every
+    M; `activations` (auto / float / int8, see `int8_scope`) says where GGUF linears may be measured and run with
+    their input quantized to int8."""
     info = cpu_info(forced_isa)
     groups = group_linears(model)
     if not groups:
         return {}
+    scope = int8_scope(activations, info.native_bf16)
     fingerprint = json.dumps([KERNELS_VERSION, block_kernels_available(), info.model, sorted(info.flags),
                               info.capability, info.forced, torch.__version__, torch.get_num_threads(), str(dtype),
-                              sorted(groups), quantized_only, memory_factor, int8_activations])
+                              sorted(groups), quantized_only, memory_factor, scope])
     path = cache_dir / "kernels" / f"{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}.json"
     cached = json.loads(path.read_text()) if calibrate and path.is_file() else None
     started = time.perf_counter()
     allowance = (memory_factor - 1) * resident_weight_bytes(model)  # the weights as read, each storage once
-    plans, choices, timings = {}, {}, {}
+    plans, choices, decode_choices, timings = {}, {}, {}, {}
     if calibrate and not cached:  # tens of seconds on a large model: say what the wait is
         log.info("measuring kernels for this CPU", extra={"groups": len(groups), "into": str(path)})
     for key, mods in groups.items():
         if cached and key in cached["plans"]:
             choice = {int(m): b for m, b in cached["plans"][key].items()}
+            decode = {int(m): b for m, b in cached.get("decode_plans", {}).get(key, choice).items()}
         else:
-            choice, used = choose(mods, info, dtype, calibrate, quantized_only, allowance, timings, key,
-                                  int8_activations)
+            choice, decode, used = choose(mods, info, dtype, calibrate, quantized_only, allowance, timings, key,
+                                          scope)
             allowance -= used
-        choices[key], plans[key] = choice, compact(choice)
+        choices[key], decode_choices[key], plans[key] = choice, decode, compact(choice)
         for mod in mods:
-            mod.keep_only(plans[key])
+            mod.keep_only(plans[key], compact(decode))
     trim_heap()  # calibration's transient dense copies would otherwise stay in the resident set
     if calibrate and not cached:
-        save_plans(path, info, dtype, choices, timings)
+        save_plans(path, info, dtype, choices, decode_choices, timings)
     log.info("kernel plan", extra={"source": "cache" if cached else ("measured" if calibrate else "heuristic"),
                                    "cpu": info.model, "capability": info.capability, "forced_isa": info.forced or None,
                                    "seconds": round(time.perf_counter() - started, 2),
                                    "weights_mb": round(resident_weight_bytes(model) / 1e6),
-                                   "memory_factor": memory_factor,
-                                   "plans": {k: " ".join(f"<={m}:{b}" for m, b in p) for k, p in plans.items()}})
+                                   "memory_factor": memory_factor, "int8_activations": scope,
+                                   "plans": {k: described(p) for k, p in plans.items()},
+                                   "decode_plans": {k: described(compact(d)) for k, d in decode_choices.items()
+                                                    if d != choices[k]}})
     return plans
 
 
 def choose(mods: list[QuantLinear], info, dtype: torch.dtype, calibrate: bool, quantized_only: bool,
-           allowance: float, timings: dict, key: str, int8_activations: bool = False) -> tuple[dict[int, str], float]:
-    """One group's {M bucket: backend} and the extra bytes it keeps."""
+           allowance: float, timings: dict, key: str, scope: str = "none"
+           ) -> tuple[dict[int, str], dict[int, str], float]:
+    """One group's {M bucket: backend} for every step, the same for decode-only steps, and the extra bytes kept.
+    With int8 `scope` "decode" the decode choice takes an int8 form wherever it measured faster than the step's
+    own choice (no memory: the int8 forms read the same blocks); with "all" both choices may take one."""
     candidates = backends_for(mods[0].source, info.native_bf16, info.fast_int8, block_kernels_available(),
-                              mods[0].float_output, int8_activations)
+                              mods[0].float_output, scope != "none")
     if quantized_only and candidates[0] in QUANTIZED:
         candidates = [c for c in candidates if c in QUANTIZED]
     candidates = affordable(mods, candidates, allowance)
     if len(candidates) == 1:  # nothing to choose between
-        return {m: candidates[0] for m in BUCKETS}, 0.0
-    if not calibrate:
+        choice = {m: candidates[0] for m in BUCKETS}
+        return choice, choice, 0.0
+    if not calibrate:  # the heuristic never guesses int8: its accuracy is traded only where it was measured faster
         choice = heuristic_plan(candidates)
-        return choice, sum(form_bytes(mods[0].source, b) for b in set(choice.values()) - {candidates[0]}) * len(mods)
+        used = sum(form_bytes(mods[0].source, b) for b in set(choice.values()) - {candidates[0]}) * len(mods)
+        return choice, choice, used
     timings[key] = measure_group(mods, candidates, dtype)
-    choice = {m: fastest(t) for m, t in timings[key].items()}
-    if candidates[0] not in timings[key][1]:  # the base form failed to build: no budget to keep to
-        return choice, 0.0
-    return fit_choice(choice, timings[key], mods, candidates[0], allowance)
+    step_forms = {m: {b: t for b, t in ts.items() if scope == "all" or b not in INT8_FORMS}
+                  for m, ts in timings[key].items()}
+    choice, used = {m: fastest(t) for m, t in step_forms.items()}, 0.0
+    if candidates[0] in timings[key][1]:  # else the base form failed to build: no budget to keep to
+        choice, used = fit_choice(choice, step_forms, mods, candidates[0], allowance)
+    if scope != "decode":
+        return choice, choice, used
+    decode = {}
+    for m, ts in timings[key].items():
+        int8 = min((b for b in ts if b in INT8_FORMS), key=ts.get, default=None)
+        decode[m] = int8 if int8 is not None and ts[int8] < ts[choice[m]] else choice[m]
+    return choice, decode, used
 
 
 READY_FORMS = GGUF_FORMS  # the file's own blocks: nothing to build at each start
@@ -212,8 +245,8 @@ def fastest(timings: dict[str, float]) -> str:
     return near if timings[near] <= READY_MARGIN * timings[best] else best
 
 
-def save_plans(path: Path, info, dtype: torch.dtype, choices: dict, timings: dict) -> None:
+def save_plans(path: Path, info, dtype: torch.dtype, choices: dict, decode_choices: dict, timings: dict) -> None:
     text = json.dumps({"cpu": info.model, "flags": sorted(info.flags), "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "dtype": str(dtype), "plans": choices,
-                       "timings_ms": timings}, indent=1)
+                       "decode_plans": decode_choices, "timings_ms": timings}, indent=1)
     write_file_atomically(path, lambda tmp: tmp.write_text(text))

@@ -1,9 +1,10 @@
 """The one-call C++ decode step (loom_kernels/fused_cpu/decode_stack.py) for a Llama-family model on CPU.
 
-The stack runs each linear in the form the Python path would pick for the same batch size (a `QuantLinear`'s
-calibrated plan, a oneDNN-packed or a plain weight), so the two paths differ only in dispatch. One compiled stack per
-distinct set of forms, built on first use of a batch size. Float32 models of unquantized weights keep the Python
-path: it stays bit-identical to Hugging Face."""
+The stack runs each linear in the form a decode-only step takes at that batch size: a `QuantLinear`'s calibrated
+decode plan (the same as its plan for every step, except where `--activations auto` lets decoding alone take int8
+activations), a oneDNN-packed or a plain weight; otherwise the two paths differ only in dispatch. One compiled stack
+per distinct set of forms (kernel and weight), built on first use of a batch size. Float32 models of unquantized
+weights keep the Python path: it stays bit-identical to Hugging Face."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,13 +22,13 @@ from server.model.weights.quant import QuantLinear
 log = logging.getLogger("loom.model")
 
 def stack_linear(module: nn.Module, m: int) -> StackLinear:
-    """`module`'s weight in the form the Python path runs at batch size `m`; a LoraLinear's with its slot stacks
+    """`module`'s weight in the form its decode plan runs at batch size `m`; a LoraLinear's with its slot stacks
     (the stack holds them, so adapters loaded into slots later are seen)."""
     if isinstance(module, LoraLinear):
         return dataclasses.replace(stack_linear(module.base, m), lora_a=module.lora_a, lora_b=module.lora_b,
                                    lora_meta=module.lora_meta)
     if isinstance(module, QuantLinear):
-        return module.form(module.pick(m))
+        return module.form(module.pick(m, decode=True))
     if isinstance(module, PackedLinear):
         return StackLinear("mkldnn", module.packed_weight, module.bias, module.out_features)
     if isinstance(module, nn.Linear):
@@ -73,7 +74,7 @@ class DecodeStacks:
     def _build(self, m: int) -> DecodeStack:
         model, cfg = self.model, self.model.config
         layers = [stack_layer(layer, m) for layer in model.model.layers]
-        forms = tuple((id(lin.weight), id(lin.lora_a)) for layer in layers
+        forms = tuple((lin.kind, id(lin.weight), id(lin.lora_a)) for layer in layers
                       for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
         if forms not in self.by_forms:
             local = getattr(model, "cos_sin_local", None)  # Gemma 3's local layers rotate with their own base

@@ -28,6 +28,7 @@ from loom_kernels.quant import (
 from server.model.weights.gguf_tensors import QTensor, code_block_form, dequantize_blocks
 
 GGUF_FORMS = ("gguf_blocks", "gguf_tiled", "gguf_q8", "gguf_q8k")  # one GGUFBlocks, run by four kernels
+INT8_FORMS = ("gguf_q8", "gguf_q8k")  # the forms that quantize their input to int8
 BACKENDS = GGUF_FORMS + ("q4_blocks", "q8_blocks", "q4", "q8", "bf16", "bf16_packed", "f32")
 QUANTIZED = GGUF_FORMS + ("q4_blocks", "q8_blocks", "q4", "q8")
 FORM_OF_BACKEND = {**{b: b for b in GGUF_FORMS}, "q4_blocks": "q4_blocks", "q8_blocks": "q8_blocks", "q4": "q4",
@@ -80,6 +81,7 @@ class QuantLinear(nn.Module):
             bias = bias.float()
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.plan: list[tuple[int, str]] = []
+        self.decode_plan: list[tuple[int, str]] = []  # decode-only steps (the C++ stack): may take int8 activations
         self.quant_kind = f"gguf:{source.source}" if source.kind == "gguf" else source.kind  # plans group by it
 
     def build(self, backend: str) -> None:
@@ -116,11 +118,15 @@ class QuantLinear(nn.Module):
         """The activation dtype int4pack/int8pack run in: bf16 is their fast one."""
         return torch.float32 if self.float_output else torch.bfloat16
 
-    def keep_only(self, plan: list[tuple[int, str]]) -> None:
+    def keep_only(self, plan: list[tuple[int, str]], decode_plan: list[tuple[int, str]] | None = None) -> None:
+        """Install `plan` (every step) and `decode_plan` (decode-only steps; default `plan`), building their forms
+        and dropping the rest and the source."""
         self.plan = sorted(plan)
-        for b in {b for _, b in plan}:
+        self.decode_plan = sorted(decode_plan) if decode_plan else self.plan
+        used = {b for _, b in self.plan + self.decode_plan}
+        for b in used:
             self.build(b)
-        self.forms = {b: f for b, f in self.forms.items() if any(b == p for _, p in plan)}
+        self.forms = {b: f for b, f in self.forms.items() if b in used}
         self.source = None
 
     def form(self, backend: str) -> StackLinear:
@@ -130,13 +136,15 @@ class QuantLinear(nn.Module):
     def run(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         return self.form(backend)(x)
 
-    def pick(self, m: int) -> str:
-        if m <= self.plan[0][0]:  # the common decode case: one comparison
-            return self.plan[0][1]
-        for limit, backend in self.plan:
+    def pick(self, m: int, decode: bool = False) -> str:
+        """The backend for `m` rows: from `decode_plan` in a decode-only step, else from `plan`."""
+        plan = self.decode_plan if decode else self.plan
+        if m <= plan[0][0]:  # the common decode case: one comparison
+            return plan[0][1]
+        for limit, backend in plan:
             if m <= limit:
                 return backend
-        return self.plan[-1][1]
+        return plan[-1][1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.float_output:
@@ -154,7 +162,8 @@ class QuantLinear(nn.Module):
         return total
 
     def extra_repr(self) -> str:
-        return (f"{self.in_features}->{self.out_features}, {self.quant_kind}, plan={self.plan}"
+        decode = f", decode_plan={self.decode_plan}" if self.decode_plan != self.plan else ""
+        return (f"{self.in_features}->{self.out_features}, {self.quant_kind}, plan={self.plan}{decode}"
                 + (", float32 out" if self.float_output else ""))
 
 
