@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     if not model.decode_stacks.takes(batch, cache):
         raise SystemExit("the stack does not take this step")
     linears = [m for name, m in model.named_modules() if isinstance(m, QuantLinear) and name != "lm_head"]
-    inputs = [(m, torch.randn(1, m.in_features), m.pick(1)) for m in linears]
+    inputs = [(m, torch.randn(1, m.in_features), m.pick(1, decode=True)) for m in linears]  # as the stack runs them
     head = model.lm_head
     hidden = torch.randn(1, head.in_features)
 

@@ -150,11 +150,13 @@ static at::Tensor head_norm(const at::Tensor& x, const at::Tensor& w, double eps
 }
 
 // Per layer, beyond the plain Llama layer: q/k head norms (undefined: none), the rotary table (-1: none, SmolLM3's
-// NoPE layers; 1: the second one, Gemma's local layers) and the sliding window (0: full attention).
+// NoPE layers; 1: the second one, Gemma's local layers), the sliding window (0: full attention) and the KV group whose
+// slots and block tables address its cache (a model mixing windowed and full layers: server/model/kv_layout.py).
 struct LayerExtras {
   at::Tensor q_norm, k_norm;
   int64_t rope_table = 0;
   int64_t window = 0;
+  int64_t kv_group = 0;
 };
 
 struct DecodeStack {
@@ -170,9 +172,9 @@ struct DecodeStack {
 
   // A kind-6 to 9 linear's group is its segment count: its segments and their types are the next ones of
   // gguf_segs / gguf_types, in linear order. lora: (A, B, meta) per linear, empty tensors for none. qk_norms: (q, k)
-  // head-norm weights [D] per layer, empty for none; layer_meta: (rotary table or -1, window) per layer. norms: per
-  // layer (input, post-attention) of the activation dtype, or for Gemma (input, post-attention, pre-feedforward,
-  // post-feedforward) float32 1 + w, then the final norm.
+  // head-norm weights [D] per layer, empty for none; layer_meta: (rotary table or -1, window, KV group) per layer.
+  // norms: per layer (input, post-attention) of the activation dtype, or for Gemma (input, post-attention,
+  // pre-feedforward, post-feedforward) float32 1 + w, then the final norm.
   DecodeStack(std::vector<at::Tensor> norms_, std::vector<at::Tensor> lin_tensors, std::vector<int64_t> meta,
               std::vector<at::Tensor> gguf_segs, std::vector<int64_t> gguf_types, std::vector<at::Tensor> lora,
               std::vector<at::Tensor> qk_norms, std::vector<int64_t> layer_meta, std::vector<at::Tensor> kcs,
@@ -215,8 +217,8 @@ struct DecodeStack {
 
   void set_extras(const std::vector<at::Tensor>& qk_norms, const std::vector<int64_t>& layer_meta,
                   at::ScalarType dtype, size_t L) {
-    TORCH_CHECK(qk_norms.size() == 2 * L && layer_meta.size() == 2 * L,
-                "DecodeStack: (q, k) norms and (rope, window) per layer");
+    TORCH_CHECK(qk_norms.size() == 2 * L && layer_meta.size() == 3 * L,
+                "DecodeStack: (q, k) norms and (rope, window, KV group) per layer");
     for (size_t i = 0; i < L; ++i) {
       LayerExtras e;
       for (int j = 0; j < 2; ++j) {
@@ -227,11 +229,13 @@ struct DecodeStack {
                     "DecodeStack: q/k norm weights [head_dim], contiguous, of the activation dtype (Gemma: float32)");
         (j == 0 ? e.q_norm : e.k_norm) = w;
       }
-      e.rope_table = layer_meta[2 * i];
-      e.window = layer_meta[2 * i + 1];
+      e.rope_table = layer_meta[3 * i];
+      e.window = layer_meta[3 * i + 1];
+      e.kv_group = layer_meta[3 * i + 2];
       TORCH_CHECK(e.rope_table >= -1 && e.rope_table < static_cast<int64_t>(cos_sin.size()),
                   "DecodeStack: a layer's rotary table is -1 (none) or one of the tables given");
       TORCH_CHECK(e.window >= 0, "DecodeStack: window >= 0 (0: full attention)");
+      TORCH_CHECK(e.kv_group >= 0, "DecodeStack: KV group >= 0");
       extras.push_back(e);
     }
   }
@@ -269,9 +273,9 @@ struct DecodeStack {
       rot<T>(q, pos.data_ptr<int64_t>(), cs.data_ptr<float>(), cs.stride(0), cs.size(1) / 2);
       rot<T>(k, pos.data_ptr<int64_t>(), cs.data_ptr<float>(), cs.stride(0), cs.size(1) / 2);
     }
-    write_kv<T>(k, v, k_caches[i], v_caches[i], slots.data_ptr<int64_t>());
+    write_kv<T>(k, v, k_caches[i], v_caches[i], slots.select(0, e.kv_group).data_ptr<int64_t>());
     at::Tensor attn = at::empty({B, H, D}, h.options());
-    decode<T>(q, k_caches[i], v_caches[i], bt, sl, scale, attn, e.window);
+    decode<T>(q, k_caches[i], v_caches[i], bt.select(0, e.kv_group), sl, scale, attn, e.window);
     return apply_linear<T>(attn.view({B, qs}), l[1], lora);
   }
 
@@ -330,8 +334,15 @@ struct DecodeStack {
     return out;
   }
 
-  // lora_slots: the adapter slot of each row (-1: the base model), or an empty tensor in a base-only step.
+  // lora_slots: the adapter slot of each row (-1: the base model), or an empty tensor in a base-only step. slots [T]
+  // and bt [B, max_blocks], or per KV group [G, T] and [G, B, max_blocks].
   at::Tensor run(at::Tensor x, at::Tensor pos, at::Tensor slots, at::Tensor bt, at::Tensor sl, at::Tensor lora_slots) {
+    if (slots.dim() == 1) slots = slots.unsqueeze(0);
+    if (bt.dim() == 2) bt = bt.unsqueeze(0);
+    TORCH_CHECK(slots.dim() == 2 && bt.dim() == 3 && slots.size(0) == bt.size(0),
+                "DecodeStack: slots/tables per group");
+    for (const LayerExtras& e : extras)
+      TORCH_CHECK(e.kv_group < bt.size(0), "DecodeStack: a layer's KV group has no tables in this step");
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "DecodeStack: x [B, hidden] contiguous");
     TORCH_CHECK(pos.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "DecodeStack: int64 positions/slots");
     TORCH_CHECK(bt.scalar_type() == at::kInt && sl.scalar_type() == at::kInt, "DecodeStack: int32 tables/lengths");

@@ -91,7 +91,8 @@ class StackLayer:
     """One decoder layer. `q_norm` / `k_norm` `[head_dim]`: an RMSNorm over each head of q / k before rotary, one
     weight shared by every head (Qwen3); `rope` False: the layer attends without rotary (SmolLM3's NoPE layers);
     `rope_table` 1: it rotates with the second table (Gemma's local layers); `window`: its sliding window (None: full
-    attention), as `PagedAttention` takes it. Gemma (StackShape.gemma): `post_norm` is the pre-feedforward norm and
+    attention), as `PagedAttention` takes it; `kv_group`: which group's slots and tables (`run`'s `[G, T]` /
+    `[G, B, max_blocks]`) address its cache in a grouped KV layout. Gemma (StackShape.gemma): `post_norm` is the pre-feedforward norm and
     `post_attn_norm` / `post_ffn_norm` the norms of each sublayer's output."""
     input_norm: torch.Tensor
     qkv: StackLinear
@@ -104,6 +105,7 @@ class StackLayer:
     rope: bool = True
     window: int | None = None
     rope_table: int = 0
+    kv_group: int = 0
     post_attn_norm: torch.Tensor | None = None
     post_ffn_norm: torch.Tensor | None = None
 
@@ -142,10 +144,10 @@ def _norm_weight(w: torch.Tensor, dtype: torch.dtype, gemma: bool) -> torch.Tens
 
 
 def _layer_extras(layer: StackLayer, dtype: torch.dtype, gemma: bool) -> tuple[list[torch.Tensor], list[int]]:
-    """The layer's (q, k) head-norm weights (empty for none) and its (rotary table or -1, window) ints (window 0:
-    full)."""
+    """The layer's (q, k) head-norm weights (empty for none) and its (rotary table or -1, window, KV group) ints
+    (window 0: full)."""
     norms = [torch.empty(0) if w is None else _norm_weight(w, dtype, gemma) for w in (layer.q_norm, layer.k_norm)]
-    return norms, [layer.rope_table if layer.rope else -1, layer.window or 0]
+    return norms, [layer.rope_table if layer.rope else -1, layer.window or 0, layer.kv_group]
 
 
 def _layer_norms(layer: StackLayer, dtype: torch.dtype, gemma: bool) -> list[torch.Tensor]:
@@ -255,6 +257,8 @@ def _attention_ref(layer: StackLayer, h: torch.Tensor, i: int, k_caches: list[to
         k = norm(k, layer.k_norm)
     if layer.rope:
         rotary(q, k, positions, tables[layer.rope_table])
+    if slot_mapping.dim() == 2:  # per KV group
+        slot_mapping, block_tables = slot_mapping[layer.kv_group], block_tables[layer.kv_group]
     write_kv(k, v, k_caches[i], v_caches[i], slot_mapping)
     attn = paged_attention_decode(q, k_caches[i], v_caches[i], block_tables, seq_lens, s.scale, layer.window or None)
     return _linear_ref(layer.o, attn.flatten(1), lora)

@@ -135,20 +135,26 @@ def test_decode_stack_runs_the_other_gguf_kinds(kind):
     check_stack(layers, torch.bfloat16, StackShape(G_H, G_HKV, G_D, 1e-5, G_D ** -0.5), G_HIDDEN)
 
 
+TABLES = torch.tensor([[3, 7, 1], [0, 2, 9], [5, 0, 0], [11, 12, 0]], dtype=torch.int32)
+
+
 def check_stack(layers: list[StackLayer], dtype: torch.dtype, shape: StackShape, hidden: int,
-                lora_slots: torch.Tensor | None = None) -> torch.Tensor:
+                lora_slots: torch.Tensor | None = None, tables: torch.Tensor = TABLES) -> torch.Tensor:
     """One step of the C++ stack against the Python layer loop over the same layers (with `lora_slots`, a LoRA slot
-    per row): outputs, the K/V written (in the same slots, nothing else touched), and a second step equal to the
-    first (no state kept). Returns the stack's output; the random inputs are drawn from a fixed seed."""
+    per row; `tables` [G, B, max_blocks]: a table per KV group, each layer addressing its `kv_group`'s): outputs, the
+    K/V written (in the same slots, nothing else touched), and a second step equal to the first (no state kept).
+    Returns the stack's output; the random inputs are drawn from a fixed seed."""
     torch.manual_seed(1)
     hkv, d = shape.num_kv_heads, shape.head_dim
     final_norm = (1 + 0.1 * torch.randn(hidden)).to(dtype)
     caches = torch.randn(len(layers), 2, BLOCKS, BLOCK, hkv, d).to(dtype)
-    tables = torch.tensor([[3, 7, 1], [0, 2, 9], [5, 0, 0], [11, 12, 0]], dtype=torch.int32)
     seq_lens = torch.tensor([9, 12, 1, 6], dtype=torch.int32)
     positions = (seq_lens - 1).long()
-    slots = torch.tensor([int(tables[b, p // BLOCK]) * BLOCK + int(p) % BLOCK for b, p in enumerate(positions)])
-    slots[3] = -1  # a padded row: its K/V is not stored
+    grouped = tables.dim() == 3
+    slots = torch.tensor([[int(t[b, p // BLOCK]) * BLOCK + int(p) % BLOCK for b, p in enumerate(positions)]
+                          for t in (tables if grouped else [tables])])
+    slots[:, 3] = -1  # a padded row: its K/V is not stored
+    slots = slots if grouped else slots[0]
     cos_sin = cos_sin_cache(64, shape.rotary_dim or d).cpu()
     local = cos_sin_cache(64, shape.rotary_dim or d, base=100.0).cpu() if shape.gemma else None
     x = torch.randn(4, hidden).to(dtype)
@@ -160,10 +166,11 @@ def check_stack(layers: list[StackLayer], dtype: torch.dtype, shape: StackShape,
     got = stack.run(x, positions, slots, tables, seq_lens, lora_slots)
     torch.testing.assert_close(got, ref, **TOL[dtype])
     torch.testing.assert_close(caches, ref_caches, **TOL[dtype])  # the same K/V written, in the same slots
-    untouched = torch.ones(BLOCKS, BLOCK, dtype=torch.bool)
-    for s in slots[:3]:
-        untouched[s // BLOCK, s % BLOCK] = False
-    assert torch.equal(caches[:, :, untouched], ref_caches[:, :, untouched])  # nothing else changed
+    for i, layer in enumerate(layers):
+        untouched = torch.ones(BLOCKS, BLOCK, dtype=torch.bool)
+        for s in (slots[layer.kv_group] if grouped else slots)[:3]:
+            untouched[s // BLOCK, s % BLOCK] = False
+        assert torch.equal(caches[i, :, untouched], ref_caches[i, :, untouched])  # nothing else changed
     again = stack.run(x, positions, slots, tables, seq_lens, lora_slots)  # the stack holds no state between steps
     torch.testing.assert_close(again, got, rtol=0, atol=0)
     return got
@@ -262,6 +269,19 @@ def test_decode_stack_runs_gemma3_layers(dtype, kind):
     `gelu_tanh_and_mul`, the local table for the windowed layers); the query scale is Gemma's own."""
     torch.manual_seed(0)
     check_stack(gemma_layers(kind, dtype), dtype, StackShape(H, HKV, D, 1e-6, 16 ** -0.5, gemma=True), HIDDEN)
+
+
+def test_decode_stack_addresses_each_layers_kv_group():
+    """Gemma 3's layers in a grouped KV layout (server/model/kv_layout.py): the local layers 0 and 2 read and write
+    through group 1's tables, the global layer 1 through group 0's, which name other blocks."""
+    torch.manual_seed(0)
+    layers = [dataclasses.replace(layer, kv_group=[1, 0, 1][i])
+              for i, layer in enumerate(gemma_layers("dense", torch.float32))]
+    local = torch.tensor([[4, 6, 8], [10, 13, 14], [15, 0, 0], [1, 2, 0]], dtype=torch.int32)
+    shape = StackShape(H, HKV, D, 1e-6, 16 ** -0.5, gemma=True)
+    grouped = check_stack(layers, torch.float32, shape, HIDDEN, tables=torch.stack([TABLES, local]))
+    one_table = check_stack(layers, torch.float32, shape, HIDDEN, tables=torch.stack([TABLES, TABLES]))
+    assert not torch.allclose(grouped, one_table)  # the local layers did read other blocks
 
 
 def test_decode_stack_refuses_a_gemma_layer_without_its_norms_or_table():

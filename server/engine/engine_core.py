@@ -9,6 +9,7 @@ import time
 from server.engine.block_manager import BlockManager
 from server.engine.errors import InternalEngineError, InvalidRequestError
 from server.engine.grammar import GRAMMAR_DEAD_END
+from server.engine.hybrid_block_manager import HybridBlockManager
 from server.engine.limits import RequestLimits, context_window
 from server.engine.lora_registry import LoraRegistry
 from server.engine.model_runner import ModelRunner, StepLogits
@@ -38,17 +39,20 @@ class EngineCore:
         self.lm, self.settings, self.tokenizer = lm, settings, lm.tokenizer
         self.max_model_len = context_window(settings.max_model_len, lm.config.max_model_len)
         self.runner = ModelRunner(lm, settings, self.max_model_len)
-        self.block_manager = BlockManager(self.runner.num_blocks, settings.block_size, settings.enable_prefix_caching,
-                                          touch_fresh_last=lm.device.type == "cpu",  # lazily committed pool
-                                          window=attention_horizon(lm.config))
+        pool = BlockManager(self.runner.num_blocks, settings.block_size, settings.enable_prefix_caching,
+                            touch_fresh_last=lm.device.type == "cpu",  # lazily committed pool
+                            window=attention_horizon(lm.config))
+        layout = self.runner.layout
+        self.block_manager = pool if layout is None else HybridBlockManager(pool, layout.group_window)
         self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens,
                                    settings.max_prefill_chunk, settings.max_loras if settings.enable_lora else None)
         self.loras = LoraRegistry(self.runner.lora, getattr(lm.model, "shard_sizes", None))
         self.sampler = Sampler(settings.seed)
         self.speculator = Speculator(settings, self.max_model_len)
         self.processor = OutputProcessor(lm.tokenizer)
-        self.limits = RequestLimits(self.max_model_len, self.runner.num_blocks * settings.block_size,
-                                    lm.config.vocab_size)
+        capacity = (self.runner.num_blocks * settings.block_size if layout is None else
+                    layout.max_tokens(self.runner.num_blocks, settings.block_size, settings.max_num_batched_tokens))
+        self.limits = RequestLimits(self.max_model_len, capacity, lm.config.vocab_size)
         self.requests: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
         self.prompt_tokens = self.generation_tokens = self.steps = 0

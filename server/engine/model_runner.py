@@ -11,6 +11,8 @@ import torch
 from server.engine.scheduler import SchedulerOutput
 from server.engine.settings import EngineSettings
 from server.model import FlatBatch, KVCache, LoadedModel
+from server.model.attention import assign_kv_groups
+from server.model.kv_layout import KVLayout, kv_layout
 from server.model.lora import LoraBatch, LoraSlots
 
 log = logging.getLogger("loom.engine")
@@ -48,13 +50,16 @@ class KVSizing:
     cap_bytes: int | None = None
 
 
-def size_kv_cache(lm: LoadedModel, settings: EngineSettings, max_model_len: int) -> KVSizing:
+def size_kv_cache(lm: LoadedModel, settings: EngineSettings, max_model_len: int,
+                  layout: KVLayout | None = None) -> KVSizing:
     """How many KV blocks to allocate, and why. CPU default: room for `max_num_seqs` sequences of the full context
-    (layers x 2 x KV heads x head dim x dtype bytes per token), capped by `kv_cache_memory_fraction` of the memory
-    this process may use; `--kv-cache-memory` (GiB) or `--num-kv-blocks` override it. GPU: what is left of
+    (layers x 2 x KV heads x head dim x dtype bytes per token; with a grouped `layout`, the pages such a sequence
+    holds: its windowed groups only a window's worth), capped by `kv_cache_memory_fraction` of the memory this
+    process may use; `--kv-cache-memory` (GiB) or `--num-kv-blocks` override it. GPU: what is left of
     `gpu_memory_utilization` after the weights and the profiled activations."""
     cfg = lm.config
-    per_block = KVCache.bytes_per_block(cfg.num_layers, settings.block_size, cfg.num_kv_heads, cfg.head_dim, lm.dtype)
+    per_block = KVCache.bytes_per_block(cfg.num_layers if layout is None else layout.slots, settings.block_size,
+                                        cfg.num_kv_heads, cfg.head_dim, lm.dtype)
     if settings.num_kv_blocks:
         return KVSizing(settings.num_kv_blocks, per_block, "num_kv_blocks")
     if lm.device.type == "cuda":
@@ -64,7 +69,9 @@ def size_kv_cache(lm: LoadedModel, settings: EngineSettings, max_model_len: int)
         return KVSizing(max(int(budget // per_block), 1), per_block, "gpu_memory_utilization")
     if settings.kv_cache_memory is not None:
         return KVSizing(max(int(settings.kv_cache_memory * 2 ** 30 // per_block), 1), per_block, "kv_cache_memory")
-    wanted = settings.max_num_seqs * -(-max_model_len // settings.block_size)
+    wanted = settings.max_num_seqs * (-(-max_model_len // settings.block_size) if layout is None else
+                                      layout.blocks_for(max_model_len, settings.block_size,
+                                                        settings.max_num_batched_tokens))
     limit = memory_limit_bytes()
     if limit is None:
         return KVSizing(wanted, per_block, "max_num_seqs x max_model_len (memory size unknown)", wanted)
@@ -84,14 +91,17 @@ class ModelRunner:
             if settings.enable_lora else None  # adapters' slots beside every projection
         if lm.device.type == "cuda":
             self._profile(settings)
-        sizing = size_kv_cache(lm, settings, max_model_len)
-        self.num_blocks = sizing.blocks
         cfg = lm.config
+        self.layout = kv_layout(cfg)
+        sizing = size_kv_cache(lm, settings, max_model_len, self.layout)
+        self.num_blocks = sizing.blocks
         self.kv_cache = KVCache.allocate(cfg.num_layers, self.num_blocks, self.block_size, cfg.num_kv_heads,
-                                         cfg.head_dim, lm.dtype, lm.device)
+                                         cfg.head_dim, lm.dtype, lm.device, self.layout)
+        assign_kv_groups(self.model, self.layout)
         mib = 2 ** 20
         log.info("kv cache allocated", extra={
             "blocks": self.num_blocks, "block_size": self.block_size, "tokens": self.num_blocks * self.block_size,
+            **({"kv_groups": self.layout.num_groups, "layers_per_block": self.layout.slots} if self.layout else {}),
             "mib": round(self.num_blocks * sizing.bytes_per_block / mib, 1), "bytes_per_token":
             sizing.bytes_per_block // self.block_size, "reason": sizing.reason,
             **({"wanted_mib": round(sizing.wanted_blocks * sizing.bytes_per_block / mib, 1)}
@@ -101,7 +111,7 @@ class ModelRunner:
         if lm.device.type == "cpu" and enable_stack is not None and enable_stack(self.kv_cache):
             log.info("decode steps run as one C++ call per step")
         self.graphs = None
-        if lm.device.type == "cuda" and settings.cuda_graphs:
+        if lm.device.type == "cuda" and settings.cuda_graphs and self.layout is None:  # graphs hold one table
             from server.engine.cuda_graph import CudaGraphDecoder
             self.graphs = CudaGraphDecoder(self.model, self.kv_cache, settings.max_num_seqs,
                                            -(-max_model_len // self.block_size), lm.device)
@@ -127,9 +137,11 @@ class ModelRunner:
         row each, attending up to its own position: every layer writes all rows' K/V before any row attends, so row
         j sees the rows before it, and verification runs on the decode path (the fused CPU step, CUDA graphs) with
         logits at every row. A windowed sequence's table still names the blocks it released (block_manager.py):
-        they keep positions where they are, and no kernel lets a query see a key outside its window."""
+        they keep positions where they are, and no kernel lets a query see a key outside its window. A grouped KV
+        layout adds each sequence's tables of its other groups."""
         logits_rows, sample_rows, prompt_rows = [], {}, {}
         parts: tuple[list, list] = ([], [])
+        groups: tuple[list, list] | None = ([], []) if self.layout is not None else None
         row = 0
         for is_decode, items in enumerate((sched.prefills, sched.decodes)):
             for item in items:
@@ -140,6 +152,9 @@ class ModelRunner:
                     parts[1].extend((token, start + j, seq.block_table) for j, token in enumerate(tokens))
                 else:
                     parts[0].append((tokens, start, seq.block_table))
+                if groups is not None:
+                    tables = [t.block_table for t in seq.group_tables]
+                    groups[is_decode].extend([tables] * (len(tokens) if is_decode else 1))
                 if seq.params.prompt_logprobs is not None:
                     # the row at position p predicts token p + 1: none before `prompt_logprobs_start` is wanted, so
                     # their rows take no logits (a classify's shared context would cost [T, vocab] for nothing)
@@ -155,7 +170,8 @@ class ModelRunner:
                     if not logits_rows or logits_rows[-1] != row - 1:
                         logits_rows.append(row - 1)
                     sample_rows[seq.seq_id] = len(logits_rows) - 1
-        batch = FlatBatch.build(parts[0], parts[1], self.block_size, logits_rows)
+        batch = FlatBatch.build(parts[0], parts[1], self.block_size, logits_rows,
+                                None if groups is None else groups[0] + groups[1])
         return batch, StepLogits(torch.empty(0), sample_rows, prompt_rows)
 
     def lora_batch(self, sched: SchedulerOutput) -> LoraBatch | None:

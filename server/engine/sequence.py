@@ -19,6 +19,15 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
+@dataclass
+class GroupTable:
+    """A sequence's block table in one more KV group of a model that mixes sliding-window and full-attention layers
+    (model/kv_layout.py): the same fields as the sequence's own table, which is group 0's."""
+    block_table: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0
+    num_released_blocks: int = 0
+
+
 @dataclass(eq=False)
 class Sequence:
     seq_id: int
@@ -37,6 +46,7 @@ class Sequence:
     num_hashed_blocks: int = 0  # leading blocks already registered in the prefix cache
     block_table: list[int] = field(default_factory=list)
     num_released_blocks: int = 0  # leading block_table entries out of every layer's window: references dropped
+    group_tables: list[GroupTable] = field(default_factory=list)  # KV groups 1.. of a grouped layout
     generator: torch.Generator | None = None
     finish_reason: str | None = None
     num_preemptions: int = 0

@@ -3,7 +3,8 @@ preemption stay right and every block comes back. On a tiny random Mistral-style
 running sequence gives back the blocks that slid out of the window after each step, holds only about the window's
 blocks while it decodes, and generates exactly the greedy tokens of the same run that keeps every block, with every
 free block overwritten after each step (a block released while still read would change the output): chunked prefill,
-speculative verification, preemption and recompute, each kernel path. A model with a global layer releases nothing."""
+speculative verification, preemption and recompute, each kernel path. A model with a global layer keeps that layer's
+blocks and releases its windowed layers' (a KV group each)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from server.engine import EngineCore, EngineSettings, SamplingParams
 from server.engine.block_manager import BlockManager
 from server.engine.engine_core import attention_horizon
+from server.engine.hybrid_block_manager import HybridBlockManager
 from server.engine.offline import generate
 from server.engine.scheduler import Scheduler
 from server.model import LoadedModel, ModelConfig, ModelSettings, load_model
@@ -60,7 +62,7 @@ def engine(lm, **settings) -> EngineCore:
 def poison_free_blocks(core: EngineCore) -> None:
     """Overwrite the K/V of every free block that holds no cached prefix (without prefix caching: every free block),
     as their next owner would: a block the engine released too early is then read as garbage."""
-    bm, cache = core.block_manager, core.runner.kv_cache
+    bm, cache = getattr(core.block_manager, "pool", core.block_manager), core.runner.kv_cache  # a hybrid's one pool
     free = torch.tensor(bm.plain + bm.fresh, dtype=torch.long)
     for k, v in zip(cache.k, cache.v):
         k[free] = POISON
@@ -69,7 +71,7 @@ def poison_free_blocks(core: EngineCore) -> None:
 
 def run(core: EngineCore, prompts, params=GREEDY) -> list[list[int]]:
     results = generate(core, prompts, params, on_step=lambda: poison_free_blocks(core))
-    bm = core.block_manager
+    bm = getattr(core.block_manager, "pool", core.block_manager)
     assert bm.num_free_blocks == bm.num_blocks, "KV blocks leaked"
     assert all(b.ref_count == 0 for b in bm.blocks)
     assert not core.scheduler.running and not core.scheduler.waiting
@@ -200,21 +202,31 @@ def test_a_long_generation_holds_only_the_window(mistral, prompts, caching):
     assert bm.num_blocks > -(-(52 + 150) // BLOCK)  # the pool could have held it all: releasing was not forced
 
 
-def test_a_model_with_a_global_layer_releases_nothing(tmp_path_factory, prompts):
-    """Qwen2 with a window from layer 1 on: layer 0 reads the whole context, so every block stays until the end."""
+def test_a_model_with_a_global_layer_releases_only_its_windowed_groups_pages(tmp_path_factory, prompts):
+    """Qwen2 with a window from layer 1 on: layer 0 reads the whole context, so its KV group keeps every block to the
+    end, while layer 1's group (server/model/kv_layout.py) gives back what slid out of the window into the pool both
+    draw from. With every free page poisoned after each step, the tokens of the run that keeps every page."""
     lm = dummy(tmp_path_factory, "qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=True,
                sliding_window=WINDOW, max_window_layers=1)
-    core = engine(lm)
-    assert core.block_manager.window is None
-    full = []
+    core = engine(lm, enable_prefix_caching=False)
+    bm = core.block_manager
+    assert isinstance(bm, HybridBlockManager) and bm.pool.window is None and bm.groups[1].window == WINDOW
+    full, local = [], []
 
     def check() -> None:
+        poison_free_blocks(core)
         for seq in core.scheduler.running:
             assert seq.num_released_blocks == 0
-            full.append(len(seq.block_table) == core.block_manager.blocks_needed(seq.num_computed_tokens))
+            full.append(len(seq.block_table) == bm.pool.blocks_needed(seq.num_computed_tokens))
+            (window_table,) = seq.group_tables
+            local.append(len(window_table.block_table) - window_table.num_released_blocks)
     results = generate(core, prompts, GREEDY, on_step=check)
     assert all(full) and all(len(r[0].token_ids) == 80 for r in results)
-    assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
+    assert max(local) <= -(-(WINDOW + 32) // BLOCK) + 2  # a window, the step's chunk, the partial ends
+    assert bm.num_free_blocks == bm.num_blocks
+    keep = engine(lm, enable_prefix_caching=False)
+    keep.block_manager.groups[1].window = None
+    assert [r[0].token_ids for r in results] == run(keep, prompts)
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])

@@ -262,3 +262,29 @@ def test_quantized_decode_steps_take_the_cpu_stack(arch, checkpoints, tmp_path, 
     without = greedy(EngineCore(lm, EngineSettings(kv_cache_memory=0.05, **ENGINE)), prompts, 16)
     assert lm.model.decode_stacks is None
     assert with_stack == without
+
+
+@pytest.mark.parametrize("arch,groups", [("gemma3", 2), ("qwen2", 2), ("smollm3", 2)])
+def test_mixed_window_models_give_back_what_slid_out_of_their_windows(arch, groups, loom_fp32, hf_models):
+    """Windowed and full-attention layers in one model: a KV group per kind over one pool of pages. Through a long
+    generation each windowed group's table holds about a window's worth of pages while the full group's grows with
+    the context; the tokens are transformers', and every page comes back."""
+    core = EngineCore(loom_fp32[arch], EngineSettings(kv_cache_memory=0.05, **ENGINE))
+    layout, bs = core.runner.layout, ENGINE["block_size"]
+    assert layout is not None and layout.num_groups == groups and core.runner.kv_cache.layout is layout
+    prompt = prompts_for(arch)[-1]
+    held = []  # after each decode step: (computed tokens, the full group's pages, the most a windowed group holds)
+
+    def record() -> None:
+        for seq in core.scheduler.running:
+            if seq.num_output_tokens > 1:
+                local = max(len(t.block_table) - t.num_released_blocks for t in seq.group_tables)
+                held.append((seq.num_computed_tokens, len(seq.block_table) - seq.num_released_blocks, local))
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    (out,) = generate(core, [prompt], params, on_step=record)
+    assert out[0].token_ids == hf_greedy(hf_models[arch], prompt, 60)
+    window = max(w for w in layout.group_window if w is not None)
+    assert all(full == -(-computed // bs) for computed, full, _ in held)  # the full group: the whole context
+    assert held[-1][0] > len(prompt) + 50 and held[-1][1] >= 8
+    assert max(local for *_, local in held) <= -(-window // bs) + 2  # the window, a partial block, the hash parent
+    assert core.block_manager.num_free_blocks == core.block_manager.num_blocks, "KV pages leaked"

@@ -46,10 +46,11 @@ def wants_stack(model: nn.Module, kv_cache: KVCache) -> bool:
             and (norm.dtype != torch.float32 or quantized) and decode_stack_available())
 
 
-def stack_layer(layer: nn.Module, m: int) -> StackLayer:
+def stack_layer(layer: nn.Module, m: int, kv_group: int = 0) -> StackLayer:
     """A decoder layer of llama.py (or of a family built on it) as the stack runs it at batch size `m`: Qwen3's
     `q_norm` / `k_norm` modules, SmolLM3's `use_rope` and the attention's window where the layer has them; Gemma 3's
-    four norms and, for its local layers, the second rotary table."""
+    four norms and, for its local layers, the second rotary table; `kv_group`: whose tables address its cache (a
+    grouped KV layout)."""
     attn, mlp = layer.self_attn, layer.mlp
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # built with cfg.norm_eps too
     gemma = hasattr(layer, "post_feedforward_layernorm")
@@ -59,6 +60,7 @@ def stack_layer(layer: nn.Module, m: int) -> StackLayer:
                       stack_linear(mlp.down_proj, m), q_norm=None if q_norm is None else q_norm.weight,
                       k_norm=None if k_norm is None else k_norm.weight, rope=getattr(attn, "use_rope", True),
                       window=attn.attn.window, rope_table=int(getattr(attn, "is_sliding", False)),
+                      kv_group=kv_group,
                       post_attn_norm=layer.post_attention_layernorm.weight if gemma else None,
                       post_ffn_norm=layer.post_feedforward_layernorm.weight if gemma else None)
 
@@ -73,7 +75,9 @@ class DecodeStacks:
 
     def _build(self, m: int) -> DecodeStack:
         model, cfg = self.model, self.model.config
-        layers = [stack_layer(layer, m) for layer in model.model.layers]
+        layout = self.kv_cache.layout  # a grouped cache: each layer addresses its group's tables
+        layers = [stack_layer(layer, m, 0 if layout is None else layout.layer_group[i])
+                  for i, layer in enumerate(model.model.layers)]
         forms = tuple((lin.kind, id(lin.weight), id(lin.lora_a)) for layer in layers
                       for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
         if forms not in self.by_forms:
@@ -96,4 +100,6 @@ class DecodeStacks:
         if stack is None:
             stack = self.by_size[m] = self._build(m)
         lora = None if batch.lora is None else batch.lora.slot_per_row(m)
-        return stack.run(x, batch.positions, batch.slot_mapping, batch.block_tables, batch.seq_lens, lora)
+        grouped = batch.group_block_tables is not None
+        return stack.run(x, batch.positions, batch.group_slot_mapping if grouped else batch.slot_mapping,
+                         batch.group_block_tables if grouped else batch.block_tables, batch.seq_lens, lora)
