@@ -3,12 +3,13 @@ what slid out of their window to the pool every group draws from; allocation tak
 prefix hit counts as far as every group holds it; a hypothesis state machine checks no page is leaked or owned twice."""
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import invariant, precondition, rule
 
 from server.engine.block_manager import BlockManager
 from server.engine.hybrid_block_manager import HybridBlockManager
 from server.model.config import ModelConfig
 from server.model.kv_layout import kv_layout
+from tests.engine.test_block_manager import WindowedBlockManagerMachine
 from tests.support.models import make_seq
 
 BS = 4
@@ -107,61 +108,19 @@ def test_gemma3_layout_groups_its_local_layers_by_the_globals_count():
     assert kv_layout(ModelConfig.from_dict({**raw, "sliding_window_pattern": 1})) is None  # all global: one table
 
 
-class HybridBlockManagerMachine(RuleBasedStateMachine):
-    """Admit (with prefix hits), grow, release behind the windows, preempt and recompute, finish: every page is owned
-    by the live tables that hold it and by nothing else, and all come back."""
+class HybridBlockManagerMachine(WindowedBlockManagerMachine):
+    """test_block_manager's rules (admit with prefix hits, grow, release behind the window, preempt and recompute,
+    finish) over a hybrid pool: every page is owned by the live tables that hold it and by nothing else, and all come
+    back."""
 
     def __init__(self):
         super().__init__()
         self.bm = hybrid(30)
-        self.live = []
-        self.next_id = 0
-
-    @rule(prefix=st.sampled_from([[], [1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7, 8]]),
-          tail=st.lists(st.integers(0, 5), min_size=1, max_size=10))
-    def admit(self, prefix, tail):
-        seq = make_seq(prefix + tail, self.next_id)
-        self.next_id += 1
-        hits = self.bm.match_prefix(seq)
-        if self.bm.allocate(seq, seq.num_tokens - len(hits) * BS, hits):
-            seq.num_computed_tokens = seq.num_tokens
-            self.bm.cache_full_blocks(seq)
-            self.live.append(seq)
-
-    @precondition(lambda self: self.live)
-    @rule(data=st.data())
-    def grow(self, data):
-        seq = data.draw(st.sampled_from(self.live))
-        seq.token_ids.append(data.draw(st.integers(0, 5)))
-        if self.bm.allocate(seq, 1):
-            seq.num_computed_tokens += 1
-            self.bm.cache_full_blocks(seq)
-        else:
-            seq.token_ids.pop()
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
     def slide(self, data):
         self.bm.release_behind_window(data.draw(st.sampled_from(self.live)))
-
-    @precondition(lambda self: self.live)
-    @rule(data=st.data())
-    def recompute(self, data):
-        seq = data.draw(st.sampled_from(self.live))
-        self.bm.free_sequence(seq)
-        hits = self.bm.match_prefix(seq)
-        if self.bm.allocate(seq, seq.num_tokens - len(hits) * BS, hits):
-            seq.num_computed_tokens = seq.num_tokens
-            self.bm.cache_full_blocks(seq)
-        else:
-            self.live.remove(seq)
-
-    @precondition(lambda self: self.live)
-    @rule(data=st.data())
-    def finish(self, data):
-        seq = data.draw(st.sampled_from(self.live))
-        self.live.remove(seq)
-        self.bm.free_sequence(seq)
 
     @invariant()
     def accounting(self):
