@@ -9,6 +9,7 @@ offline run of long prompts; and the longest sequence the same KV budget admits 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from unittest import mock
 
@@ -21,8 +22,8 @@ from server.model import KVCache, ModelSettings, load_model
 
 
 def run(lm, args: argparse.Namespace, grouped: bool) -> dict:
-    patch = mock.patch("server.engine.model_runner.kv_layout", return_value=None) if not grouped else mock.MagicMock()
-    with patch:
+    single_table = mock.patch("server.engine.model_runner.kv_layout", return_value=None)
+    with contextlib.nullcontext() if grouped else single_table:
         core = EngineCore(lm, EngineSettings(kv_cache_memory=args.kv_cache_gib, max_num_seqs=args.concurrency,
                                              speculative="none", enable_prefix_caching=False))
     cfg, layout, bm = lm.config, core.runner.layout, core.block_manager
