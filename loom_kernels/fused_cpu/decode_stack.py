@@ -92,8 +92,8 @@ class StackLayer:
     weight shared by every head (Qwen3); `rope` False: the layer attends without rotary (SmolLM3's NoPE layers);
     `rope_table` 1: it rotates with the second table (Gemma's local layers); `window`: its sliding window (None: full
     attention), as `PagedAttention` takes it; `kv_group`: which group's slots and tables (`run`'s `[G, T]` /
-    `[G, B, max_blocks]`) address its cache in a grouped KV layout. Gemma (StackShape.gemma): `post_norm` is the pre-feedforward norm and
-    `post_attn_norm` / `post_ffn_norm` the norms of each sublayer's output."""
+    `[G, B, max_blocks]`) address its cache in a grouped KV layout. Gemma (StackShape.gemma): `post_norm` is the
+    pre-feedforward norm and `post_attn_norm` / `post_ffn_norm` the norms of each sublayer's output."""
     input_norm: torch.Tensor
     qkv: StackLinear
     o: StackLinear

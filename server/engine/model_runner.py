@@ -92,16 +92,16 @@ class ModelRunner:
         if lm.device.type == "cuda":
             self._profile(settings)
         cfg = lm.config
-        self.layout = kv_layout(cfg)
-        sizing = size_kv_cache(lm, settings, max_model_len, self.layout)
+        layout = kv_layout(cfg)
+        sizing = size_kv_cache(lm, settings, max_model_len, layout)
         self.num_blocks = sizing.blocks
         self.kv_cache = KVCache.allocate(cfg.num_layers, self.num_blocks, self.block_size, cfg.num_kv_heads,
-                                         cfg.head_dim, lm.dtype, lm.device, self.layout)
-        assign_kv_groups(self.model, self.layout)
+                                         cfg.head_dim, lm.dtype, lm.device, layout)
+        assign_kv_groups(self.model, layout)
         mib = 2 ** 20
         log.info("kv cache allocated", extra={
             "blocks": self.num_blocks, "block_size": self.block_size, "tokens": self.num_blocks * self.block_size,
-            **({"kv_groups": self.layout.num_groups, "layers_per_block": self.layout.slots} if self.layout else {}),
+            **({"kv_groups": layout.num_groups, "layers_per_block": layout.slots} if layout else {}),
             "mib": round(self.num_blocks * sizing.bytes_per_block / mib, 1), "bytes_per_token":
             sizing.bytes_per_block // self.block_size, "reason": sizing.reason,
             **({"wanted_mib": round(sizing.wanted_blocks * sizing.bytes_per_block / mib, 1)}
@@ -111,10 +111,15 @@ class ModelRunner:
         if lm.device.type == "cpu" and enable_stack is not None and enable_stack(self.kv_cache):
             log.info("decode steps run as one C++ call per step")
         self.graphs = None
-        if lm.device.type == "cuda" and settings.cuda_graphs and self.layout is None:  # graphs hold one table
+        if lm.device.type == "cuda" and settings.cuda_graphs and layout is None:  # graphs hold one table
             from server.engine.cuda_graph import CudaGraphDecoder
             self.graphs = CudaGraphDecoder(self.model, self.kv_cache, settings.max_num_seqs,
                                            -(-max_model_len // self.block_size), lm.device)
+
+    @property
+    def layout(self) -> KVLayout | None:
+        """The KV cache's grouped layout (a model mixing windowed and full-attention layers), else None."""
+        return self.kv_cache.layout
 
     @torch.inference_mode()
     def _profile(self, settings: EngineSettings) -> None:

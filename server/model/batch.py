@@ -59,21 +59,20 @@ class FlatBatch:
         decodes: (token id, number already cached, block table) per sequence;
         group_tables: for a grouped KV layout, each sequence's (prefills', then decodes') tables of groups 1...
         Logits default to the last row of every sequence."""
-        ids, pos, tables, lens, cu, last = [], [], [], [], [0], []
+        ids, pos, row_seq, tables, lens, cu, last = [], [], [], [], [], [0], []
         for tokens, start, table in prefills + [([tok], start, table) for tok, start, table in decodes]:
             ids += tokens
             pos += range(start, start + len(tokens))
+            row_seq += [len(tables)] * len(tokens)
             tables.append(table)
             lens.append(start + len(tokens))
             last.append(len(ids) - 1)
             if len(cu) <= len(prefills):
                 cu.append(len(ids))
-        sizes = [len(t) for t, _, _ in prefills] + [1] * len(decodes)
 
         groups = [tables] + ([list(g) for g in zip(*group_tables)] if group_tables else [])
         width = max((len(t) for g in groups for t in g), default=0)
-        slots = [[table[p // block_size] * block_size + p % block_size
-                  for table, n, end in zip(g, sizes, lens) for p in range(end - n, end)] for g in groups]
+        slots = [[g[i][p // block_size] * block_size + p % block_size for i, p in zip(row_seq, pos)] for g in groups]
         padded = [[t + [0] * (width - len(t)) for t in g] for g in groups]
         slot_mapping = torch.tensor(slots, dtype=torch.long).reshape(len(groups), len(ids))
         block_tables = torch.tensor(padded, dtype=torch.int32).reshape(len(groups), len(tables), width)
