@@ -1,8 +1,10 @@
-"""Where a batch-1 decode step goes: the one-call C++ stack (every layer: linears, norms, rotary, K/V write, paged
-attention) against its linears alone, called one after another in model order with the backends the plan picks
-at one row, and the LM head. The stack minus its linears is what a fused per-layer step could still save.
+"""Where a decode step goes: the one-call C++ stack (every layer: linears, norms, rotary, K/V write, paged
+attention) over `--batch` sequences of `--context` cached tokens, against its linears alone, called one after
+another in model order with the backends the decode plan picks at that many rows, and the LM head. The stack minus
+its linears is attention and what a fused per-layer step could still save; `--kv-cache-dtype` shows what the KV
+cache's element type costs the attention.
 
-    python -m loadtests.step_breakdown --model default --context 256
+    python -m loadtests.step_breakdown --model default --context 256 [--batch 32] [--kv-cache-dtype float32]
 """
 from __future__ import annotations
 
@@ -32,22 +34,29 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--context", type=int, default=256, help="tokens already in the sequence's KV cache")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoding together (one row each)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--rounds", type=int, default=15)
     args = p.parse_args(argv)
     lm = load_model(ModelSettings(model=args.model), progress=False)
-    core = EngineCore(lm, EngineSettings(kv_cache_memory=0.25, max_num_seqs=8, speculative="none"))
+    settings = EngineSettings(max_num_seqs=max(8, args.batch), speculative="none", kv_cache_dtype=args.kv_cache_dtype)
+    per_seq = args.context // settings.block_size + 1
+    settings.num_kv_blocks = args.batch * per_seq  # every sequence's blocks, the tables below address them all
+    core = EngineCore(lm, settings)
     model, cache = lm.model, core.runner.kv_cache
     if model.decode_stacks is None:
         raise SystemExit("this model does not run on the C++ decode stack here")
     bs = core.block_manager.block_size
-    batch = FlatBatch.build([], [(123, args.context, list(range(args.context // bs + 1)))], bs)
+    batch = FlatBatch.build([], [(123 + i, args.context, list(range(i * per_seq, (i + 1) * per_seq)))
+                                 for i in range(args.batch)], bs)
     x = model.model.embed_tokens(batch.input_ids)
     if not model.decode_stacks.takes(batch, cache):
         raise SystemExit("the stack does not take this step")
     linears = [m for name, m in model.named_modules() if isinstance(m, QuantLinear) and name != "lm_head"]
-    inputs = [(m, torch.randn(1, m.in_features), m.pick(1, decode=True)) for m in linears]  # as the stack runs them
+    rows_in = args.batch
+    inputs = [(m, torch.randn(rows_in, m.in_features), m.pick(rows_in, decode=True)) for m in linears]  # as the stack
     head = model.lm_head
-    hidden = torch.randn(1, head.in_features)
+    hidden = torch.randn(rows_in, head.in_features)
 
     def stack() -> None:
         with torch.no_grad():
@@ -68,7 +77,9 @@ def main(argv: list[str] | None = None) -> None:
         rows["stack"] += timed(stack, 1, 10)
         rows["linears alone"] += timed(alone, 1, 10)
         rows["head"] += timed(logits, 1, 10)
-    print(f"{cpu_model()}, {torch.get_num_threads()} threads, {args.model}, context {args.context}, "
+    print(f"{cpu_model()}, {torch.get_num_threads()} threads, {args.model}, batch {args.batch}, "
+          f"context {args.context}, "
+          f"KV cache {str(cache.k[0].dtype).removeprefix('torch.')}, "
           f"{len(linears)} linears on {sorted({b for _, _, b in inputs})}")
     for name, ms in rows.items():
         ms.sort()

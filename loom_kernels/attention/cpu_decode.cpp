@@ -11,9 +11,9 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor kc, at::Tensor vc, at::Tensor b
   sl = sl.contiguous();
   auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   switch (q.scalar_type()) {
-    case at::kFloat: decode<float>(q, kc, vc, bt, sl, scale, out, window); break;
-    case at::kBFloat16: decode<at::BFloat16>(q, kc, vc, bt, sl, scale, out, window); break;
-    case at::kHalf: decode<at::Half>(q, kc, vc, bt, sl, scale, out, window); break;
+    case at::kFloat: decode_any_cache<float>(q, kc, vc, bt, sl, scale, out, window); break;
+    case at::kBFloat16: decode_any_cache<at::BFloat16>(q, kc, vc, bt, sl, scale, out, window); break;
+    case at::kHalf: decode_any_cache<at::Half>(q, kc, vc, bt, sl, scale, out, window); break;
     default: TORCH_CHECK(false, "paged_decode: unsupported dtype");
   }
   return out;

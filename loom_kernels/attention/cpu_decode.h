@@ -1,9 +1,11 @@
-// Paged decode attention over the KV cache's blocks: `decode<T>`, used by the paged-decode extension
-// (cpu_decode.cpp) and compiled into the decode stack (fused_cpu/decode_stack.cpp) too. With a sliding `window`
-// (> 0) each query reads only its sequence's last `window` tokens, positions `first .. len - 1`.
+// Paged decode attention over the KV cache's blocks: `decode<T, C>` (queries and output of type T, the cache of type
+// C: the same, or float16 / bfloat16 under float32 queries), used by the paged-decode extension (cpu_decode.cpp) and
+// compiled into the decode stack (fused_cpu/decode_stack.cpp) too. With a sliding `window` (> 0) each query reads
+// only its sequence's last `window` tokens, positions `first .. len - 1`.
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cpu/prelude.h"
 
@@ -20,8 +22,8 @@ static inline void prefetch_row(const T* p, int64_t n) {
 
 // One (sequence, KV head) with the group size and head dim known at compile time: the group's queries stay in
 // registers and every loop unrolls (2x faster than the generic loop below on 9/3 heads x 64, measured).
-template <typename T, int G, int D>
-static void decode_item(const T* qrow, int64_t q_sh, const T* kp, const T* vp, const int32_t* table, int64_t first,
+template <typename T, typename C, int G, int D>
+static void decode_item(const T* qrow, int64_t q_sh, const C* kp, const C* vp, const int32_t* table, int64_t first,
                         int64_t len, int64_t bs, int64_t c_sn, int64_t c_st, int64_t v_sn, int64_t v_st, float scale,
                         std::vector<float>& scores_buf, T* out) {
   float qf[G][D], acc[G][D], row[D];
@@ -31,9 +33,9 @@ static void decode_item(const T* qrow, int64_t q_sh, const T* kp, const T* vp, c
   scores_buf.resize(G * n);
   float* __restrict scores = scores_buf.data();  // scores[g * n + t - first]
   for (int64_t t = first; t < len; ++t) {
-    const T* __restrict k = kp + table[t / bs] * c_sn + (t % bs) * c_st;
+    const C* __restrict k = kp + table[t / bs] * c_sn + (t % bs) * c_st;
     if (t + kAhead < len) prefetch_row(kp + table[(t + kAhead) / bs] * c_sn + ((t + kAhead) % bs) * c_st, D);
-    for (int d = 0; d < D; ++d) row[d] = widen(k[d]);
+    widen_row(k, row, D);
     for (int g = 0; g < G; ++g) {
       float s = 0.f;
       for (int d = 0; d < D; ++d) s += qf[g][d] * row[d];
@@ -52,9 +54,9 @@ static void decode_item(const T* qrow, int64_t q_sh, const T* kp, const T* vp, c
     for (int d = 0; d < D; ++d) acc[g][d] = 0.f;
   }
   for (int64_t t = first; t < len; ++t) {
-    const T* __restrict v = vp + table[t / bs] * v_sn + (t % bs) * v_st;
+    const C* __restrict v = vp + table[t / bs] * v_sn + (t % bs) * v_st;
     if (t + kAhead < len) prefetch_row(vp + table[(t + kAhead) / bs] * v_sn + ((t + kAhead) % bs) * v_st, D);
-    for (int d = 0; d < D; ++d) row[d] = widen(v[d]);
+    widen_row(v, row, D);
     for (int g = 0; g < G; ++g) {
       const float p = scores[g * n + t - first];
       for (int d = 0; d < D; ++d) acc[g][d] += p * row[d];
@@ -64,29 +66,29 @@ static void decode_item(const T* qrow, int64_t q_sh, const T* kp, const T* vp, c
     for (int d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(acc[g][d] * inv[g]);
 }
 
-template <typename T, int D>
-static bool decode_fixed(int64_t G, const T* qrow, int64_t q_sh, const T* kp, const T* vp, const int32_t* table,
+template <typename T, typename C, int D>
+static bool decode_fixed(int64_t G, const T* qrow, int64_t q_sh, const C* kp, const C* vp, const int32_t* table,
                          int64_t first, int64_t len, int64_t bs, int64_t c_sn, int64_t c_st, int64_t v_sn,
                          int64_t v_st, float scale, std::vector<float>& buf, T* out) {
   switch (G) {
-    case 1: decode_item<T, 1, D>(qrow, q_sh, kp, vp, table, first, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
-    case 2: decode_item<T, 2, D>(qrow, q_sh, kp, vp, table, first, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
-    case 3: decode_item<T, 3, D>(qrow, q_sh, kp, vp, table, first, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
-    case 4: decode_item<T, 4, D>(qrow, q_sh, kp, vp, table, first, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
-    case 6: decode_item<T, 6, D>(qrow, q_sh, kp, vp, table, first, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
-    case 8: decode_item<T, 8, D>(qrow, q_sh, kp, vp, table, first, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
+    case 1: decode_item<T, C, 1, D>(qrow, q_sh, kp, vp, table, first, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
+    case 2: decode_item<T, C, 2, D>(qrow, q_sh, kp, vp, table, first, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
+    case 3: decode_item<T, C, 3, D>(qrow, q_sh, kp, vp, table, first, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
+    case 4: decode_item<T, C, 4, D>(qrow, q_sh, kp, vp, table, first, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
+    case 6: decode_item<T, C, 6, D>(qrow, q_sh, kp, vp, table, first, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
+    case 8: decode_item<T, C, 8, D>(qrow, q_sh, kp, vp, table, first, len, bs, c_sn, c_st, v_sn, v_st, scale, buf, out); return true;
     default: return false;
   }
 }
 
-template <typename T>
+template <typename T, typename C>
 static void decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt,
                    const at::Tensor& sl, double scale, at::Tensor& out, int64_t window = 0) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t bs = kc.size(1), Hkv = kc.size(2), G = H / Hkv;
   const T* qp = q.data_ptr<T>();
-  const T* kp = kc.data_ptr<T>();
-  const T* vp = vc.data_ptr<T>();
+  const C* kp = kc.data_ptr<C>();
+  const C* vp = vc.data_ptr<C>();
   T* op = out.data_ptr<T>();
   const int32_t* btp = bt.data_ptr<int32_t>();
   const int32_t* slp = sl.data_ptr<int32_t>();
@@ -103,10 +105,10 @@ static void decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& 
       const T* qrow = qp + b * q_sb + h * G * q_sh;
       T* orow = op + b * H * D + h * G * D;
       const float sc = static_cast<float>(scale);
-      if (D == 64 && decode_fixed<T, 64>(G, qrow, q_sh, kp + h * c_sh, vp + h * v_sh, btp + b * bt_s, first, len, bs,
+      if (D == 64 && decode_fixed<T, C, 64>(G, qrow, q_sh, kp + h * c_sh, vp + h * v_sh, btp + b * bt_s, first, len, bs,
                                          c_sn, c_st, v_sn, v_st, sc, scores, orow))
         continue;
-      if (D == 128 && decode_fixed<T, 128>(G, qrow, q_sh, kp + h * c_sh, vp + h * v_sh, btp + b * bt_s, first, len,
+      if (D == 128 && decode_fixed<T, C, 128>(G, qrow, q_sh, kp + h * c_sh, vp + h * v_sh, btp + b * bt_s, first, len,
                                            bs, c_sn, c_st, v_sn, v_st, sc, scores, orow))
         continue;
       for (int64_t g = 0; g < G; ++g)
@@ -114,10 +116,10 @@ static void decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& 
           qf[g * D + d] = widen(qp[b * q_sb + (h * G + g) * q_sh + d]) * static_cast<float>(scale);
       scores.assign(G * n, 0.f);
       for (int64_t t = first; t < len; ++t) {
-        const T* k = kp + btp[b * bt_s + t / bs] * c_sn + (t % bs) * c_st + h * c_sh;
+        const C* k = kp + btp[b * bt_s + t / bs] * c_sn + (t % bs) * c_st + h * c_sh;
         if (t + kAhead < len)
           prefetch_row(kp + btp[b * bt_s + (t + kAhead) / bs] * c_sn + ((t + kAhead) % bs) * c_st + h * c_sh, D);
-        for (int64_t d = 0; d < D; ++d) kf[d] = widen(k[d]);
+        widen_row(k, kf.data(), D);
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = &qf[g * D];
           float s = 0.f;
@@ -138,10 +140,10 @@ static void decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& 
         inv[g] = n > 0 ? 1.f / sum : 0.f;
       }
       for (int64_t t = first; t < len; ++t) {
-        const T* v = vp + btp[b * bt_s + t / bs] * v_sn + (t % bs) * v_st + h * v_sh;
+        const C* v = vp + btp[b * bt_s + t / bs] * v_sn + (t % bs) * v_st + h * v_sh;
         if (t + kAhead < len)
           prefetch_row(vp + btp[b * bt_s + (t + kAhead) / bs] * v_sn + ((t + kAhead) % bs) * v_st + h * v_sh, D);
-        for (int64_t d = 0; d < D; ++d) kf[d] = widen(v[d]);
+        widen_row(v, kf.data(), D);
         for (int64_t g = 0; g < G; ++g) {
           const float p = scores[g * n + t - first];
           float* a = &acc[g * D];
@@ -153,6 +155,21 @@ static void decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& 
           op[b * H * D + (h * G + g) * D + d] = static_cast<T>(acc[g * D + d] * inv[g]);
     }
   });
+}
+
+// The cache types a query type reads: its own, and float16 / bfloat16 under float32 queries (a reduced-precision KV
+// cache beside float32 activations).
+template <typename T>
+static void decode_any_cache(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt,
+                             const at::Tensor& sl, double scale, at::Tensor& out, int64_t window = 0) {
+  const at::ScalarType c = kc.scalar_type();
+  TORCH_CHECK(vc.scalar_type() == c, "paged decode: K and V caches of one dtype");
+  if (c == q.scalar_type()) return decode<T, T>(q, kc, vc, bt, sl, scale, out, window);
+  if constexpr (std::is_same_v<T, float>) {
+    if (c == at::kHalf) return decode<float, at::Half>(q, kc, vc, bt, sl, scale, out, window);
+    if (c == at::kBFloat16) return decode<float, at::BFloat16>(q, kc, vc, bt, sl, scale, out, window);
+  }
+  TORCH_CHECK(false, "paged decode: the cache is of the query dtype, or float16 / bfloat16 under float32 queries");
 }
 
 }  // namespace

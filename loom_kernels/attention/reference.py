@@ -1,6 +1,7 @@
 """PyTorch reference of paged attention: the CPU serving path and the oracle for the Triton kernels.
 
-Caches are `[num_blocks, block_size, Hkv, D]`; a sequence's tokens live in the blocks its block-table row names.
+Caches are `[num_blocks, block_size, Hkv, D]`, of the queries' dtype or a narrower one (float16 beside float32
+queries: read widened); a sequence's tokens live in the blocks its block-table row names.
 `window` (sliding-window attention, as Hugging Face's `sliding_window`): the query at position p sees only the keys
 at positions `p - window < j <= p`, its own included; None sees every earlier key.
 """
@@ -28,8 +29,8 @@ def paged_attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     num_blocks = (max(lens) + block_size - 1) // block_size
     # Padding entries of a block table may hold anything; clamp so the gather stays in range, then mask.
     table = block_tables[:, :num_blocks].long().clamp_(0, k_cache.shape[0] - 1)
-    k = k_cache[table].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
-    v = v_cache[table].flatten(1, 2).transpose(1, 2)
+    k = k_cache[table].flatten(1, 2).transpose(1, 2).to(q.dtype)  # [B, Hkv, L, D]; a float16 cache widens
+    v = v_cache[table].flatten(1, 2).transpose(1, 2).to(q.dtype)
     length = k.shape[2]
     cols = torch.arange(length, device=q.device)[None, :]
     lens_t = seq_lens.to(q.device).long()[:, None]
@@ -56,8 +57,8 @@ def paged_attention_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
             continue
         # keys before the first query's window are seen by no row: leave them out of the product
         lo = 0 if window is None else max(0, length - num_q - window + 1)
-        k = gather_kv(k_cache, block_tables[b], length)[lo:].transpose(0, 1)  # [Hkv, L - lo, D]
-        v = gather_kv(v_cache, block_tables[b], length)[lo:].transpose(0, 1)
+        k = gather_kv(k_cache, block_tables[b], length)[lo:].transpose(0, 1).to(q.dtype)  # [Hkv, L - lo, D]
+        v = gather_kv(v_cache, block_tables[b], length)[lo:].transpose(0, 1).to(q.dtype)
         if k.shape[0] != num_heads:  # GQA: each KV head serves a group of query heads
             k, v = k.repeat_interleave(num_heads // k.shape[0], 0), v.repeat_interleave(num_heads // k.shape[0], 0)
         # 4-D inputs with equal head counts take torch's fused CPU attention kernel; 3-D ones or enable_gqa fall back

@@ -233,3 +233,20 @@ def test_prefill_window(case, window, block_size):
     out = paged_attention_prefill_triton(q, k_cache, v_cache, table, cu, seq_lens, 0.125, window, block_m=16,
                                          block_n=16)
     check(out, paged_attention_prefill_ref(q, k_cache, v_cache, table, cu, seq_lens, 0.125, window))
+
+
+@pytest.mark.parametrize("cache_dtype", [F16, BF16], ids=str)
+def test_float32_queries_over_a_narrower_cache(cache_dtype):
+    """Decode and prefill with float32 queries over a float16 / bfloat16 cache (a reduced-precision KV cache beside
+    float32 activations): the kernels widen what they load, as the reference does."""
+    torch.manual_seed(3)
+    lens = [5, 16, 70]
+    k_cache, v_cache, table, seq_lens = make_paged(lens, 16, 2, 64, cache_dtype)
+    q = torch.randn(len(lens), 8, 64, device=DEVICE)
+    out = paged_attention_decode_triton(q, k_cache, v_cache, table, seq_lens, 0.125, num_splits=2)
+    check(out, paged_attention_decode_ref(q, k_cache, v_cache, table, seq_lens, 0.125))
+    check(out, paged_attention_decode_ref(q, k_cache.float(), v_cache.float(), table, seq_lens, 0.125))
+    cu = torch.tensor([0, 5, 8, 28], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(28, 8, 64, device=DEVICE)
+    out = paged_attention_prefill_triton(q, k_cache, v_cache, table, cu, seq_lens, 0.125)
+    check(out, paged_attention_prefill_ref(q, k_cache, v_cache, table, cu, seq_lens, 0.125))

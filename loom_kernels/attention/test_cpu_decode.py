@@ -50,3 +50,30 @@ def test_window_matches_reference(window, head_dim, dtype):
     got = paged_attention_decode_cpu(q, k_cache, v_cache, table, seq_lens, 0.1, window)
     want = paged_attention_decode_ref(q, k_cache, v_cache, table, seq_lens, 0.1, window)
     torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (8, 2, 128), (4, 4, 80)])
+@pytest.mark.parametrize("window", [None, 7])
+def test_float32_queries_over_a_narrower_cache(cache_dtype, num_heads, num_kv_heads, head_dim, window):
+    """A float16 / bfloat16 cache under float32 queries (the reduced-precision KV cache of float32 models): the
+    cached values are read exactly (widened), so the kernel matches the reference over the widened cache as closely
+    as two float32 summation orders do."""
+    torch.manual_seed(head_dim + num_heads)
+    lens = edge_lens(16)
+    k_cache, v_cache, table, seq_lens = make_paged(lens, 16, num_kv_heads, head_dim, cache_dtype)
+    q = torch.randn(len(lens), num_heads, head_dim)
+    scale = head_dim ** -0.5
+    got = paged_attention_decode_cpu(q, k_cache, v_cache, table, seq_lens, scale, window)
+    assert got.dtype == torch.float32
+    want = paged_attention_decode_ref(q, k_cache.float(), v_cache.float(), table, seq_lens, scale, window)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    mixed = paged_attention_decode_ref(q, k_cache, v_cache, table, seq_lens, scale, window)  # the reference widens too
+    torch.testing.assert_close(mixed, want, atol=1e-6, rtol=1e-6)
+
+
+def test_a_cache_of_another_dtype_is_refused():
+    k_cache, v_cache, table, seq_lens = make_paged([5], 8, 2, 64, torch.float16)
+    with pytest.raises(RuntimeError, match="float16 / bfloat16 under float32 queries"):
+        paged_attention_decode_cpu(torch.randn(1, 4, 64, dtype=torch.bfloat16), k_cache, v_cache, table, seq_lens,
+                                   0.125)

@@ -124,16 +124,27 @@ static void gemma_rms(const at::Tensor& x, const at::Tensor& w1, double eps, con
   });
 }
 
-template <typename T>
+// Row b of k/v [B, Hkv, D] (type T) into cache slot slots[b] (type C: T, or float16 / bfloat16 rounded to nearest
+// even as torch's cast rounds); -1 skips the row.
+template <typename T, typename C>
 static void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& kc, at::Tensor& vc, const int64_t* slots) {
   const int64_t B = k.size(0), bs = kc.size(1), row = k.size(1) * k.size(2);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t s = slots[b];
     if (s < 0) continue;
-    std::memcpy(kc.data_ptr<T>() + (s / bs) * kc.stride(0) + (s % bs) * kc.stride(1), k.data_ptr<T>() + b * k.stride(0),
-                row * sizeof(T));
-    std::memcpy(vc.data_ptr<T>() + (s / bs) * vc.stride(0) + (s % bs) * vc.stride(1), v.data_ptr<T>() + b * v.stride(0),
-                row * sizeof(T));
+    C* kd = kc.data_ptr<C>() + (s / bs) * kc.stride(0) + (s % bs) * kc.stride(1);
+    C* vd = vc.data_ptr<C>() + (s / bs) * vc.stride(0) + (s % bs) * vc.stride(1);
+    const T* ks = k.data_ptr<T>() + b * k.stride(0);
+    const T* vs = v.data_ptr<T>() + b * v.stride(0);
+    if constexpr (std::is_same_v<T, C>) {
+      std::memcpy(kd, ks, row * sizeof(T));
+      std::memcpy(vd, vs, row * sizeof(T));
+    } else {
+      for (int64_t i = 0; i < row; ++i) {
+        kd[i] = static_cast<C>(widen(ks[i]));
+        vd[i] = static_cast<C>(widen(vs[i]));
+      }
+    }
   }
 }
 
@@ -167,6 +178,7 @@ struct DecodeStack {
   int64_t H, Hkv, D;
   double eps, scale;
   bool gemma = false;  // Gemma 3's layer: norms (float32 1 + w) on both sides of each sublayer, GeGLU
+  at::ScalarType x_dtype;  // the activations'; the caches hold it too, or float16 / bfloat16 under float32
 
   int64_t num_lora_slots = 0;  // the slot count of the linears' LoRA stacks (0: no linear carries adapters)
 
@@ -179,10 +191,17 @@ struct DecodeStack {
               std::vector<at::Tensor> gguf_segs, std::vector<int64_t> gguf_types, std::vector<at::Tensor> lora,
               std::vector<at::Tensor> qk_norms, std::vector<int64_t> layer_meta, std::vector<at::Tensor> kcs,
               std::vector<at::Tensor> vcs, std::vector<at::Tensor> tables, int64_t h, int64_t hkv, int64_t d,
-              double eps_, double scale_, bool gemma_)
+              double eps_, double scale_, bool gemma_, at::ScalarType dtype)
       : norms(norms_), k_caches(kcs), v_caches(vcs), cos_sin(tables), H(h), Hkv(hkv), D(d), eps(eps_), scale(scale_),
-        gemma(gemma_) {
+        gemma(gemma_), x_dtype(dtype) {
     const size_t L = kcs.size();
+    TORCH_CHECK(vcs.size() == L, "DecodeStack: a V cache per K cache");
+    for (size_t i = 0; i < L; ++i) {
+      const at::ScalarType c = kcs[i].scalar_type();
+      TORCH_CHECK(vcs[i].scalar_type() == c &&
+                      (c == dtype || (dtype == at::kFloat && (c == at::kHalf || c == at::kBFloat16))),
+                  "DecodeStack: caches of the activation dtype, or float16 / bfloat16 under float32 activations");
+    }
     TORCH_CHECK(norms.size() == (gemma ? 4 : 2) * L + 1 && lin_tensors.size() == 16 * L && meta.size() == 16 * L,
                 "DecodeStack: 2L+1 norms (Gemma: 4L+1), 4 linears x (4 tensors, 4 ints) per layer");
     if (gemma)
@@ -195,7 +214,7 @@ struct DecodeStack {
       TORCH_CHECK(cs.size(1) % 2 == 0 && cs.size(1) <= d, "DecodeStack: cos/sin table of an even width <= head_dim");
     }
     TORCH_CHECK(gguf_segs.size() == gguf_types.size(), "DecodeStack: one ggml type per GGUF segment");
-    set_extras(qk_norms, layer_meta, kcs[0].scalar_type(), L);
+    set_extras(qk_norms, layer_meta, dtype, L);
     size_t seg = 0;
     for (size_t i = 0; i < 4 * L; ++i) {
       Lin l;
@@ -209,7 +228,7 @@ struct DecodeStack {
         kq_segments(l.segs, l.types, l.k);  // refuse a bad segment now, not in the first step
         seg += l.group;
       }
-      if (lora[3 * i].numel()) set_lora(l, lora[3 * i], lora[3 * i + 1], lora[3 * i + 2], kcs[0].scalar_type());
+      if (lora[3 * i].numel()) set_lora(l, lora[3 * i], lora[3 * i + 1], lora[3 * i + 2], dtype);
       lins.push_back(l);
     }
     TORCH_CHECK(seg == gguf_segs.size(), "DecodeStack: GGUF segments left over");
@@ -273,9 +292,14 @@ struct DecodeStack {
       rot<T>(q, pos.data_ptr<int64_t>(), cs.data_ptr<float>(), cs.stride(0), cs.size(1) / 2);
       rot<T>(k, pos.data_ptr<int64_t>(), cs.data_ptr<float>(), cs.stride(0), cs.size(1) / 2);
     }
-    write_kv<T>(k, v, k_caches[i], v_caches[i], slots.select(0, e.kv_group).data_ptr<int64_t>());
+    const int64_t* layer_slots = slots.select(0, e.kv_group).data_ptr<int64_t>();
+    if (k_caches[i].scalar_type() == x_dtype) write_kv<T, T>(k, v, k_caches[i], v_caches[i], layer_slots);
+    else if constexpr (std::is_same_v<T, float>) {
+      if (k_caches[i].scalar_type() == at::kHalf) write_kv<float, at::Half>(k, v, k_caches[i], v_caches[i], layer_slots);
+      else write_kv<float, at::BFloat16>(k, v, k_caches[i], v_caches[i], layer_slots);
+    }
     at::Tensor attn = at::empty({B, H, D}, h.options());
-    decode<T>(q, k_caches[i], v_caches[i], bt.select(0, e.kv_group), sl, scale, attn, e.window);
+    decode_any_cache<T>(q, k_caches[i], v_caches[i], bt.select(0, e.kv_group), sl, scale, attn, e.window);
     return apply_linear<T>(attn.view({B, qs}), l[1], lora);
   }
 
@@ -346,7 +370,7 @@ struct DecodeStack {
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "DecodeStack: x [B, hidden] contiguous");
     TORCH_CHECK(pos.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "DecodeStack: int64 positions/slots");
     TORCH_CHECK(bt.scalar_type() == at::kInt && sl.scalar_type() == at::kInt, "DecodeStack: int32 tables/lengths");
-    TORCH_CHECK(k_caches[0].scalar_type() == x.scalar_type(), "DecodeStack: cache dtype must be the activation dtype");
+    TORCH_CHECK(x.scalar_type() == x_dtype, "DecodeStack: x of the activation dtype the stack was built for");
     TORCH_CHECK(!lora_slots.numel() || lora_slots.numel() == x.size(0), "DecodeStack: one LoRA slot (or -1) per row");
     pos = pos.contiguous(); slots = slots.contiguous(); bt = bt.contiguous(); sl = sl.contiguous();
     const LoraRows lora = lora_slots.numel() ? lora_rows_of(lora_slots, num_lora_slots) : LoraRows();
@@ -365,6 +389,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>,
                           std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>,
                           std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int64_t, int64_t, double,
-                          double, bool>())
+                          double, bool, at::ScalarType>())
       .def("run", &DecodeStack::run, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

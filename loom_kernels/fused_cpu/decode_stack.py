@@ -187,8 +187,8 @@ class DecodeStack:
 
     def __init__(self, layers: list[StackLayer], final_norm: torch.Tensor, k_caches: list[torch.Tensor],
                  v_caches: list[torch.Tensor], cos_sin: torch.Tensor, shape: StackShape,
-                 cos_sin_local: torch.Tensor | None = None):
-        dtype = k_caches[0].dtype  # the activation dtype
+                 cos_sin_local: torch.Tensor | None = None, dtype: torch.dtype | None = None):
+        dtype = k_caches[0].dtype if dtype is None else dtype  # the activations' (caches may be float16 under float32)
         tables = [cos_sin] + ([] if cos_sin_local is None else [cos_sin_local])
         for table in tables:
             if table.shape[1] != (shape.rotary_dim or shape.head_dim):
@@ -216,7 +216,7 @@ class DecodeStack:
         s = shape
         self._impl = DECODE_STACK().DecodeStack(norms, tensors, meta, segments, types, lora, qk_norms, layer_meta,
                                              k_caches, v_caches, [t.float().contiguous() for t in tables],
-                                             s.num_heads, s.num_kv_heads, s.head_dim, s.eps, s.scale, gemma)
+                                             s.num_heads, s.num_kv_heads, s.head_dim, s.eps, s.scale, gemma, dtype)
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
             seq_lens: torch.Tensor, lora_slots: torch.Tensor | None = None) -> torch.Tensor:

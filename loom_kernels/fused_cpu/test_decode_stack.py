@@ -36,7 +36,11 @@ HIDDEN, H, HKV, D, INTER, LAYERS = 80, 4, 2, 24, 72, 3
 BLOCK, BLOCKS = 4, 16
 # The C++ side sums squares and dot products in another order (and may contract into FMAs): a few output roundings
 # apart after 3 layers.
-TOL = {torch.float32: {"atol": 2e-4, "rtol": 2e-4}, torch.bfloat16: {"atol": 6e-2, "rtol": 5e-2}}
+TOL = {torch.float32: {"atol": 2e-4, "rtol": 2e-4}, torch.bfloat16: {"atol": 6e-2, "rtol": 5e-2},
+       torch.float16: {"atol": 4e-3, "rtol": 4e-3}}
+# A float32 step over a narrower cache: a K/V value the two sides compute an ulp apart may round to neighbouring
+# float16 / bfloat16 values as it is written, and moves the outputs by about that much.
+NARROW_CACHE_TOL = {torch.float16: {"atol": 1e-3, "rtol": 1e-3}, torch.bfloat16: {"atol": 2e-3, "rtol": 2e-3}}
 
 
 def make_linear(kind: str, n: int, k: int, dtype: torch.dtype, bias: bool = False) -> StackLinear:
@@ -135,19 +139,47 @@ def test_decode_stack_runs_the_other_gguf_kinds(kind):
     check_stack(layers, torch.bfloat16, StackShape(G_H, G_HKV, G_D, 1e-5, G_D ** -0.5), G_HIDDEN)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("layers_of", ["q4_blocks", "gguf", "gemma"])
+def test_decode_stack_keeps_a_narrower_kv_cache_under_float32(cache_dtype, layers_of):
+    """Float32 activations over float16 / bfloat16 K/V caches (the default KV cache of quantized models on CPUs
+    without bf16): K/V rounded once as they are written, read widened, as the Python loop's write_kv and attention
+    do."""
+    torch.manual_seed(0)
+    if layers_of == "q4_blocks":
+        check_stack(make_layers(["q4_blocks"], torch.float32), torch.float32, StackShape(H, HKV, D, 1e-5, D ** -0.5),
+                    HIDDEN, cache_dtype=cache_dtype)
+    elif layers_of == "gguf":
+        check_stack(make_gguf_layers(torch.float32), torch.float32, StackShape(G_H, G_HKV, G_D, 1e-5, G_D ** -0.5),
+                    G_HIDDEN, cache_dtype=cache_dtype)
+    else:
+        shape = StackShape(H, HKV, D, 1e-6, 16 ** -0.5, gemma=True)
+        check_stack(gemma_layers("dense", torch.float32), torch.float32, shape, HIDDEN, cache_dtype=cache_dtype)
+
+
+def test_decode_stack_refuses_caches_of_another_dtype():
+    layers = make_layers(["q4_blocks"], torch.bfloat16)
+    caches = torch.zeros(len(layers), 2, BLOCKS, BLOCK, HKV, D, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="float16 / bfloat16 under float32 activations"):
+        DecodeStack(layers, torch.ones(HIDDEN, dtype=torch.bfloat16), list(caches[:, 0]), list(caches[:, 1]),
+                    cos_sin_cache(64, D).cpu(), StackShape(H, HKV, D, 1e-5, D ** -0.5), dtype=torch.bfloat16)
+
+
 TABLES = torch.tensor([[3, 7, 1], [0, 2, 9], [5, 0, 0], [11, 12, 0]], dtype=torch.int32)
 
 
 def check_stack(layers: list[StackLayer], dtype: torch.dtype, shape: StackShape, hidden: int,
-                lora_slots: torch.Tensor | None = None, tables: torch.Tensor = TABLES) -> torch.Tensor:
+                lora_slots: torch.Tensor | None = None, tables: torch.Tensor = TABLES,
+                cache_dtype: torch.dtype | None = None) -> torch.Tensor:
     """One step of the C++ stack against the Python layer loop over the same layers (with `lora_slots`, a LoRA slot
     per row; `tables` [G, B, max_blocks]: a table per KV group, each layer addressing its `kv_group`'s): outputs, the
     K/V written (in the same slots, nothing else touched), and a second step equal to the first (no state kept).
-    Returns the stack's output; the random inputs are drawn from a fixed seed."""
+    `cache_dtype`: K/V caches of another dtype than the activations (float16 / bfloat16 under float32). Returns the
+    stack's output; the random inputs are drawn from a fixed seed."""
     torch.manual_seed(1)
     hkv, d = shape.num_kv_heads, shape.head_dim
     final_norm = (1 + 0.1 * torch.randn(hidden)).to(dtype)
-    caches = torch.randn(len(layers), 2, BLOCKS, BLOCK, hkv, d).to(dtype)
+    caches = torch.randn(len(layers), 2, BLOCKS, BLOCK, hkv, d).to(cache_dtype or dtype)
     seq_lens = torch.tensor([9, 12, 1, 6], dtype=torch.int32)
     positions = (seq_lens - 1).long()
     grouped = tables.dim() == 3
@@ -162,10 +194,12 @@ def check_stack(layers: list[StackLayer], dtype: torch.dtype, shape: StackShape,
     ref_caches = caches.clone()
     ref = decode_stack_ref(x, layers, final_norm, list(ref_caches[:, 0]), list(ref_caches[:, 1]), cos_sin, shape,
                            positions, slots, tables, seq_lens, lora_slots, local)
-    stack = DecodeStack(layers, final_norm, list(caches[:, 0]), list(caches[:, 1]), cos_sin, shape, local)
+    stack = DecodeStack(layers, final_norm, list(caches[:, 0]), list(caches[:, 1]), cos_sin, shape, local, dtype=dtype)
     got = stack.run(x, positions, slots, tables, seq_lens, lora_slots)
-    torch.testing.assert_close(got, ref, **TOL[dtype])
-    torch.testing.assert_close(caches, ref_caches, **TOL[dtype])  # the same K/V written, in the same slots
+    assert got.dtype == dtype and caches.dtype == (cache_dtype or dtype)
+    out_tol = TOL[dtype] if cache_dtype in (None, dtype) else NARROW_CACHE_TOL[cache_dtype]
+    torch.testing.assert_close(got, ref, **out_tol)
+    torch.testing.assert_close(caches, ref_caches, **TOL[cache_dtype or dtype])  # the same K/V written, same slots
     for i, layer in enumerate(layers):
         untouched = torch.ones(BLOCKS, BLOCK, dtype=torch.bool)
         for s in (slots[layer.kv_group] if grouped else slots)[:3]:

@@ -37,13 +37,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", default=None, type=Path, help="where tokenizers read from GGUFs, kernel plans and q4/q8 quantizations are kept")
     e = p.add_argument_group("engine")
     e.add_argument("--block-size", type=int, default=None)
-    e.add_argument("--kv-cache-memory", type=float, default=None,
-                   help="GiB of KV cache on CPU (default: --max-num-seqs full contexts of the model, capped by "
-                        "--kv-cache-memory-fraction)")
-    e.add_argument("--kv-cache-memory-fraction", type=float, default=None,
-                   help="most of the machine's (or cgroup's) memory a model-sized CPU KV cache takes (default 0.1)")
+    add_kv_cache_args(e)
     e.add_argument("--gpu-memory-utilization", type=float, default=None)
-    e.add_argument("--num-kv-blocks", type=int, default=None)
     e.add_argument("--max-num-seqs", type=int, default=None)
     e.add_argument("--max-num-batched-tokens", type=int, default=None)
     e.add_argument("--max-model-len", type=int, default=None)
@@ -72,6 +67,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="most distinct LoRA adapters in one step; requests of further adapters wait (default 4)")
     e.add_argument("--max-lora-rank", type=int, default=None, help="largest LoRA rank accepted (default 16)")
     p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+
+
+def add_kv_cache_args(e: argparse._ArgumentGroup) -> None:
+    e.add_argument("--kv-cache-memory", type=float, default=None,
+                   help="GiB of KV cache on CPU (default: --max-num-seqs full contexts of the model, capped by "
+                        "--kv-cache-memory-fraction)")
+    e.add_argument("--kv-cache-memory-fraction", type=float, default=None,
+                   help="most of the machine's (or cgroup's) memory a model-sized CPU KV cache takes (default 0.1)")
+    e.add_argument("--kv-cache-dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
+                   help="KV cache element type (default auto: the model's dtype, but float16 for quantized models "
+                        "computing in float32 on CPU, as llama.cpp keeps K/V)")
+    e.add_argument("--num-kv-blocks", type=int, default=None)
 
 
 def add_speculative_args(e: argparse._ArgumentGroup) -> None:

@@ -27,17 +27,21 @@ def stored_weights(path: Path) -> tuple[int, ModelConfig]:
     return sum(f.stat().st_size for f in path.glob("*.safetensors")), ModelConfig.from_path(path / "config.json")
 
 
-def kv_cache_bytes(cfg: ModelConfig, model_settings: ModelSettings, engine_settings: EngineSettings) -> int:
-    """The bytes of the KV cache an engine with `engine_settings` allocates on CPU for a model of `cfg`."""
+def kv_cache_bytes(cfg: ModelConfig, model_settings: ModelSettings, engine_settings: EngineSettings,
+                   is_gguf: bool) -> int:
+    """The bytes of the KV cache an engine with `engine_settings` allocates on CPU for a model of `cfg` (a GGUF file
+    or a Hugging Face directory: the quantization, and with it the KV cache's dtype, follow)."""
     import torch
 
     from server.engine.limits import context_window
     from server.engine.model_runner import size_kv_cache
     from server.model.loader import pick_dtype
+    from server.model.weights.quant_load import resolve_mode
 
     cpu = torch.device("cpu")
+    quantization = resolve_mode(model_settings.quantization, model_settings.dtype, is_gguf, cpu, cfg.family)
     shape = SimpleNamespace(config=cfg, dtype=pick_dtype(model_settings.dtype, cpu, model_settings.cpu_isa),
-                            device=cpu)  # all that size_kv_cache reads of a loaded model
+                            device=cpu, quantization=quantization)  # all that size_kv_cache reads of a loaded model
     sizing = size_kv_cache(shape, engine_settings, context_window(engine_settings.max_model_len, cfg.max_model_len))
     return sizing.blocks * sizing.bytes_per_block
 
@@ -46,8 +50,10 @@ def resident_bytes(spec: str, model_settings: ModelSettings, engine_settings: En
     """About what the model `spec` names holds in memory once loaded in its own engine: weights and KV cache."""
     from server.model.loader import resolve_source
 
-    weights, cfg = stored_weights(resolve_source(spec))
-    return int(weights * model_settings.weight_memory) + kv_cache_bytes(cfg, model_settings, engine_settings)
+    path = resolve_source(spec)
+    weights, cfg = stored_weights(path)
+    return int(weights * model_settings.weight_memory) + kv_cache_bytes(cfg, model_settings, engine_settings,
+                                                                       path.is_file())
 
 
 def available_memory() -> int:

@@ -41,6 +41,25 @@ def memory_limit_bytes() -> int | None:
         return None
 
 
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def kv_cache_dtype(lm: LoadedModel, setting: str = "auto") -> torch.dtype:
+    """The KV cache's element type. `auto`: the model's dtype, except float16 for quantized weights computing in
+    float32 on CPU (CPUs without bf16): as llama.cpp stores K/V by default, half the bytes to keep and to read
+    every decode step, rounding far below what 4/8-bit weights already lose; a float32 model unquantized keeps
+    float32 K/V (exact math asked for). The CPU kernels read float16 / bfloat16 caches under float32 activations
+    only; a narrower cache under bf16/fp16 activations is refused."""
+    if setting == "auto":
+        cpu_float32_quantized = lm.device.type == "cpu" and lm.dtype == torch.float32 and lm.quantization != "none"
+        return torch.float16 if cpu_float32_quantized else lm.dtype
+    dtype = KV_DTYPES[setting]
+    if dtype != lm.dtype and lm.dtype != torch.float32:
+        raise ValueError(f"--kv-cache-dtype {setting} under {str(lm.dtype).removeprefix('torch.')} activations: the "
+                         f"cache holds the activations' dtype, or float16 / bfloat16 under float32 ones")
+    return dtype
+
+
 @dataclass
 class KVSizing:
     blocks: int
@@ -59,7 +78,7 @@ def size_kv_cache(lm: LoadedModel, settings: EngineSettings, max_model_len: int,
     `gpu_memory_utilization` after the weights and the profiled activations."""
     cfg = lm.config
     per_block = KVCache.bytes_per_block(cfg.num_layers if layout is None else layout.slots, settings.block_size,
-                                        cfg.num_kv_heads, cfg.head_dim, lm.dtype)
+                                        cfg.num_kv_heads, cfg.head_dim, kv_cache_dtype(lm, settings.kv_cache_dtype))
     if settings.num_kv_blocks:
         return KVSizing(settings.num_kv_blocks, per_block, "num_kv_blocks")
     if lm.device.type == "cuda":
@@ -95,12 +114,14 @@ class ModelRunner:
         layout = kv_layout(cfg)
         sizing = size_kv_cache(lm, settings, max_model_len, layout)
         self.num_blocks = sizing.blocks
+        kv_dtype = kv_cache_dtype(lm, settings.kv_cache_dtype)
         self.kv_cache = KVCache.allocate(cfg.num_layers, self.num_blocks, self.block_size, cfg.num_kv_heads,
-                                         cfg.head_dim, lm.dtype, lm.device, layout)
+                                         cfg.head_dim, kv_dtype, lm.device, layout)
         assign_kv_groups(self.model, layout)
         mib = 2 ** 20
         log.info("kv cache allocated", extra={
             "blocks": self.num_blocks, "block_size": self.block_size, "tokens": self.num_blocks * self.block_size,
+            "dtype": str(kv_dtype).removeprefix("torch."),
             **({"kv_groups": layout.num_groups, "layers_per_block": layout.slots} if layout else {}),
             "mib": round(self.num_blocks * sizing.bytes_per_block / mib, 1), "bytes_per_token":
             sizing.bytes_per_block // self.block_size, "reason": sizing.reason,
@@ -127,7 +148,7 @@ class ModelRunner:
         cfg = self.lm.config
         n = min(settings.max_num_batched_tokens, cfg.max_model_len)
         scratch = KVCache.allocate(cfg.num_layers, -(-n // self.block_size), self.block_size, cfg.num_kv_heads,
-                                   cfg.head_dim, self.lm.dtype, self.device)
+                                   cfg.head_dim, kv_cache_dtype(self.lm, settings.kv_cache_dtype), self.device)
         table = list(range(scratch.num_blocks))
         batch = FlatBatch.build([([0] * n, 0, table)], [], self.block_size).to(self.device)
         self.model.compute_logits(self.model(batch, scratch))

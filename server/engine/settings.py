@@ -13,6 +13,9 @@ class EngineSettings(BaseSettings):
                                                                 "(max_num_seqs full contexts, capped by the fraction)")
     kv_cache_memory_fraction: float = Field(0.1, gt=0, le=0.9, description="CPU: the most of the machine's (or the "
                                                                           "cgroup's) memory a model-sized KV cache takes")
+    kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="KV cache element type: auto = the model's dtype, but float16 for quantized models "
+                            "computing in float32 on CPU (half the bytes to keep and read each step)")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="fraction of GPU memory Loom may use")
     num_kv_blocks: int | None = Field(None, ge=1, description="exact number of KV blocks (overrides the budgets)")
     max_num_seqs: int = Field(64, ge=1, description="most sequences in one step")

@@ -1,14 +1,16 @@
-"""The default KV pool is sized from the model (issue 16, item 9): `max_num_seqs` full contexts at the model's bytes
-per token, capped by a fraction of the memory the process may use; explicit settings win; the CPU pool's pages are
-only committed once written."""
+"""The default KV pool is sized from the model: `max_num_seqs` full contexts at the model's bytes per token, capped by
+a fraction of the memory the process may use; explicit settings win; the CPU pool's pages are only committed once
+written; its element type follows the model's, float16 for quantized models computing in float32 on CPU."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
+import pytest
 import torch
 
 from server.engine import EngineCore, EngineSettings, model_runner
-from server.engine.model_runner import size_kv_cache
+from server.engine.model_runner import kv_cache_dtype, size_kv_cache
 from server.model.batch import KVCache, lazy_zeros
 
 
@@ -126,3 +128,29 @@ def test_cpu_step_budget_defaults_to_1024_and_an_explicit_one_wins(dummy_lm):
     assert core.scheduler.max_prefill_chunk == 256
     core = EngineCore(dummy_lm, EngineSettings(num_kv_blocks=64, max_num_batched_tokens=3000))
     assert core.scheduler.max_num_batched_tokens == 3000
+
+
+def test_kv_dtype_auto_narrows_only_quantized_float32_models_on_cpu(dummy_lm):
+    """float16 K/V for quantized weights computing in float32 on CPU (what a CPU without bf16 runs); the model's
+    dtype otherwise: a float32 model unquantized keeps exact K/V, bf16 activations keep bf16."""
+    f32 = dataclasses.replace(dummy_lm, dtype=torch.float32)
+    assert kv_cache_dtype(dataclasses.replace(f32, quantization="gguf")) == torch.float16
+    assert kv_cache_dtype(dataclasses.replace(f32, quantization="q4")) == torch.float16
+    assert kv_cache_dtype(dataclasses.replace(f32, quantization="none")) == torch.float32
+    assert kv_cache_dtype(dataclasses.replace(f32, quantization="gguf", dtype=torch.bfloat16)) == torch.bfloat16
+    assert kv_cache_dtype(dataclasses.replace(f32, quantization="gguf"), "float32") == torch.float32
+    assert kv_cache_dtype(f32, "bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="--kv-cache-dtype float16 under bfloat16 activations"):
+        kv_cache_dtype(dataclasses.replace(f32, dtype=torch.bfloat16), "float16")
+
+
+def test_a_float16_cache_holds_twice_the_tokens_in_the_same_memory(dummy_lm, caplog):
+    lm = dataclasses.replace(dummy_lm, dtype=torch.float32, quantization="q8")
+    wide = size_kv_cache(lm, EngineSettings(kv_cache_memory=0.01, kv_cache_dtype="float32"), 512)
+    narrow = size_kv_cache(lm, EngineSettings(kv_cache_memory=0.01), 512)
+    assert wide.bytes_per_block == 2 * narrow.bytes_per_block
+    assert narrow.blocks in (2 * wide.blocks, 2 * wide.blocks + 1)
+    with caplog.at_level(logging.INFO, logger="loom.engine"):
+        core = EngineCore(dummy_lm, EngineSettings(max_num_seqs=2, max_model_len=256, kv_cache_dtype="bfloat16"))
+    rec = next(r for r in caplog.records if r.getMessage() == "kv cache allocated")
+    assert rec.dtype == "bfloat16" and core.runner.kv_cache.k[0].dtype == torch.bfloat16

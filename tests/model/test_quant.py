@@ -222,9 +222,10 @@ def test_int8_activations_stay_close_to_float32(fp32_reference, default_gguf_fp3
 @pytest.mark.skipif(not decode_stack_available(), reason="no C++ compiler for the CPU kernels")
 def test_int8_decoding_after_a_float32_prompt_answers_paris(default_gguf_fp32):
     """What `--activations auto` runs on CPUs without native bf16: the prompt (so the first token) in float32,
-    every decode step on the C++ stack with int8 activations."""
+    every decode step on the C++ stack with int8 activations, K/V kept in float16 (`--kv-cache-dtype auto`)."""
     with every_linear_on(default_gguf_fp32, "gguf_blocks", decode="gguf_q8") as lm:
         core = EngineCore(lm, EngineSettings(kv_cache_memory=0.25))
+        assert core.runner.kv_cache.k[0].dtype == torch.float16
         prompt = lm.tokenizer.encode_chat([{"role": "user", "content": CHAT[0]}])
         (france,) = offline_generate(core, [prompt], SamplingParams(max_tokens=8, temperature=0.0))
         stacks = lm.model.decode_stacks

@@ -39,11 +39,14 @@ def stack_linear(module: nn.Module, m: int) -> StackLinear:
 def wants_stack(model: nn.Module, kv_cache: KVCache) -> bool:
     """A model of the families the stack implements (those with `enable_decode_stack`: the Llama layer, with Qwen3's
     q/k norms, SmolLM3's NoPE layers, Phi-3's partial rotary and sliding windows, and Gemma 3's), on CPU, a compiler,
-    K/V in the activation dtype, and either reduced precision or quantized weights."""
+    K/V in the activation dtype (or float16 / bfloat16 under float32), and either reduced precision or quantized
+    weights."""
     norm = model.model.norm.weight
     quantized = any(isinstance(mod, QuantLinear) for mod in model.modules())
-    return (norm.device.type == "cpu" and kv_cache.k[0].dtype == norm.dtype
-            and (norm.dtype != torch.float32 or quantized) and decode_stack_available())
+    kv = kv_cache.k[0].dtype
+    kv_ok = kv == norm.dtype or (norm.dtype == torch.float32 and kv in (torch.float16, torch.bfloat16))
+    return (norm.device.type == "cpu" and kv_ok and (norm.dtype != torch.float32 or quantized)
+            and decode_stack_available())
 
 
 def stack_layer(layer: nn.Module, m: int, kv_group: int = 0) -> StackLayer:
@@ -85,7 +88,7 @@ class DecodeStacks:
             shape = StackShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps,
                                model.model.layers[0].self_attn.attn.scale, cfg.rotary_dim, gemma=local is not None)
             self.by_forms[forms] = DecodeStack(layers, model.model.norm.weight, self.kv_cache.k, self.kv_cache.v,
-                                               model.cos_sin, shape, local)
+                                               model.cos_sin, shape, local, dtype=model.model.norm.weight.dtype)
             log.debug("decode stack compiled", extra={"batch_size": m, "stacks": len(self.by_forms)})
         return self.by_forms[forms]
 
