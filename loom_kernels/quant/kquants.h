@@ -778,10 +778,12 @@ static at::Tensor gguf_dequantize(const std::vector<at::Tensor>& raws, const std
 // wide block, but no more than splits the rows over all the threads.
 constexpr int64_t KQ_PANEL_BYTES = 1 << 20;
 
+// The panel count is a multiple of the thread count, so that every thread gets as many (7 panels of 448 rows over
+// two threads left one idle for a seventh of the call).
 static int64_t kq_panel_rows(int64_t n, int64_t k, int64_t threads) {
   const int64_t wanted = std::max<int64_t>(64, KQ_PANEL_BYTES / (4 * k) / 16 * 16);
-  const int64_t per_thread = (n + threads - 1) / threads;
-  return std::max<int64_t>(16, std::min(wanted, (per_thread + 15) / 16 * 16));
+  const int64_t panels = ((n + wanted - 1) / wanted + threads - 1) / threads * threads;
+  return std::max<int64_t>(16, ((n + panels - 1) / panels + 15) / 16 * 16);
 }
 
 // The calling thread's panel buffer, kept between calls (a panel's worth per thread that ever ran the large-M
