@@ -293,13 +293,14 @@ struct DecodeStack {
       rot<T>(k, pos.data_ptr<int64_t>(), cs.data_ptr<float>(), cs.stride(0), cs.size(1) / 2);
     }
     const int64_t* layer_slots = slots.select(0, e.kv_group).data_ptr<int64_t>();
-    if (k_caches[i].scalar_type() == x_dtype) write_kv<T, T>(k, v, k_caches[i], v_caches[i], layer_slots);
-    else if constexpr (std::is_same_v<T, float>) {
-      if (k_caches[i].scalar_type() == at::kHalf) write_kv<float, at::Half>(k, v, k_caches[i], v_caches[i], layer_slots);
-      else write_kv<float, at::BFloat16>(k, v, k_caches[i], v_caches[i], layer_slots);
+    at::Tensor &kc = k_caches[i], &vc = v_caches[i];
+    if (kc.scalar_type() == x_dtype) write_kv<T, T>(k, v, kc, vc, layer_slots);
+    else if constexpr (std::is_same_v<T, float>) {  // the constructor allows only these under float32
+      if (kc.scalar_type() == at::kHalf) write_kv<float, at::Half>(k, v, kc, vc, layer_slots);
+      else write_kv<float, at::BFloat16>(k, v, kc, vc, layer_slots);
     }
     at::Tensor attn = at::empty({B, H, D}, h.options());
-    decode_any_cache<T>(q, k_caches[i], v_caches[i], bt.select(0, e.kv_group), sl, scale, attn, e.window);
+    decode_any_cache<T>(q, kc, vc, bt.select(0, e.kv_group), sl, scale, attn, e.window);
     return apply_linear<T>(attn.view({B, qs}), l[1], lora);
   }
 
