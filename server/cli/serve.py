@@ -89,6 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from server.tasks import TaskSettings
 
     model_settings, engine_settings = settings_of(ModelSettings, args), settings_of(EngineSettings, args)
+    refuse_bad_kv_dtype(model_settings, engine_settings)
     if args.lora:
         engine_settings = engine_settings.model_copy(update={"enable_lora": True})
     settings = settings_of(ServerSettings, args)
@@ -122,6 +123,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
     http.join()
     if "failed" in holder:
         sys.exit(f"error: {holder['failed']}")
+
+
+def refuse_bad_kv_dtype(model_settings, engine_settings) -> None:
+    """An explicit `--kv-cache-dtype` the activations cannot take ends the start before the model loads."""
+    if engine_settings.kv_cache_dtype == "auto":
+        return
+    from server.engine.model_runner import check_kv_dtype
+    from server.model.loader import pick_device, pick_dtype
+
+    device = pick_device(model_settings.device)
+    try:
+        check_kv_dtype(engine_settings.kv_cache_dtype, pick_dtype(model_settings.dtype, device, model_settings.cpu_isa))
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
 
 
 def build_server(settings, task_settings, level: str, holder: dict, loaded: queue.Queue,

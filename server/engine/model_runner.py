@@ -53,11 +53,15 @@ def kv_cache_dtype(lm: LoadedModel, setting: str = "auto") -> torch.dtype:
     if setting == "auto":
         cpu_float32_quantized = lm.device.type == "cpu" and lm.dtype == torch.float32 and lm.quantization != "none"
         return torch.float16 if cpu_float32_quantized else lm.dtype
-    dtype = KV_DTYPES[setting]
-    if dtype != lm.dtype and lm.dtype != torch.float32:
-        raise ValueError(f"--kv-cache-dtype {setting} under {str(lm.dtype).removeprefix('torch.')} activations: the "
-                         f"cache holds the activations' dtype, or float16 / bfloat16 under float32 ones")
-    return dtype
+    check_kv_dtype(setting, lm.dtype)
+    return KV_DTYPES[setting]
+
+
+def check_kv_dtype(setting: str, activations: torch.dtype) -> None:
+    """Refuse an explicit `--kv-cache-dtype` the kernels cannot read under `activations` (ValueError)."""
+    if setting != "auto" and KV_DTYPES[setting] != activations and activations != torch.float32:
+        raise ValueError(f"--kv-cache-dtype {setting} under {str(activations).removeprefix('torch.')} activations: "
+                         f"the cache holds the activations' dtype, or float16 / bfloat16 under float32 ones")
 
 
 @dataclass

@@ -154,3 +154,14 @@ def test_a_float16_cache_holds_twice_the_tokens_in_the_same_memory(dummy_lm, cap
         core = EngineCore(dummy_lm, EngineSettings(max_num_seqs=2, max_model_len=256, kv_cache_dtype="bfloat16"))
     rec = next(r for r in caplog.records if r.getMessage() == "kv cache allocated")
     assert rec.dtype == "bfloat16" and core.runner.kv_cache.k[0].dtype == torch.bfloat16
+
+
+def test_a_kv_dtype_the_activations_cannot_take_ends_the_start_before_loading():
+    """`--kv-cache-dtype float16` under bf16 activations: refused at once (the model path is not even looked at)."""
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", "/nonexistent/model.gguf", "--dtype", "bfloat16",
+           "--kv-cache-dtype", "float16", "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "error: --kv-cache-dtype float16 under bfloat16 activations" in done.stderr, done.stderr[-2000:]
