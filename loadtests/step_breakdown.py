@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=15)
     args = p.parse_args(argv)
     lm = load_model(ModelSettings(model=args.model), progress=False)
-    settings = EngineSettings(max_num_seqs=max(8, args.batch), speculative="none", kv_cache_dtype=args.kv_cache_dtype)
-    per_seq = args.context // settings.block_size + 1
-    settings.num_kv_blocks = args.batch * per_seq  # every sequence's blocks, the tables below address them all
-    core = EngineCore(lm, settings)
+    per_seq = args.context // EngineSettings().block_size + 1
+    core = EngineCore(lm, EngineSettings(max_num_seqs=max(8, args.batch), speculative="none",
+                                         kv_cache_dtype=args.kv_cache_dtype,
+                                         num_kv_blocks=args.batch * per_seq))  # the blocks the tables below name
     model, cache = lm.model, core.runner.kv_cache
     if model.decode_stacks is None:
         raise SystemExit("this model does not run on the C++ decode stack here")
@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     if not model.decode_stacks.takes(batch, cache):
         raise SystemExit("the stack does not take this step")
     linears = [m for name, m in model.named_modules() if isinstance(m, QuantLinear) and name != "lm_head"]
-    rows_in = args.batch
-    inputs = [(m, torch.randn(rows_in, m.in_features), m.pick(rows_in, decode=True)) for m in linears]  # as the stack
+    inputs = [(m, torch.randn(args.batch, m.in_features), m.pick(args.batch, decode=True))  # as the stack runs them
+              for m in linears]
     head = model.lm_head
-    hidden = torch.randn(rows_in, head.in_features)
+    hidden = torch.randn(args.batch, head.in_features)
 
     def stack() -> None:
         with torch.no_grad():
