@@ -31,7 +31,7 @@ log = logging.getLogger("loom.model")
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
 STREAM_BYTES = 64 << 20  # a small-M timing pass reads at least this much weight (twice a large L3)
-KERNELS_VERSION = 10  # bump when the candidate kernels change: cached plans of older sets are measured again
+KERNELS_VERSION = 11  # bump when the candidate kernels change: cached plans of older sets are measured again
 
 
 def group_linears(model: nn.Module) -> dict[str, list[QuantLinear]]:
