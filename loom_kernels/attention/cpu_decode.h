@@ -159,17 +159,26 @@ static void decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& 
 
 // The cache types a query type reads: its own, and float16 / bfloat16 under float32 queries (a reduced-precision KV
 // cache beside float32 activations).
+static inline bool cache_readable(at::ScalarType cache, at::ScalarType queries) {
+  return cache == queries || (queries == at::kFloat && (cache == at::kHalf || cache == at::kBFloat16));
+}
+
+// f(C()) for the element type C of a cache that queries of type T read (see cache_readable).
+template <typename T, typename F>
+static void with_cache_type(at::ScalarType cache, F&& f) {
+  if (cache == c10::CppTypeToScalarType<T>::value) return f(T());
+  if constexpr (std::is_same_v<T, float>) {
+    if (cache == at::kHalf) return f(at::Half());
+    if (cache == at::kBFloat16) return f(at::BFloat16());
+  }
+  TORCH_CHECK(false, "paged decode: the cache is of the query dtype, or float16 / bfloat16 under float32 queries");
+}
+
 template <typename T>
 static void decode_any_cache(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt,
                              const at::Tensor& sl, double scale, at::Tensor& out, int64_t window = 0) {
-  const at::ScalarType c = kc.scalar_type();
-  TORCH_CHECK(vc.scalar_type() == c, "paged decode: K and V caches of one dtype");
-  if (c == q.scalar_type()) return decode<T, T>(q, kc, vc, bt, sl, scale, out, window);
-  if constexpr (std::is_same_v<T, float>) {
-    if (c == at::kHalf) return decode<float, at::Half>(q, kc, vc, bt, sl, scale, out, window);
-    if (c == at::kBFloat16) return decode<float, at::BFloat16>(q, kc, vc, bt, sl, scale, out, window);
-  }
-  TORCH_CHECK(false, "paged decode: the cache is of the query dtype, or float16 / bfloat16 under float32 queries");
+  TORCH_CHECK(vc.scalar_type() == kc.scalar_type(), "paged decode: K and V caches of one dtype");
+  with_cache_type<T>(kc.scalar_type(), [&](auto c) { decode<T, decltype(c)>(q, kc, vc, bt, sl, scale, out, window); });
 }
 
 }  // namespace

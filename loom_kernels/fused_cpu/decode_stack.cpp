@@ -198,8 +198,7 @@ struct DecodeStack {
     TORCH_CHECK(vcs.size() == L, "DecodeStack: a V cache per K cache");
     for (size_t i = 0; i < L; ++i) {
       const at::ScalarType c = kcs[i].scalar_type();
-      TORCH_CHECK(vcs[i].scalar_type() == c &&
-                      (c == dtype || (dtype == at::kFloat && (c == at::kHalf || c == at::kBFloat16))),
+      TORCH_CHECK(vcs[i].scalar_type() == c && cache_readable(c, dtype),
                   "DecodeStack: caches of the activation dtype, or float16 / bfloat16 under float32 activations");
     }
     TORCH_CHECK(norms.size() == (gemma ? 4 : 2) * L + 1 && lin_tensors.size() == 16 * L && meta.size() == 16 * L,
@@ -294,11 +293,7 @@ struct DecodeStack {
     }
     const int64_t* layer_slots = slots.select(0, e.kv_group).data_ptr<int64_t>();
     at::Tensor &kc = k_caches[i], &vc = v_caches[i];
-    if (kc.scalar_type() == x_dtype) write_kv<T, T>(k, v, kc, vc, layer_slots);
-    else if constexpr (std::is_same_v<T, float>) {  // the constructor allows only these under float32
-      if (kc.scalar_type() == at::kHalf) write_kv<float, at::Half>(k, v, kc, vc, layer_slots);
-      else write_kv<float, at::BFloat16>(k, v, kc, vc, layer_slots);
-    }
+    with_cache_type<T>(kc.scalar_type(), [&](auto c) { write_kv<T, decltype(c)>(k, v, kc, vc, layer_slots); });
     at::Tensor attn = at::empty({B, H, D}, h.options());
     decode_any_cache<T>(q, kc, vc, bt.select(0, e.kv_group), sl, scale, attn, e.window);
     return apply_linear<T>(attn.view({B, qs}), l[1], lora);

@@ -231,25 +231,8 @@ static inline __m256 kq8_block_dot(__m256i w, const int8_t* xq) {
   return _mm256_cvtepi32_ps(dot);
 }
 
-// One activation row: its own loop (an array of accumulators is spilled to the stack by GCC every step).
-template <int64_t TYPE>
-static void kq8_row_dot_blocks1(const uint8_t* row, const KqActsQ8& a, int64_t r0, float* res) {
-  using Fm = KqFmt<TYPE>;
-  __m256 acc = _mm256_setzero_ps();
-  float mins = 0.f;
-  const float* xd = a.d.data() + r0 * a.sp;
-  const float* xs = a.sums.data() + r0 * a.sp;
-  const int8_t* xq = a.q.data() + r0 * a.kp;
-  for (int64_t b = 0; b < a.k / 32; ++b) {
-    const uint8_t* p = row + b * Fm::BYTES;
-    const float d = kq_half(p);
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xd[b]), kq8_block_dot<TYPE>(kq8_block_codes<TYPE>(p), xq + 32 * b), acc);
-    if constexpr (Fm::MIN) mins += kq8_block_min<TYPE>(p, d) * xs[b];
-  }
-  res[0] = kq_hsum8(acc) + mins;
-}
-
-// Two to four activation rows against each decoded block.
+// One to four activation rows against each decoded block, one named accumulator per row (an array of them is
+// spilled to the stack by GCC every step).
 template <int64_t TYPE, int R>
 static void kq8_row_dot_blocks(const uint8_t* row, const KqActsQ8& a, int64_t r0, float* res) {
   using Fm = KqFmt<TYPE>;
@@ -266,7 +249,7 @@ static void kq8_row_dot_blocks(const uint8_t* row, const KqActsQ8& a, int64_t r0
       if constexpr (Fm::MIN) mins[r] += mn * a.sums[blk];
     };
     one(0, acc0);
-    one(1, acc1);
+    if constexpr (R > 1) one(1, acc1);
     if constexpr (R > 2) one(2, acc2);
     if constexpr (R > 3) one(3, acc3);
   }
@@ -308,7 +291,7 @@ static inline void kq8_row_dot_any(const uint8_t* row, const KqActsQ8& a, int64_
       case 4: return kq8_row_dot_blocks<TYPE, 4>(row, a, r0, res);
       case 3: return kq8_row_dot_blocks<TYPE, 3>(row, a, r0, res);
       case 2: return kq8_row_dot_blocks<TYPE, 2>(row, a, r0, res);
-      default: return kq8_row_dot_blocks1<TYPE>(row, a, r0, res);
+      default: return kq8_row_dot_blocks<TYPE, 1>(row, a, r0, res);
     }
   }
 #endif

@@ -59,7 +59,7 @@ def kv_cache_dtype(lm: LoadedModel, setting: str = "auto") -> torch.dtype:
 
 def check_kv_dtype(setting: str, activations: torch.dtype) -> None:
     """Refuse an explicit `--kv-cache-dtype` the kernels cannot read under `activations` (ValueError)."""
-    if setting != "auto" and KV_DTYPES[setting] != activations and activations != torch.float32:
+    if setting != "auto" and not KVCache.readable(KV_DTYPES[setting], activations):
         raise ValueError(f"--kv-cache-dtype {setting} under {str(activations).removeprefix('torch.')} activations: "
                          f"the cache holds the activations' dtype, or float16 / bfloat16 under float32 ones")
 

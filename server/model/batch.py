@@ -123,6 +123,12 @@ class KVCache:
                    num_blocks=num_blocks, block_size=block_size, layout=layout)
 
     @staticmethod
+    def readable(cache: torch.dtype, activations: torch.dtype) -> bool:
+        """Whether the attention kernels read a cache of `cache` under `activations`: the same dtype, or float16 /
+        bfloat16 under float32 (read widened)."""
+        return cache == activations or (activations == torch.float32 and cache in (torch.float16, torch.bfloat16))
+
+    @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         """Bytes of one block of `num_layers` layers (a page of a grouped layout: its `slots`)."""
         return num_layers * 2 * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()

@@ -43,10 +43,8 @@ def wants_stack(model: nn.Module, kv_cache: KVCache) -> bool:
     weights."""
     norm = model.model.norm.weight
     quantized = any(isinstance(mod, QuantLinear) for mod in model.modules())
-    kv = kv_cache.k[0].dtype
-    kv_ok = kv == norm.dtype or (norm.dtype == torch.float32 and kv in (torch.float16, torch.bfloat16))
-    return (norm.device.type == "cpu" and kv_ok and (norm.dtype != torch.float32 or quantized)
-            and decode_stack_available())
+    return (norm.device.type == "cpu" and KVCache.readable(kv_cache.k[0].dtype, norm.dtype)
+            and (norm.dtype != torch.float32 or quantized) and decode_stack_available())
 
 
 def stack_layer(layer: nn.Module, m: int, kv_group: int = 0) -> StackLayer:
